@@ -1,0 +1,658 @@
+//! Payload encodings: varints, strings, and the records of each chunk kind. See `FORMAT.md` for the layouts.
+//!
+//! Decoders take untrusted bytes: every length is checked against what remains before anything is allocated, and
+//! every enumerated value is checked against its known range.
+
+use crate::error::PayloadError;
+use crate::format::{MAX_BLOCK_BYTES, MAX_BLOCK_INSTRUCTIONS, MAX_STRING_BYTES};
+use crate::model::{
+    Access, Block, BlockId, BootState, CodeMode, Context, DescriptorLoad, Direction, EndReason, Ending, Event,
+    EventKind, Footer, GuestModes, Metadata, PageSize, PagingMode, Segment, Totals,
+};
+
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Reads a payload front to back; positions in errors are byte offsets within the payload.
+pub(crate) struct PayloadReader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> PayloadReader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        PayloadReader { buf, pos: 0 }
+    }
+
+    pub fn starting_at(buf: &'a [u8], pos: usize) -> Self {
+        PayloadReader { buf, pos }
+    }
+
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    fn error(&self, message: impl Into<String>) -> PayloadError {
+        PayloadError::new(self.pos, message)
+    }
+
+    #[inline(always)]
+    pub fn u8(&mut self, what: &str) -> Result<u8, PayloadError> {
+        let byte = *self.buf.get(self.pos).ok_or_else(|| self.error(format!("payload ends before {what}")))?;
+        self.pos += 1;
+        Ok(byte)
+    }
+
+    pub fn u64_le(&mut self, what: &str) -> Result<u64, PayloadError> {
+        let bytes = self.take(8, what)?;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+    }
+
+    /// LEB128, at most 10 bytes, canonical (no redundant trailing zero groups).
+    #[inline(always)]
+    pub fn varint(&mut self, what: &str) -> Result<u64, PayloadError> {
+        match self.buf.get(self.pos) {
+            Some(&byte) if byte < 0x80 => {
+                self.pos += 1;
+                Ok(byte.into())
+            }
+            _ => self.varint_multibyte(what),
+        }
+    }
+
+    #[inline(never)]
+    fn varint_multibyte(&mut self, what: &str) -> Result<u64, PayloadError> {
+        let start = self.pos;
+        let mut value = 0u64;
+        for shift in (0..70).step_by(7) {
+            let Some(&byte) = self.buf.get(self.pos) else {
+                return Err(PayloadError::new(start, format!("payload ends inside {what}")));
+            };
+            self.pos += 1;
+            let group = u64::from(byte & 0x7f);
+            if shift == 63 && group > 1 {
+                return Err(PayloadError::new(start, format!("{what} overflows 64 bits")));
+            }
+            value |= group << shift;
+            if byte & 0x80 == 0 {
+                if byte == 0 && shift > 0 {
+                    return Err(PayloadError::new(start, format!("{what} is not minimally encoded")));
+                }
+                return Ok(value);
+            }
+        }
+        Err(PayloadError::new(start, format!("{what} is longer than 10 bytes")))
+    }
+
+    #[inline(always)]
+    pub fn varint_max(&mut self, what: &str, max: u64) -> Result<u64, PayloadError> {
+        let start = self.pos;
+        let value = self.varint(what)?;
+        if value > max {
+            return Err(PayloadError::new(start, format!("{what} is {value}, more than {max}")));
+        }
+        Ok(value)
+    }
+
+    #[inline(always)]
+    pub fn varint_u32(&mut self, what: &str) -> Result<u32, PayloadError> {
+        Ok(self.varint_max(what, u32::MAX.into())? as u32)
+    }
+
+    #[inline(always)]
+    pub fn varint_u16(&mut self, what: &str) -> Result<u16, PayloadError> {
+        Ok(self.varint_max(what, u16::MAX.into())? as u16)
+    }
+
+    /// `len` bytes, refused when fewer remain (so a huge declared length allocates nothing).
+    pub fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], PayloadError> {
+        let remaining = self.buf.len() - self.pos;
+        if len > remaining {
+            return Err(self.error(format!("{what} needs {len} bytes but only {remaining} remain in the payload")));
+        }
+        let bytes = &self.buf[self.pos..self.pos + len];
+        self.pos += len;
+        Ok(bytes)
+    }
+
+    /// A varint length then that many bytes; errors point at the length.
+    pub fn length_prefixed(&mut self, what: &str, max: usize) -> Result<&'a [u8], PayloadError> {
+        let start = self.pos;
+        let len = self.varint_max(&format!("length of {what}"), max as u64)?;
+        self.take(len as usize, what).map_err(|e| PayloadError { position: start, ..e })
+    }
+
+    pub fn string(&mut self, what: &str) -> Result<String, PayloadError> {
+        let start = self.pos;
+        let bytes = self.length_prefixed(what, MAX_STRING_BYTES)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| PayloadError::new(start, format!("{what} is not UTF-8")))
+    }
+
+    pub fn expect_end(&self, what: &str) -> Result<(), PayloadError> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(self.error(format!("{} unexpected bytes after the {what}", self.buf.len() - self.pos)))
+        }
+    }
+}
+
+fn code_mode(reader: &mut PayloadReader<'_>, what: &str) -> Result<CodeMode, PayloadError> {
+    let start = reader.position();
+    let bits = reader.u8(what)?;
+    CodeMode::from_bitness(bits.into())
+        .ok_or_else(|| PayloadError::new(start, format!("{what} is {bits}, expected 16, 32 or 64")))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Header
+
+/// Bytes at the start of the header payload that the writer rewrites when it finishes: instructions (u64 LE),
+/// events (u64 LE), guest modes (u8).
+pub(crate) const HEADER_PATCH_LEN: usize = 17;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub instructions: u64,
+    pub events: u64,
+    pub modes: GuestModes,
+    pub metadata: Metadata,
+    pub boot: BootState,
+}
+
+pub(crate) fn encode_header_patch(instructions: u64, events: u64, modes: GuestModes) -> [u8; HEADER_PATCH_LEN] {
+    let mut out = [0u8; HEADER_PATCH_LEN];
+    out[..8].copy_from_slice(&instructions.to_le_bytes());
+    out[8..16].copy_from_slice(&events.to_le_bytes());
+    out[16] = modes.0;
+    out
+}
+
+pub(crate) fn encode_header(header: &Header) -> Vec<u8> {
+    let mut out = encode_header_patch(header.instructions, header.events, header.modes).to_vec();
+    let meta = &header.metadata;
+    put_bytes(&mut out, meta.workload.as_bytes());
+    put_varint(&mut out, meta.params.len() as u64);
+    for (key, value) in &meta.params {
+        put_bytes(&mut out, key.as_bytes());
+        put_bytes(&mut out, value.as_bytes());
+    }
+    put_bytes(&mut out, meta.recorder.as_bytes());
+    put_bytes(&mut out, meta.recorder_version.as_bytes());
+    let boot = &header.boot;
+    for value in [boot.rip, boot.rax, boot.rbx, boot.rsp, boot.rflags, boot.cr0] {
+        put_varint(&mut out, value);
+    }
+    out.push(boot.mode.bitness() as u8);
+    put_varint(&mut out, boot.ram_bytes);
+    out
+}
+
+/// `allow_trailing`: a file of a newer minor version may append header fields this reader does not know.
+pub(crate) fn decode_header(payload: &[u8], allow_trailing: bool) -> Result<Header, PayloadError> {
+    let mut r = PayloadReader::new(payload);
+    let instructions = r.u64_le("instruction total")?;
+    let events = r.u64_le("event total")?;
+    let modes = r.u8("guest modes")?;
+    let workload = r.string("workload name")?;
+    let param_count = r.varint("parameter count")?;
+    let mut params = Vec::new();
+    for _ in 0..param_count {
+        // Each parameter needs at least two bytes, so a huge count fails on the payload's end, not on memory.
+        let key = r.string("parameter name")?;
+        let value = r.string("parameter value")?;
+        params.push((key, value));
+    }
+    let recorder = r.string("recorder name")?;
+    let recorder_version = r.string("recorder version")?;
+    let mut registers = [0u64; 6];
+    for (value, what) in
+        registers.iter_mut().zip(["boot RIP", "boot RAX", "boot RBX", "boot RSP", "boot RFLAGS", "boot CR0"])
+    {
+        *value = r.varint(what)?;
+    }
+    let mode = code_mode(&mut r, "boot code mode")?;
+    let ram_bytes = r.varint("RAM size")?;
+    if !allow_trailing {
+        r.expect_end("header")?;
+    }
+    let [rip, rax, rbx, rsp, rflags, cr0] = registers;
+    Ok(Header {
+        instructions,
+        events,
+        modes: GuestModes(modes),
+        metadata: Metadata { workload, params, recorder, recorder_version },
+        boot: BootState { rip, rax, rbx, rsp, rflags, cr0, mode, ram_bytes },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Image
+
+pub(crate) fn encode_segment(out: &mut Vec<u8>, gpa: u64, bytes: &[u8]) {
+    put_varint(out, gpa);
+    put_bytes(out, bytes);
+}
+
+pub(crate) fn decode_segment(r: &mut PayloadReader<'_>) -> Result<Segment, PayloadError> {
+    let start = r.position();
+    let gpa = r.varint("segment address")?;
+    let bytes = r.length_prefixed("segment bytes", usize::MAX)?;
+    if bytes.is_empty() {
+        return Err(PayloadError::new(start, format!("segment at {gpa:#x} is empty")));
+    }
+    if gpa.checked_add(bytes.len() as u64).is_none() {
+        return Err(PayloadError::new(start, format!("segment at {gpa:#x} wraps around the address space")));
+    }
+    Ok(Segment { gpa, bytes: bytes.to_vec() })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Blocks
+
+/// What the hot loop needs of a block: how many instructions it retires and its code mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    pub instructions: u32,
+    pub mode: CodeMode,
+}
+
+/// Checks a block against the format's limits; the writer and the decoder share it.
+pub(crate) fn block_limits_problem(instructions: u32, byte_len: usize) -> Option<String> {
+    if instructions == 0 || instructions > MAX_BLOCK_INSTRUCTIONS {
+        return Some(format!("{instructions} instructions, expected 1 to {MAX_BLOCK_INSTRUCTIONS}"));
+    }
+    if byte_len < instructions as usize || byte_len > (instructions as usize * 15).min(MAX_BLOCK_BYTES) {
+        return Some(format!(
+            "{byte_len} bytes cannot hold {instructions} instructions (each is 1 to 15 bytes, a block at most {MAX_BLOCK_BYTES})"
+        ));
+    }
+    None
+}
+
+pub(crate) fn encode_block(out: &mut Vec<u8>, block: &Block) {
+    put_varint(out, block.address);
+    out.push(block.mode.bitness() as u8);
+    put_varint(out, block.tag);
+    put_varint(out, block.instructions.into());
+    put_bytes(out, &block.bytes);
+}
+
+pub(crate) fn decode_block(r: &mut PayloadReader<'_>) -> Result<Block, PayloadError> {
+    let start = r.position();
+    let address = r.varint("block address")?;
+    let mode = code_mode(r, "block code mode")?;
+    let tag = r.varint("block address-space tag")?;
+    let instructions = r.varint_u32("block instruction count")?;
+    let bytes = r.length_prefixed("block bytes", MAX_BLOCK_BYTES)?;
+    if let Some(problem) = block_limits_problem(instructions, bytes.len()) {
+        return Err(PayloadError::new(start, format!("block at {address:#x}: {problem}")));
+    }
+    Ok(Block { address, mode, tag, instructions, bytes: bytes.to_vec() })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Events
+
+const fn tag(kind: EventKind) -> u8 {
+    ((kind as u8) << 1) | 1
+}
+
+fn size_direction_byte(size: u8, direction: Direction) -> u8 {
+    size | if direction == Direction::Write { 0x80 } else { 0 }
+}
+
+pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event) {
+    if let Event::Block(id) = event {
+        put_varint(out, u64::from(id.0) << 1);
+        return;
+    }
+    out.push(tag(event.kind()));
+    match *event {
+        Event::Block(_) => unreachable!("handled above"),
+        Event::PartialBlock { block, executed } => {
+            put_varint(out, block.0.into());
+            put_varint(out, executed.into());
+            return;
+        }
+        _ => {}
+    }
+    put_varint(out, event.at().expect("non-block events have a position").into());
+    match *event {
+        Event::Block(_) | Event::PartialBlock { .. } => unreachable!("handled above"),
+        Event::Context { context, .. } => {
+            out.push(context.cpl | u8::from(context.interrupts_enabled) << 2 | context.paging.code() << 3);
+            put_varint(out, context.cr3);
+        }
+        Event::Exception { vector, error_code, cr2, .. } => {
+            out.push(vector);
+            out.push(u8::from(error_code.is_some()) | u8::from(cr2.is_some()) << 1);
+            if let Some(code) = error_code {
+                put_varint(out, code.into());
+            }
+            if let Some(cr2) = cr2 {
+                put_varint(out, cr2);
+            }
+        }
+        Event::Interrupt { vector, .. } | Event::SoftwareInterrupt { vector, .. } => out.push(vector),
+        Event::Syscall { .. } | Event::Sysret { .. } | Event::Iret { .. } => {}
+        Event::CrWrite { cr, old, new, .. } => {
+            out.push(cr);
+            put_varint(out, old);
+            put_varint(out, new);
+        }
+        Event::MsrRead { index, value, .. } | Event::MsrWrite { index, value, .. } => {
+            put_varint(out, index.into());
+            put_varint(out, value);
+        }
+        Event::Io { port, size, direction, value, .. } => {
+            put_varint(out, port.into());
+            out.push(size_direction_byte(size, direction));
+            put_varint(out, value.into());
+        }
+        Event::Cpuid { leaf, subleaf, .. } => {
+            put_varint(out, leaf.into());
+            put_varint(out, subleaf.into());
+        }
+        Event::Invlpg { address, .. } => put_varint(out, address),
+        Event::DescriptorLoad { load, .. } => match load {
+            DescriptorLoad::Gdt { base, limit } | DescriptorLoad::Idt { base, limit } => {
+                out.push(if matches!(load, DescriptorLoad::Gdt { .. }) { 0 } else { 1 });
+                put_varint(out, base);
+                put_varint(out, limit.into());
+            }
+            DescriptorLoad::Ldt { selector } | DescriptorLoad::Tr { selector } => {
+                out.push(if matches!(load, DescriptorLoad::Ldt { .. }) { 2 } else { 3 });
+                put_varint(out, selector.into());
+            }
+        },
+        Event::Hlt { idle, .. } => put_varint(out, idle),
+        Event::PageTableWrite { gpa, level, old, new, .. } => {
+            put_varint(out, gpa);
+            out.push(level);
+            put_varint(out, old);
+            put_varint(out, new);
+        }
+        Event::PageTouch { page, frame, access, user, size, .. } => {
+            put_varint(out, page >> 12);
+            put_varint(out, frame >> 12);
+            out.push(access as u8 | u8::from(user) << 2 | (size as u8) << 3);
+        }
+        Event::Mmio { gpa, size, direction, value, .. } => {
+            put_varint(out, gpa);
+            out.push(size_direction_byte(size, direction));
+            put_varint(out, value);
+        }
+    }
+}
+
+/// Decodes the event at the reader's position. Block ids are checked against `shapes` (the blocks defined so far),
+/// and partial executions against their block's length.
+#[inline(always)]
+pub(crate) fn decode_event(r: &mut PayloadReader<'_>, shapes: &[BlockShape]) -> Result<Event, PayloadError> {
+    // Fast path: a block execution with an id below 64 is one even byte.
+    if let Some(&byte) = r.buf.get(r.pos) {
+        if byte & 0x81 == 0 && usize::from(byte >> 1) < shapes.len() {
+            r.pos += 1;
+            return Ok(Event::Block(BlockId(u32::from(byte >> 1))));
+        }
+    }
+    decode_event_general(r, shapes)
+}
+
+fn block_id(id: u64, start: usize, shapes: &[BlockShape]) -> Result<BlockId, PayloadError> {
+    if id >= shapes.len() as u64 {
+        return Err(PayloadError::new(
+            start,
+            format!("block id {id} is out of range: {} blocks are defined before this point", shapes.len()),
+        ));
+    }
+    Ok(BlockId(id as u32))
+}
+
+fn decode_event_general(r: &mut PayloadReader<'_>, shapes: &[BlockShape]) -> Result<Event, PayloadError> {
+    let start = r.position();
+    let head = r.varint("event")?;
+    if head & 1 == 0 {
+        return Ok(Event::Block(block_id(head >> 1, start, shapes)?));
+    }
+    let kind =
+        EventKind::ALL.get((head >> 1) as usize).copied().filter(|k| *k != EventKind::Block).ok_or_else(|| {
+            PayloadError::new(
+                start,
+                format!("unknown event kind {} (format 1.x defines 1 to {})", head >> 1, EventKind::COUNT - 1),
+            )
+        })?;
+    if kind == EventKind::PartialBlock {
+        let id = r.varint("partial block id")?;
+        let block = block_id(id, start, shapes)?;
+        let executed = r.varint_u32("partial block retired count")?;
+        let instructions = shapes[block.index()].instructions;
+        if executed >= instructions {
+            return Err(PayloadError::new(
+                start,
+                format!(
+                    "partial execution of block {block} retires {executed} instructions, but the block has {instructions}: \
+                     a partial block must stop before its end"
+                ),
+            ));
+        }
+        return Ok(Event::PartialBlock { block, executed });
+    }
+    let at = r.varint_u32("event position")?;
+    let enum_error = |r: &PayloadReader<'_>, what: &str, value: u8| {
+        PayloadError::new(r.position() - 1, format!("{what} {value:#04x} is not valid"))
+    };
+    let size_direction =
+        |r: &mut PayloadReader<'_>, what: &str, sizes: &[u8]| -> Result<(u8, Direction), PayloadError> {
+            let byte = r.u8(what)?;
+            let size = byte & 0x7f;
+            if !sizes.contains(&size) {
+                return Err(enum_error(r, what, byte));
+            }
+            Ok((size, if byte & 0x80 != 0 { Direction::Write } else { Direction::Read }))
+        };
+    Ok(match kind {
+        EventKind::Block | EventKind::PartialBlock => unreachable!("handled above"),
+        EventKind::Context => {
+            let flags = r.u8("context flags")?;
+            let paging = PagingMode::from_code((flags >> 3) & 7).filter(|_| flags & 0xc0 == 0);
+            let Some(paging) = paging else {
+                return Err(enum_error(r, "context flags", flags));
+            };
+            let cr3 = r.varint("CR3")?;
+            Event::Context { at, context: Context { cpl: flags & 3, interrupts_enabled: flags & 4 != 0, paging, cr3 } }
+        }
+        EventKind::Exception => {
+            let vector = r.u8("exception vector")?;
+            let flags = r.u8("exception flags")?;
+            if flags & !3 != 0 {
+                return Err(enum_error(r, "exception flags", flags));
+            }
+            let error_code = if flags & 1 != 0 { Some(r.varint_u32("error code")?) } else { None };
+            let cr2 = if flags & 2 != 0 { Some(r.varint("CR2")?) } else { None };
+            Event::Exception { at, vector, error_code, cr2 }
+        }
+        EventKind::Interrupt => Event::Interrupt { at, vector: r.u8("interrupt vector")? },
+        EventKind::SoftwareInterrupt => Event::SoftwareInterrupt { at, vector: r.u8("interrupt vector")? },
+        EventKind::Syscall => Event::Syscall { at },
+        EventKind::Sysret => Event::Sysret { at },
+        EventKind::Iret => Event::Iret { at },
+        EventKind::CrWrite => {
+            let cr = r.u8("control register")?;
+            if !matches!(cr, 0 | 2 | 3 | 4 | 8) {
+                return Err(enum_error(r, "control register", cr));
+            }
+            Event::CrWrite { at, cr, old: r.varint("old CR value")?, new: r.varint("new CR value")? }
+        }
+        EventKind::MsrRead => Event::MsrRead { at, index: r.varint_u32("MSR index")?, value: r.varint("MSR value")? },
+        EventKind::MsrWrite => Event::MsrWrite { at, index: r.varint_u32("MSR index")?, value: r.varint("MSR value")? },
+        EventKind::Io => {
+            let port = r.varint_u16("I/O port")?;
+            let (size, direction) = size_direction(r, "I/O size and direction", &[1, 2, 4])?;
+            let value = r.varint_u32("I/O value")?;
+            if size < 4 && value >> (8 * size) != 0 {
+                return Err(PayloadError::new(r.position(), format!("I/O value {value:#x} does not fit {size} bytes")));
+            }
+            Event::Io { at, port, size, direction, value }
+        }
+        EventKind::Cpuid => {
+            Event::Cpuid { at, leaf: r.varint_u32("CPUID leaf")?, subleaf: r.varint_u32("CPUID subleaf")? }
+        }
+        EventKind::Invlpg => Event::Invlpg { at, address: r.varint("INVLPG address")? },
+        EventKind::DescriptorLoad => {
+            let table = r.u8("descriptor table")?;
+            let load = match table {
+                0 | 1 => {
+                    let base = r.varint("descriptor table base")?;
+                    let limit = r.varint_u16("descriptor table limit")?;
+                    if table == 0 {
+                        DescriptorLoad::Gdt { base, limit }
+                    } else {
+                        DescriptorLoad::Idt { base, limit }
+                    }
+                }
+                2 => DescriptorLoad::Ldt { selector: r.varint_u16("LDT selector")? },
+                3 => DescriptorLoad::Tr { selector: r.varint_u16("TR selector")? },
+                _ => return Err(enum_error(r, "descriptor table", table)),
+            };
+            Event::DescriptorLoad { at, load }
+        }
+        EventKind::Hlt => Event::Hlt { at, idle: r.varint("HLT idle time")? },
+        EventKind::PageTableWrite => {
+            let gpa = r.varint("page-table entry address")?;
+            let level = r.u8("page-table level")?;
+            if !(1..=5).contains(&level) {
+                return Err(enum_error(r, "page-table level", level));
+            }
+            Event::PageTableWrite { at, gpa, level, old: r.varint("old entry")?, new: r.varint("new entry")? }
+        }
+        EventKind::PageTouch => {
+            let page = r.varint_max("virtual page number", u64::MAX >> 12)? << 12;
+            let frame = r.varint_max("physical frame number", u64::MAX >> 12)? << 12;
+            let flags = r.u8("page touch flags")?;
+            let access = Access::ALL.get(usize::from(flags & 3)).copied();
+            let size = PageSize::ALL.get(usize::from((flags >> 3) & 3)).copied();
+            let (Some(access), Some(size), 0) = (access, size, flags & 0xe0) else {
+                return Err(enum_error(r, "page touch flags", flags));
+            };
+            Event::PageTouch { at, page, frame, access, user: flags & 4 != 0, size }
+        }
+        EventKind::Mmio => {
+            let gpa = r.varint("MMIO address")?;
+            let (size, direction) = size_direction(r, "MMIO size and direction", &[1, 2, 4, 8])?;
+            let value = r.varint("MMIO value")?;
+            Event::Mmio { at, gpa, size, direction, value }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Footer
+
+pub(crate) fn encode_footer(footer: &Footer) -> Vec<u8> {
+    let mut out = Vec::new();
+    let totals = &footer.totals;
+    for value in [totals.instructions, totals.instructions_user, totals.instructions_kernel, totals.blocks] {
+        put_varint(&mut out, value);
+    }
+    for count in totals.events {
+        put_varint(&mut out, count);
+    }
+    let ending = &footer.ending;
+    out.push(ending.reason.code());
+    put_varint(&mut out, ending.exit_status.into());
+    put_bytes(&mut out, ending.detail.as_bytes());
+    put_bytes(&mut out, &ending.serial);
+    out.extend_from_slice(&ending.state_digest);
+    out
+}
+
+pub(crate) fn decode_footer(payload: &[u8], allow_trailing: bool) -> Result<Footer, PayloadError> {
+    let mut r = PayloadReader::new(payload);
+    let instructions = r.varint("instruction total")?;
+    let instructions_user = r.varint("user instruction total")?;
+    let instructions_kernel = r.varint("kernel instruction total")?;
+    let blocks = r.varint("block total")?;
+    let mut events = [0u64; EventKind::COUNT];
+    for (count, kind) in events.iter_mut().zip(EventKind::ALL) {
+        *count = r.varint(&format!("{} event count", kind.name()))?;
+    }
+    let reason_byte = r.u8("end reason")?;
+    let reason = EndReason::from_code(reason_byte).ok_or_else(|| {
+        PayloadError::new(r.position() - 1, format!("end reason {reason_byte} is not valid (0 to 4)"))
+    })?;
+    let exit_status = r.varint_u32("exit status")?;
+    let detail = r.string("end detail")?;
+    let serial = r.length_prefixed("serial output", usize::MAX)?.to_vec();
+    let state_digest: [u8; 32] = r.take(32, "state digest")?.try_into().expect("32 bytes");
+    if !allow_trailing {
+        r.expect_end("footer")?;
+    }
+    Ok(Footer {
+        totals: Totals { instructions, instructions_user, instructions_kernel, blocks, events },
+        ending: Ending { reason, exit_status, detail, serial, state_digest },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn varint_bytes(value: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(&mut out, value);
+        out
+    }
+
+    #[test]
+    fn varints_round_trip_at_group_boundaries() {
+        for value in [0, 1, 0x7f, 0x80, 0x3fff, 0x4000, u32::MAX.into(), u64::MAX - 1, u64::MAX] {
+            let bytes = varint_bytes(value);
+            let mut r = PayloadReader::new(&bytes);
+            assert_eq!(r.varint("v").unwrap(), value);
+            assert!(r.is_empty());
+        }
+        assert_eq!(varint_bytes(0x80), [0x80, 0x01]);
+        assert_eq!(varint_bytes(u64::MAX).len(), 10);
+    }
+
+    #[test]
+    fn varint_rejects_overlong_overflowing_and_truncated_encodings() {
+        let cases: [(&[u8], &str); 4] = [
+            (&[0x80, 0x00], "not minimally encoded"),
+            (&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], "overflows 64 bits"),
+            (&[0xff; 11], "overflows 64 bits"),
+            (&[0x80, 0x80], "payload ends inside"),
+        ];
+        for (bytes, expected) in cases {
+            let err = PayloadReader::new(bytes).varint("x").unwrap_err();
+            assert!(err.message.contains(expected), "{bytes:02x?}: {}", err.message);
+            assert_eq!(err.position, 0);
+        }
+    }
+
+    #[test]
+    fn small_block_ids_take_one_byte_and_kinds_one_byte_tags() {
+        let mut out = Vec::new();
+        encode_event(&mut out, &Event::Block(BlockId(63)));
+        assert_eq!(out, [126]);
+        out.clear();
+        encode_event(&mut out, &Event::Syscall { at: 4 });
+        assert_eq!(out, [tag(EventKind::Syscall), 4]);
+    }
+}

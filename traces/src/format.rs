@@ -1,0 +1,286 @@
+//! The container: preamble, chunk headers, checksums, limits and compression. See `FORMAT.md`.
+
+use std::fmt;
+use std::io::Read;
+
+use crate::error::TraceError;
+
+pub const MAGIC: [u8; 8] = *b"VLTRC\r\n\x1a";
+pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 0;
+pub const PREAMBLE_LEN: usize = 16;
+pub const CHUNK_HEADER_LEN: usize = 24;
+
+/// No chunk payload, stored or decompressed, may exceed this: it bounds a reader's memory per chunk.
+pub const MAX_CHUNK_BYTES: u32 = 4 << 20;
+/// Raw payload size at which the writer closes an event or block chunk.
+pub const TARGET_CHUNK_BYTES: usize = 1 << 20;
+pub const MAX_BLOCK_INSTRUCTIONS: u32 = 4096;
+pub const MAX_BLOCK_BYTES: usize = 16 * 4096;
+/// Longest string (workload name, parameter, recorder, ending detail) a header or footer may hold.
+pub const MAX_STRING_BYTES: usize = 64 << 10;
+/// zstd level the writer uses: level 3 compresses a block stream at hundreds of MB/s with ratios that later levels
+/// improve by only a few percent.
+pub const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    Header,
+    Image,
+    Blocks,
+    Events,
+    Footer,
+    /// A kind this reader does not know, at or above `0x80`: optional, skipped.
+    Optional(u8),
+}
+
+impl ChunkKind {
+    pub fn code(self) -> u8 {
+        match self {
+            ChunkKind::Header => 1,
+            ChunkKind::Image => 2,
+            ChunkKind::Blocks => 3,
+            ChunkKind::Events => 4,
+            ChunkKind::Footer => 5,
+            ChunkKind::Optional(code) => code,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<ChunkKind> {
+        Some(match code {
+            1 => ChunkKind::Header,
+            2 => ChunkKind::Image,
+            3 => ChunkKind::Blocks,
+            4 => ChunkKind::Events,
+            5 => ChunkKind::Footer,
+            0x80..=0xff => ChunkKind::Optional(code),
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ChunkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChunkKind::Header => f.write_str("header"),
+            ChunkKind::Image => f.write_str("image"),
+            ChunkKind::Blocks => f.write_str("blocks"),
+            ChunkKind::Events => f.write_str("events"),
+            ChunkKind::Footer => f.write_str("footer"),
+            ChunkKind::Optional(code) => write!(f, "optional {code:#04x}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Stored,
+    Zstd,
+}
+
+impl Codec {
+    fn code(self) -> u8 {
+        match self {
+            Codec::Stored => 0,
+            Codec::Zstd => 1,
+        }
+    }
+}
+
+/// A parsed and verified chunk header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub kind: ChunkKind,
+    pub codec: Codec,
+    /// Records in the chunk (events, blocks, segments; 1 for header and footer).
+    pub items: u32,
+    pub raw_len: u32,
+    pub stored_len: u32,
+    pub payload_crc: u32,
+}
+
+impl ChunkHeader {
+    pub fn encode(&self) -> [u8; CHUNK_HEADER_LEN] {
+        let mut out = [0u8; CHUNK_HEADER_LEN];
+        out[0] = self.kind.code();
+        out[1] = self.codec.code();
+        out[4..8].copy_from_slice(&self.items.to_le_bytes());
+        out[8..12].copy_from_slice(&self.raw_len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[16..20].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let header_crc = crc32fast::hash(&out[..20]);
+        out[20..24].copy_from_slice(&header_crc.to_le_bytes());
+        out
+    }
+
+    /// Parses the 24 header bytes of the chunk at file offset `offset`, checking everything that can be checked
+    /// without the payload.
+    pub fn decode(bytes: &[u8; CHUNK_HEADER_LEN], offset: u64) -> Result<ChunkHeader, TraceError> {
+        let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4-byte field"));
+        let stored_crc = le32(20);
+        let computed = crc32fast::hash(&bytes[..20]);
+        if stored_crc != computed {
+            return Err(TraceError::ChunkHeaderChecksum { offset, stored: stored_crc, computed });
+        }
+        let bad = |field: &'static str, value: u64, expected: String| TraceError::BadChunkHeader {
+            offset,
+            field,
+            value,
+            expected,
+        };
+        let kind = ChunkKind::from_code(bytes[0]).ok_or_else(|| {
+            bad(
+                "kind",
+                bytes[0].into(),
+                "not a chunk kind of format 1.x (1–5 are required kinds, 0x80 and above optional ones): \
+                 the trace was written by a newer virtlab or is corrupt"
+                    .into(),
+            )
+        })?;
+        let codec = match bytes[1] {
+            0 => Codec::Stored,
+            1 => Codec::Zstd,
+            other => return Err(bad("codec", other.into(), "expected 0 (stored) or 1 (zstd)".into())),
+        };
+        let reserved = u16::from_le_bytes([bytes[2], bytes[3]]);
+        if reserved != 0 {
+            return Err(bad("reserved field", reserved.into(), "expected 0".into()));
+        }
+        let header =
+            ChunkHeader { kind, codec, items: le32(4), raw_len: le32(8), stored_len: le32(12), payload_crc: le32(16) };
+        for (field, value) in [("raw length", header.raw_len), ("stored length", header.stored_len)] {
+            if value > MAX_CHUNK_BYTES {
+                return Err(bad(field, value.into(), format!("more than the limit of {MAX_CHUNK_BYTES} bytes")));
+            }
+        }
+        if codec == Codec::Stored && header.raw_len != header.stored_len {
+            return Err(bad(
+                "raw length",
+                header.raw_len.into(),
+                format!("a stored chunk's raw length must equal its stored length {}", header.stored_len),
+            ));
+        }
+        Ok(header)
+    }
+
+    /// Verifies the payload checksum.
+    pub fn verify_payload(&self, stored: &[u8], offset: u64) -> Result<(), TraceError> {
+        let computed = crc32fast::hash(stored);
+        if computed != self.payload_crc {
+            return Err(TraceError::ChunkPayloadChecksum {
+                kind: self.kind,
+                offset,
+                stored: self.payload_crc,
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// The payload in its raw form: borrowed when stored, decompressed into `scratch` when compressed.
+    pub fn raw_payload<'s>(
+        &self,
+        stored: &'s [u8],
+        scratch: &'s mut Vec<u8>,
+        offset: u64,
+    ) -> Result<&'s [u8], TraceError> {
+        match self.codec {
+            Codec::Stored => Ok(stored),
+            Codec::Zstd => {
+                decompress(stored, self.raw_len as usize, scratch).map_err(|reason| TraceError::Decompress {
+                    kind: self.kind,
+                    offset,
+                    reason,
+                })?;
+                Ok(scratch)
+            }
+        }
+    }
+}
+
+/// Above this ratio of raw to stored bytes, a chunk is decompressed by streaming, so that memory grows with the
+/// output actually produced rather than with what the header claims. Event streams compress by far less.
+const BULK_DECOMPRESS_MAX_RATIO: usize = 256;
+
+/// Decompresses one zstd frame into `out`, which ends up holding exactly `raw_len` bytes.
+fn decompress(stored: &[u8], raw_len: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    out.clear();
+    let written = if raw_len <= stored.len().saturating_mul(BULK_DECOMPRESS_MAX_RATIO) {
+        out.reserve(raw_len);
+        let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
+        decompressor.decompress_to_buffer(stored, out).map_err(|e| e.to_string())?
+    } else {
+        let decoder = zstd::stream::read::Decoder::with_buffer(stored).map_err(|e| e.to_string())?;
+        // One byte past the claim is enough to tell that the frame holds more than the header says.
+        std::io::Read::take(decoder, raw_len as u64 + 1).read_to_end(out).map_err(|e| e.to_string())?
+    };
+    if written != raw_len {
+        return Err(format!("decompressed to {written} bytes, the header says {raw_len}"));
+    }
+    Ok(())
+}
+
+/// A whole chunk: header then stored payload. `stored` is `raw` itself for [`Codec::Stored`], or its zstd frame.
+pub fn chunk_bytes(kind: ChunkKind, codec: Codec, items: u32, raw_len: u32, stored: &[u8]) -> Vec<u8> {
+    let header = ChunkHeader {
+        kind,
+        codec,
+        items,
+        raw_len,
+        stored_len: stored.len() as u32,
+        payload_crc: crc32fast::hash(stored),
+    };
+    let mut chunk = Vec::with_capacity(CHUNK_HEADER_LEN + stored.len());
+    chunk.extend_from_slice(&header.encode());
+    chunk.extend_from_slice(stored);
+    chunk
+}
+
+pub fn preamble() -> [u8; PREAMBLE_LEN] {
+    let mut out = [0u8; PREAMBLE_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..10].copy_from_slice(&VERSION_MAJOR.to_le_bytes());
+    out[10..12].copy_from_slice(&VERSION_MINOR.to_le_bytes());
+    out
+}
+
+/// The version a file declares, once its magic and version are known to be readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub major: u16,
+    pub minor: u16,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+pub fn parse_preamble(bytes: &[u8]) -> Result<Version, TraceError> {
+    let magic_len = bytes.len().min(8);
+    if bytes[..magic_len] != MAGIC[..magic_len] {
+        return Err(TraceError::BadMagic { found: bytes[..magic_len].to_vec(), expected: MAGIC });
+    }
+    if bytes.len() < PREAMBLE_LEN {
+        return Err(TraceError::Truncated {
+            what: "preamble",
+            offset: 0,
+            needed: PREAMBLE_LEN as u64,
+            available: bytes.len() as u64,
+        });
+    }
+    let major = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let minor = u16::from_le_bytes([bytes[10], bytes[11]]);
+    if major != VERSION_MAJOR {
+        return Err(TraceError::UnsupportedVersion { major, minor, supported_major: VERSION_MAJOR });
+    }
+    let reserved = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    if reserved != 0 {
+        return Err(TraceError::BadPreamble {
+            offset: 12,
+            message: format!("reserved field is {reserved:#x}, expected 0"),
+        });
+    }
+    Ok(Version { major, minor })
+}

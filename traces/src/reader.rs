@@ -1,0 +1,561 @@
+//! Reading traces: [`TraceView`], a zero-copy view over a whole trace in memory, for engines that replay it (as
+//! many times and on as many threads as they like); and [`TraceReader`], a one-pass streaming reader over any
+//! `Read`, whose memory is one chunk plus the block table, for tools that handle traces of any size.
+//!
+//! Both enforce the same rules through the same code: the chunk sequence, the chunk checksums and limits, and the
+//! payload syntax, including that every block id names a block defined earlier in the file.
+
+use std::io::Read;
+
+use crate::blocks::BlockTable;
+use crate::codec::{self, BlockShape, Header, PayloadReader};
+use crate::error::TraceError;
+use crate::format::{self, ChunkHeader, ChunkKind, Version, CHUNK_HEADER_LEN, PREAMBLE_LEN, VERSION_MINOR};
+use crate::model::{BootState, Event, Footer, Metadata, Segment};
+
+/// Where a chunk is and what its header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    pub offset: u64,
+    pub header: ChunkHeader,
+}
+
+impl ChunkInfo {
+    pub fn total_len(&self) -> u64 {
+        CHUNK_HEADER_LEN as u64 + u64::from(self.header.stored_len)
+    }
+}
+
+/// The order chunks must come in: header, image chunks, then blocks and events in any mix, then the footer, then
+/// nothing. Optional chunks may sit anywhere between header and footer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    ExpectHeader,
+    Image,
+    Stream,
+    Done,
+}
+
+struct ChunkSequence {
+    stage: Stage,
+    allow_trailing_fields: bool,
+}
+
+impl ChunkSequence {
+    fn new(version: Version) -> Self {
+        ChunkSequence { stage: Stage::ExpectHeader, allow_trailing_fields: version.minor > VERSION_MINOR }
+    }
+
+    fn accept(&mut self, kind: ChunkKind, offset: u64) -> Result<(), TraceError> {
+        let order_error = |message: String| TraceError::ChunkOrder { offset, message };
+        self.stage = match (self.stage, kind) {
+            (Stage::ExpectHeader, ChunkKind::Header) => Stage::Image,
+            (Stage::ExpectHeader, other) => {
+                return Err(order_error(format!("expected the header chunk first, found a {other} chunk")))
+            }
+            (Stage::Done, _) => unreachable!("callers stop at the footer"),
+            (_, ChunkKind::Header) => return Err(order_error("a second header chunk".into())),
+            (Stage::Image, ChunkKind::Image) => Stage::Image,
+            (Stage::Stream, ChunkKind::Image) => {
+                return Err(order_error(
+                    "an image chunk after blocks or events: the image must follow the header".into(),
+                ))
+            }
+            (_, ChunkKind::Blocks | ChunkKind::Events) => Stage::Stream,
+            (stage, ChunkKind::Optional(_)) => stage,
+            (_, ChunkKind::Footer) => Stage::Done,
+        };
+        Ok(())
+    }
+}
+
+/// Decodes the records of an image chunk.
+fn decode_image(payload: &[u8], info: &ChunkInfo, image: &mut Vec<Segment>) -> Result<(), TraceError> {
+    let mut r = PayloadReader::new(payload);
+    for _ in 0..info.header.items {
+        image.push(codec::decode_segment(&mut r).map_err(|e| e.in_chunk(info.header.kind, info.offset))?);
+    }
+    r.expect_end("image segments").map_err(|e| e.in_chunk(info.header.kind, info.offset))
+}
+
+fn decode_blocks(payload: &[u8], info: &ChunkInfo, table: &mut BlockTable) -> Result<(), TraceError> {
+    let mut r = PayloadReader::new(payload);
+    for _ in 0..info.header.items {
+        table.push(codec::decode_block(&mut r).map_err(|e| e.in_chunk(info.header.kind, info.offset))?);
+    }
+    r.expect_end("blocks").map_err(|e| e.in_chunk(info.header.kind, info.offset))
+}
+
+fn decode_header_chunk(payload: &[u8], info: &ChunkInfo, sequence: &ChunkSequence) -> Result<Header, TraceError> {
+    codec::decode_header(payload, sequence.allow_trailing_fields).map_err(|e| e.in_chunk(info.header.kind, info.offset))
+}
+
+fn decode_footer_chunk(payload: &[u8], info: &ChunkInfo, sequence: &ChunkSequence) -> Result<Footer, TraceError> {
+    codec::decode_footer(payload, sequence.allow_trailing_fields).map_err(|e| e.in_chunk(info.header.kind, info.offset))
+}
+
+/// Decodes every event of one events chunk, handing each to `visit`. `shapes` are the blocks defined before it.
+#[inline(always)]
+fn decode_event_chunk(
+    payload: &[u8],
+    info: &ChunkInfo,
+    shapes: &[BlockShape],
+    mut visit: impl FnMut(Event),
+) -> Result<(), TraceError> {
+    let in_chunk = |e: crate::error::PayloadError| e.in_chunk(ChunkKind::Events, info.offset);
+    let small_ids = shapes.len().min(64) as u8;
+    let mut position = 0;
+    let mut left = info.header.items;
+    while left > 0 {
+        // Most events are executions of one of the first 64 blocks: one even byte. Take those without going
+        // through the general decoder.
+        match payload.get(position) {
+            Some(&byte) if byte & 0x81 == 0 && byte >> 1 < small_ids => {
+                visit(Event::Block(crate::model::BlockId(u32::from(byte >> 1))));
+                position += 1;
+            }
+            _ => {
+                let mut r = PayloadReader::starting_at(payload, position);
+                visit(codec::decode_event(&mut r, shapes).map_err(in_chunk)?);
+                position = r.position();
+            }
+        }
+        left -= 1;
+    }
+    PayloadReader::starting_at(payload, position).expect_end("events").map_err(in_chunk)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+/// An events chunk and the number of blocks defined before it (the ids it may use).
+#[derive(Debug, Clone, Copy)]
+struct EventChunkRef {
+    info: ChunkInfo,
+    blocks_defined: usize,
+}
+
+/// A whole trace in memory, validated on open: container, checksums, header, image, block table and footer. Events
+/// are decoded on demand, straight from the borrowed bytes when a chunk is stored, or from one reusable buffer
+/// per pass when it is compressed.
+///
+/// The bytes can come from anywhere: a `Vec` read from a file, or a memory map the caller owns.
+pub struct TraceView<'a> {
+    bytes: &'a [u8],
+    version: Version,
+    header: Header,
+    image: Vec<Segment>,
+    blocks: BlockTable,
+    footer: Footer,
+    chunks: Vec<ChunkInfo>,
+    event_chunks: Vec<EventChunkRef>,
+}
+
+impl<'a> TraceView<'a> {
+    pub fn open(bytes: &'a [u8]) -> Result<TraceView<'a>, TraceError> {
+        let version = format::parse_preamble(bytes)?;
+        let mut sequence = ChunkSequence::new(version);
+        let mut offset = PREAMBLE_LEN as u64;
+        let mut scratch = Vec::new();
+        let mut header = None;
+        let mut image = Vec::new();
+        let mut blocks = BlockTable::default();
+        let mut chunks = Vec::new();
+        let mut event_chunks = Vec::new();
+        let footer = loop {
+            let (info, stored) = chunk_at(bytes, offset)?;
+            sequence.accept(info.header.kind, offset)?;
+            chunks.push(info);
+            offset += info.total_len();
+            match info.header.kind {
+                ChunkKind::Events => {
+                    event_chunks.push(EventChunkRef { info, blocks_defined: blocks.len() });
+                    continue;
+                }
+                ChunkKind::Optional(_) => continue,
+                _ => {}
+            }
+            let payload = info.header.raw_payload(stored, &mut scratch, info.offset)?;
+            match info.header.kind {
+                ChunkKind::Header => header = Some(decode_header_chunk(payload, &info, &sequence)?),
+                ChunkKind::Image => decode_image(payload, &info, &mut image)?,
+                ChunkKind::Blocks => decode_blocks(payload, &info, &mut blocks)?,
+                ChunkKind::Footer => break decode_footer_chunk(payload, &info, &sequence)?,
+                ChunkKind::Events | ChunkKind::Optional(_) => unreachable!("handled above"),
+            }
+        };
+        if offset < bytes.len() as u64 {
+            return Err(trailing_error(chunks.last().map_or(0, |c| c.offset), bytes.len() as u64 - offset));
+        }
+        Ok(TraceView {
+            bytes,
+            version,
+            header: header.expect("the sequence starts with a header"),
+            image,
+            blocks,
+            footer,
+            chunks,
+            event_chunks,
+        })
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.header.metadata
+    }
+
+    pub fn boot(&self) -> &BootState {
+        &self.header.boot
+    }
+
+    pub fn image(&self) -> &[Segment] {
+        &self.image
+    }
+
+    pub fn blocks(&self) -> &BlockTable {
+        &self.blocks
+    }
+
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    pub fn chunks(&self) -> &[ChunkInfo] {
+        &self.chunks
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// Calls `visit` with every event in order. This is the fast path: events are decoded in a tight loop, one
+    /// chunk at a time, into a buffer reused across chunks.
+    pub fn for_each_event(&self, mut visit: impl FnMut(Event)) -> Result<(), TraceError> {
+        let mut scratch = Vec::new();
+        for chunk in &self.event_chunks {
+            let payload = self.event_payload(chunk, &mut scratch)?;
+            decode_event_chunk(payload, &chunk.info, &self.blocks.shapes()[..chunk.blocks_defined], &mut visit)?;
+        }
+        Ok(())
+    }
+
+    /// A pull iterator over the events, for consumers that stop early or interleave passes.
+    pub fn events(&self) -> EventCursor<'_, 'a> {
+        EventCursor { view: self, next_chunk: 0, scratch: Vec::new(), current: None, failed: false }
+    }
+
+    fn stored_payload(&self, info: &ChunkInfo) -> &'a [u8] {
+        let start = info.offset as usize + CHUNK_HEADER_LEN;
+        &self.bytes[start..start + info.header.stored_len as usize]
+    }
+
+    fn event_payload<'s>(&self, chunk: &EventChunkRef, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], TraceError>
+    where
+        'a: 's,
+    {
+        chunk.info.header.raw_payload(self.stored_payload(&chunk.info), scratch, chunk.info.offset)
+    }
+}
+
+/// Reads the chunk at `offset` of an in-memory trace, checking its header, bounds and payload checksum.
+fn chunk_at(bytes: &[u8], offset: u64) -> Result<(ChunkInfo, &[u8]), TraceError> {
+    let available = (bytes.len() as u64).saturating_sub(offset);
+    if available == 0 {
+        return Err(TraceError::Truncated {
+            what: "the next chunk (the trace ends without a footer)",
+            offset,
+            needed: CHUNK_HEADER_LEN as u64,
+            available,
+        });
+    }
+    if available < CHUNK_HEADER_LEN as u64 {
+        return Err(TraceError::Truncated { what: "chunk header", offset, needed: CHUNK_HEADER_LEN as u64, available });
+    }
+    let start = offset as usize;
+    let header_bytes: &[u8; CHUNK_HEADER_LEN] =
+        bytes[start..start + CHUNK_HEADER_LEN].try_into().expect("length checked");
+    let header = ChunkHeader::decode(header_bytes, offset)?;
+    let payload_available = available - CHUNK_HEADER_LEN as u64;
+    if u64::from(header.stored_len) > payload_available {
+        return Err(TraceError::Truncated {
+            what: "chunk payload",
+            offset,
+            needed: header.stored_len.into(),
+            available: payload_available,
+        });
+    }
+    let stored = &bytes[start + CHUNK_HEADER_LEN..start + CHUNK_HEADER_LEN + header.stored_len as usize];
+    header.verify_payload(stored, offset)?;
+    Ok((ChunkInfo { offset, header }, stored))
+}
+
+/// Where a pull reader stands inside one events chunk. The payload lives elsewhere (the view's bytes, or a
+/// buffer), so the cursor is handed it on every step.
+#[derive(Debug, Clone, Copy)]
+struct ChunkCursor {
+    info: ChunkInfo,
+    blocks_defined: usize,
+    position: usize,
+    left: u32,
+}
+
+impl ChunkCursor {
+    fn new(info: ChunkInfo, blocks_defined: usize) -> Self {
+        ChunkCursor { info, blocks_defined, position: 0, left: info.header.items }
+    }
+
+    /// The next event, or `None` once the chunk's events are used up (and nothing else is left in it).
+    fn next(&mut self, payload: &[u8], shapes: &[BlockShape]) -> Result<Option<Event>, TraceError> {
+        let mut r = PayloadReader::starting_at(payload, self.position);
+        let in_chunk = |e: crate::error::PayloadError| e.in_chunk(ChunkKind::Events, self.info.offset);
+        if self.left == 0 {
+            r.expect_end("events").map_err(in_chunk)?;
+            return Ok(None);
+        }
+        let event = codec::decode_event(&mut r, &shapes[..self.blocks_defined]).map_err(in_chunk)?;
+        self.position = r.position();
+        self.left -= 1;
+        Ok(Some(event))
+    }
+}
+
+/// One pass over a view's events; see [`TraceView::events`].
+pub struct EventCursor<'v, 'a> {
+    view: &'v TraceView<'a>,
+    next_chunk: usize,
+    scratch: Vec<u8>,
+    current: Option<ChunkCursor>,
+    failed: bool,
+}
+
+impl EventCursor<'_, '_> {
+    fn advance(&mut self) -> Result<Option<Event>, TraceError> {
+        loop {
+            let Some(cursor) = self.current.as_mut() else {
+                let Some(chunk) = self.view.event_chunks.get(self.next_chunk) else { return Ok(None) };
+                self.next_chunk += 1;
+                if chunk.info.header.codec == format::Codec::Zstd {
+                    self.view.event_payload(chunk, &mut self.scratch)?;
+                }
+                self.current = Some(ChunkCursor::new(chunk.info, chunk.blocks_defined));
+                continue;
+            };
+            let payload: &[u8] = if cursor.info.header.codec == format::Codec::Stored {
+                self.view.stored_payload(&cursor.info)
+            } else {
+                &self.scratch
+            };
+            match cursor.next(payload, self.view.blocks.shapes())? {
+                Some(event) => return Ok(Some(event)),
+                None => self.current = None,
+            }
+        }
+    }
+}
+
+impl Iterator for EventCursor<'_, '_> {
+    type Item = Result<Event, TraceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let result = self.advance();
+        self.failed = result.is_err();
+        result.transpose()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Chunks read one after another from a stream, with their order checked.
+struct ChunkStream<R: Read> {
+    input: R,
+    offset: u64,
+    sequence: ChunkSequence,
+    /// The stored payload of the last chunk read.
+    stored: Vec<u8>,
+    chunks: Vec<ChunkInfo>,
+}
+
+impl<R: Read> ChunkStream<R> {
+    /// Reads the next chunk's header and stored payload into `self.stored`, checking order, bounds and checksum.
+    fn read_chunk(&mut self) -> Result<ChunkInfo, TraceError> {
+        let offset = self.offset;
+        let mut header_bytes = [0u8; CHUNK_HEADER_LEN];
+        let got = read_up_to(&mut self.input, &mut header_bytes)?;
+        if got < CHUNK_HEADER_LEN {
+            let what = if got == 0 { "the next chunk (the trace ends without a footer)" } else { "chunk header" };
+            return Err(TraceError::Truncated { what, offset, needed: CHUNK_HEADER_LEN as u64, available: got as u64 });
+        }
+        let header = ChunkHeader::decode(&header_bytes, offset)?;
+        self.sequence.accept(header.kind, offset)?;
+        self.stored.clear();
+        // Grows with the bytes actually present, so a lying length allocates nothing it cannot fill.
+        (&mut self.input).take(header.stored_len.into()).read_to_end(&mut self.stored)?;
+        if self.stored.len() < header.stored_len as usize {
+            return Err(TraceError::Truncated {
+                what: "chunk payload",
+                offset,
+                needed: header.stored_len.into(),
+                available: self.stored.len() as u64,
+            });
+        }
+        header.verify_payload(&self.stored, offset)?;
+        let info = ChunkInfo { offset, header };
+        self.offset += info.total_len();
+        self.chunks.push(info);
+        Ok(info)
+    }
+}
+
+/// A one-pass reader over any byte stream. The header and image are read on construction; blocks are added to
+/// [`TraceReader::blocks`] as their chunks go by; the footer is available once [`TraceReader::next_event`] has
+/// returned `None`. Memory: one chunk (stored and decompressed), the image and the block table.
+pub struct TraceReader<R: Read> {
+    stream: ChunkStream<R>,
+    version: Version,
+    header: Header,
+    image: Vec<Segment>,
+    blocks: BlockTable,
+    footer: Option<Footer>,
+    /// A chunk read ahead while looking for the end of the image; its payload is in `stream.stored`.
+    lookahead: Option<ChunkInfo>,
+    scratch: Vec<u8>,
+    current: Option<ChunkCursor>,
+}
+
+impl<R: Read> TraceReader<R> {
+    pub fn new(mut input: R) -> Result<Self, TraceError> {
+        let mut preamble = Vec::with_capacity(PREAMBLE_LEN);
+        (&mut input).take(PREAMBLE_LEN as u64).read_to_end(&mut preamble)?;
+        let version = format::parse_preamble(&preamble)?;
+        let mut stream = ChunkStream {
+            input,
+            offset: PREAMBLE_LEN as u64,
+            sequence: ChunkSequence::new(version),
+            stored: Vec::new(),
+            chunks: Vec::new(),
+        };
+        let mut scratch = Vec::new();
+        let first = stream.read_chunk()?;
+        let payload = first.header.raw_payload(&stream.stored, &mut scratch, first.offset)?;
+        let header = decode_header_chunk(payload, &first, &stream.sequence)?;
+        let mut image = Vec::new();
+        let lookahead = loop {
+            let info = stream.read_chunk()?;
+            match info.header.kind {
+                ChunkKind::Image => {
+                    let payload = info.header.raw_payload(&stream.stored, &mut scratch, info.offset)?;
+                    decode_image(payload, &info, &mut image)?;
+                }
+                ChunkKind::Optional(_) => {}
+                _ => break info,
+            }
+        };
+        Ok(TraceReader {
+            stream,
+            version,
+            header,
+            image,
+            blocks: BlockTable::default(),
+            footer: None,
+            lookahead: Some(lookahead),
+            scratch,
+            current: None,
+        })
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn image(&self) -> &[Segment] {
+        &self.image
+    }
+
+    /// Blocks defined so far (all of them once the events are exhausted).
+    pub fn blocks(&self) -> &BlockTable {
+        &self.blocks
+    }
+
+    /// The footer, once the last event has been read.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// Chunks read so far.
+    pub fn chunks(&self) -> &[ChunkInfo] {
+        &self.stream.chunks
+    }
+
+    /// Bytes consumed so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.stream.offset
+    }
+
+    pub fn next_event(&mut self) -> Result<Option<Event>, TraceError> {
+        loop {
+            if let Some(cursor) = self.current.as_mut() {
+                let payload: &[u8] =
+                    if cursor.info.header.codec == format::Codec::Stored { &self.stream.stored } else { &self.scratch };
+                match cursor.next(payload, self.blocks.shapes())? {
+                    Some(event) => return Ok(Some(event)),
+                    None => self.current = None,
+                }
+            }
+            if self.footer.is_some() {
+                return Ok(None);
+            }
+            let info = match self.lookahead.take() {
+                Some(info) => info,
+                None => self.stream.read_chunk()?,
+            };
+            if let ChunkKind::Optional(_) = info.header.kind {
+                continue;
+            }
+            let payload = info.header.raw_payload(&self.stream.stored, &mut self.scratch, info.offset)?;
+            match info.header.kind {
+                ChunkKind::Blocks => decode_blocks(payload, &info, &mut self.blocks)?,
+                ChunkKind::Events => self.current = Some(ChunkCursor::new(info, self.blocks.len())),
+                ChunkKind::Footer => {
+                    self.footer = Some(decode_footer_chunk(payload, &info, &self.stream.sequence)?);
+                    let trailing = std::io::copy(&mut self.stream.input, &mut std::io::sink())?;
+                    if trailing > 0 {
+                        return Err(trailing_error(info.offset, trailing));
+                    }
+                }
+                ChunkKind::Header | ChunkKind::Image | ChunkKind::Optional(_) => {
+                    unreachable!("the chunk sequence refuses these here")
+                }
+            }
+        }
+    }
+}
+
+fn trailing_error(footer_offset: u64, bytes: u64) -> TraceError {
+    TraceError::Trailing { offset: footer_offset, message: format!("{bytes} bytes follow the footer") }
+}
+
+fn read_up_to(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}

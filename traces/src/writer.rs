@@ -1,0 +1,297 @@
+//! The streaming writer recorders use: bounded memory (one chunk of events and one of new blocks), deterministic
+//! bytes (the same calls give the same file).
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::codec::{self, BlockShape, Header};
+use crate::error::WriteError;
+use crate::format::{self, ChunkKind, Codec, MAX_CHUNK_BYTES, MAX_STRING_BYTES, PREAMBLE_LEN, TARGET_CHUNK_BYTES};
+use crate::model::{Block, BlockId, BootState, Ending, Event, Footer, GuestModes, Metadata, Segment};
+use crate::tally::Tally;
+
+/// Serial output beyond this does not fit the footer chunk; recorders cap what they capture.
+pub const MAX_SERIAL_BYTES: usize = 2 << 20;
+
+/// Writes a trace to any seekable sink. The header is written first with zero totals and rewritten in place by
+/// [`TraceWriter::finish`], so a reader can know the totals before it streams the events.
+pub struct TraceWriter<W: Write + Seek> {
+    out: W,
+    header: Header,
+    compressor: zstd::bulk::Compressor<'static>,
+    shapes: Vec<BlockShape>,
+    pending_blocks: Vec<u8>,
+    pending_block_count: u32,
+    pending_events: Vec<u8>,
+    pending_event_count: u32,
+    tally: Tally,
+}
+
+impl<W: Write + Seek> TraceWriter<W> {
+    /// Starts a trace: preamble, header, and the guest image (segments are split into chunks as needed).
+    pub fn new(mut out: W, metadata: Metadata, boot: BootState, image: &[Segment]) -> Result<Self, WriteError> {
+        let header = Header { instructions: 0, events: 0, modes: GuestModes::default(), metadata, boot };
+        let meta = &header.metadata;
+        let strings = [
+            ("workload name", &meta.workload),
+            ("recorder name", &meta.recorder),
+            ("recorder version", &meta.recorder_version),
+        ]
+        .into_iter()
+        .map(|(what, s)| (what.to_string(), s.len()))
+        .chain(
+            meta.params
+                .iter()
+                .flat_map(|(k, v)| [(format!("parameter {k:?}"), k.len()), (format!("value of {k:?}"), v.len())]),
+        );
+        for (what, len) in strings {
+            if len > MAX_STRING_BYTES {
+                return Err(WriteError::TooLarge { what, value: len as u64, limit: MAX_STRING_BYTES as u64 });
+            }
+        }
+        let header_payload = codec::encode_header(&header);
+        if header_payload.len() > MAX_CHUNK_BYTES as usize {
+            return Err(WriteError::TooLarge {
+                what: "header".into(),
+                value: header_payload.len() as u64,
+                limit: MAX_CHUNK_BYTES.into(),
+            });
+        }
+        let compressor = zstd::bulk::Compressor::new(format::ZSTD_LEVEL)?;
+        out.write_all(&format::preamble())?;
+        out.write_all(&stored_chunk(ChunkKind::Header, &header_payload))?;
+
+        let mut writer = TraceWriter {
+            out,
+            header,
+            compressor,
+            shapes: Vec::new(),
+            pending_blocks: Vec::new(),
+            pending_block_count: 0,
+            pending_events: Vec::new(),
+            pending_event_count: 0,
+            tally: Tally::default(),
+        };
+        writer.write_image(image)?;
+        Ok(writer)
+    }
+
+    fn write_image(&mut self, image: &[Segment]) -> Result<(), WriteError> {
+        let mut payload = Vec::new();
+        let mut pieces = 0u32;
+        for segment in image {
+            if segment.bytes.is_empty() {
+                return Err(WriteError::EmptySegment { gpa: segment.gpa });
+            }
+            for (index, piece) in segment.bytes.chunks(TARGET_CHUNK_BYTES / 2).enumerate() {
+                let gpa = segment.gpa + (index * TARGET_CHUNK_BYTES / 2) as u64;
+                codec::encode_segment(&mut payload, gpa, piece);
+                pieces += 1;
+                if payload.len() >= TARGET_CHUNK_BYTES / 2 {
+                    self.write_chunk(ChunkKind::Image, pieces, &payload)?;
+                    payload.clear();
+                    pieces = 0;
+                }
+            }
+        }
+        if pieces > 0 {
+            self.write_chunk(ChunkKind::Image, pieces, &payload)?;
+        }
+        Ok(())
+    }
+
+    /// Compresses `raw` and writes it as one chunk.
+    fn write_chunk(&mut self, kind: ChunkKind, items: u32, raw: &[u8]) -> Result<(), WriteError> {
+        let stored = self.compressor.compress(raw)?;
+        self.out.write_all(&format::chunk_bytes(kind, Codec::Zstd, items, raw.len() as u32, &stored))?;
+        Ok(())
+    }
+
+    /// Adds a block to the table and returns its id. Ids are given in order from 0; the writer does not
+    /// deduplicate (the recorder knows which blocks it has seen).
+    pub fn add_block(&mut self, block: &Block) -> Result<BlockId, WriteError> {
+        if let Some(reason) = codec::block_limits_problem(block.instructions, block.bytes.len()) {
+            return Err(WriteError::InvalidBlock { address: block.address, reason });
+        }
+        let id = BlockId(self.shapes.len() as u32);
+        self.shapes.push(BlockShape { instructions: block.instructions, mode: block.mode });
+        codec::encode_block(&mut self.pending_blocks, block);
+        self.pending_block_count += 1;
+        if self.pending_blocks.len() >= TARGET_CHUNK_BYTES {
+            self.flush_blocks()?;
+        }
+        Ok(id)
+    }
+
+    /// Number of blocks added so far.
+    pub fn block_count(&self) -> u32 {
+        self.shapes.len() as u32
+    }
+
+    /// Instruction count of a block added earlier.
+    pub fn block_instructions(&self, id: BlockId) -> u32 {
+        self.shapes[id.index()].instructions
+    }
+
+    /// Appends one event.
+    pub fn push(&mut self, event: &Event) -> Result<(), WriteError> {
+        match *event {
+            Event::Block(id) => self.check_block(id)?,
+            Event::PartialBlock { block, executed } => {
+                self.check_block(block)?;
+                let instructions = self.shapes[block.index()].instructions;
+                if executed >= instructions {
+                    return Err(WriteError::PartialTooLong { id: block.0, executed, instructions });
+                }
+            }
+            _ => {
+                if let Some(reason) = event_problem(event) {
+                    return Err(WriteError::InvalidEvent { kind: event.kind().name(), reason });
+                }
+            }
+        }
+        codec::encode_event(&mut self.pending_events, event);
+        self.pending_event_count += 1;
+        self.tally.observe(event, &self.shapes);
+        if self.pending_events.len() >= TARGET_CHUNK_BYTES {
+            self.flush_events()?;
+        }
+        Ok(())
+    }
+
+    fn check_block(&self, id: BlockId) -> Result<(), WriteError> {
+        if id.index() >= self.shapes.len() {
+            return Err(WriteError::UnknownBlock { id: id.0, defined: self.shapes.len() as u32 });
+        }
+        Ok(())
+    }
+
+    fn flush_blocks(&mut self) -> Result<(), WriteError> {
+        if self.pending_block_count > 0 {
+            let payload = std::mem::take(&mut self.pending_blocks);
+            self.write_chunk(ChunkKind::Blocks, self.pending_block_count, &payload)?;
+            self.pending_blocks = payload;
+            self.pending_blocks.clear();
+            self.pending_block_count = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes pending events, after the blocks they may name.
+    fn flush_events(&mut self) -> Result<(), WriteError> {
+        self.flush_blocks()?;
+        if self.pending_event_count > 0 {
+            let payload = std::mem::take(&mut self.pending_events);
+            self.write_chunk(ChunkKind::Events, self.pending_event_count, &payload)?;
+            self.pending_events = payload;
+            self.pending_events.clear();
+            self.pending_event_count = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes the footer, rewrites the header's totals, and returns the sink.
+    pub fn finish(mut self, ending: Ending) -> Result<W, WriteError> {
+        if ending.serial.len() > MAX_SERIAL_BYTES {
+            return Err(WriteError::TooLarge {
+                what: "serial output".into(),
+                value: ending.serial.len() as u64,
+                limit: MAX_SERIAL_BYTES as u64,
+            });
+        }
+        if ending.detail.len() > MAX_STRING_BYTES {
+            return Err(WriteError::TooLarge {
+                what: "end detail".into(),
+                value: ending.detail.len() as u64,
+                limit: MAX_STRING_BYTES as u64,
+            });
+        }
+        self.flush_events()?;
+        let mut totals = self.tally.totals.clone();
+        totals.blocks = self.shapes.len() as u64;
+        let footer = Footer { totals, ending };
+        self.write_chunk(ChunkKind::Footer, 1, &codec::encode_footer(&footer))?;
+
+        self.header.instructions = footer.totals.instructions;
+        self.header.events = footer.totals.events_total();
+        self.header.modes = self.tally.modes;
+        let end = self.out.stream_position()?;
+        self.out.seek(SeekFrom::Start(PREAMBLE_LEN as u64))?;
+        self.out.write_all(&stored_chunk(ChunkKind::Header, &codec::encode_header(&self.header)))?;
+        self.out.seek(SeekFrom::Start(end))?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+/// The header is stored uncompressed so that `finish` can rewrite its fixed-width totals in place.
+fn stored_chunk(kind: ChunkKind, raw: &[u8]) -> Vec<u8> {
+    format::chunk_bytes(kind, Codec::Stored, 1, raw.len() as u32, raw)
+}
+
+/// Why the decoder would refuse this (non-block) event, if it would.
+fn event_problem(event: &Event) -> Option<String> {
+    match *event {
+        Event::Context { context, .. } if context.cpl > 3 => Some(format!("CPL {} is not 0 to 3", context.cpl)),
+        Event::CrWrite { cr, .. } if !matches!(cr, 0 | 2 | 3 | 4 | 8) => {
+            Some(format!("CR{cr} is not a control register (0, 2, 3, 4, 8)"))
+        }
+        Event::Io { size, value, .. } => match size {
+            1 | 2 | 4 if size == 4 || value >> (8 * size) == 0 => None,
+            1 | 2 | 4 => Some(format!("value {value:#x} does not fit {size} bytes")),
+            _ => Some(format!("size {size} is not 1, 2 or 4")),
+        },
+        Event::Mmio { size, .. } if !matches!(size, 1 | 2 | 4 | 8) => Some(format!("size {size} is not 1, 2, 4 or 8")),
+        Event::PageTableWrite { level, .. } if !(1..=5).contains(&level) => {
+            Some(format!("level {level} is not 1 to 5"))
+        }
+        Event::PageTouch { page, frame, .. } if (page | frame) & 0xfff != 0 => {
+            Some(format!("page {page:#x} and frame {frame:#x} must be 4 KiB aligned"))
+        }
+        _ => None,
+    }
+}
+
+/// A trace being written to `path` through a temporary file beside it; [`TraceFile::finish`] renames it into
+/// place, so readers never see a half-written trace. Dropping it unfinished removes the temporary file.
+pub struct TraceFile {
+    writer: Option<TraceWriter<BufWriter<File>>>,
+    temp: PathBuf,
+    dest: PathBuf,
+}
+
+impl TraceFile {
+    pub fn create(path: &Path, metadata: Metadata, boot: BootState, image: &[Segment]) -> Result<Self, WriteError> {
+        let temp = crate::atomic::temp_path(path);
+        let file = File::create(&temp)?;
+        let writer = TraceWriter::new(BufWriter::new(file), metadata, boot, image);
+        match writer {
+            Ok(writer) => Ok(TraceFile { writer: Some(writer), temp, dest: path.to_path_buf() }),
+            Err(err) => {
+                let _ = std::fs::remove_file(&temp);
+                Err(err)
+            }
+        }
+    }
+
+    pub fn writer(&mut self) -> &mut TraceWriter<BufWriter<File>> {
+        self.writer.as_mut().expect("present until finish")
+    }
+
+    pub fn finish(mut self, ending: Ending) -> Result<(), WriteError> {
+        let writer = self.writer.take().expect("present until finish");
+        let file = writer.finish(ending)?.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&self.temp, &self.dest)?;
+        Ok(())
+    }
+}
+
+impl Drop for TraceFile {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}

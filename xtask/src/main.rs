@@ -1,0 +1,27 @@
+//! Developer tasks: `cargo xtask <task>`. One module per task.
+
+mod bench_trace;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "virtlab developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Measure the trace format: write and read speed, bytes per instruction, with a correctness column.
+    ///
+    /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
+    /// BENCHMARKS.md. Run it in release mode (the `cargo xtask` alias does).
+    BenchTrace(bench_trace::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::BenchTrace(args) => bench_trace::run(&args),
+    }
+}
