@@ -30,7 +30,16 @@ fn read(c: &mut Criterion) {
         })
     });
     group.throughput(Throughput::Elements(summary.events));
-    group.bench_function("view_cursor_events", |b| b.iter(|| view.events().map(|e| e.unwrap()).count()));
+    group.bench_function("view_cursor_events", |b| {
+        b.iter(|| {
+            let mut events = 0u64;
+            for event in view.events() {
+                black_box(event.unwrap());
+                events += 1;
+            }
+            events
+        })
+    });
     group.bench_function("streaming_reader_events", |b| {
         b.iter(|| {
             let mut reader = TraceReader::new(Cursor::new(black_box(&trace))).unwrap();

@@ -56,3 +56,8 @@ pub use error::{TraceError, WriteError};
 pub use model::*;
 pub use reader::{ChunkInfo, EventCursor, TraceReader, TraceView};
 pub use writer::{TraceFile, TraceWriter, MAX_SERIAL_BYTES};
+
+/// The repository README's Rust examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask <task>`. One module per task.
 
 mod bench_trace;
+mod synth_trace;
 
 use clap::{Parser, Subcommand};
 
@@ -18,10 +19,13 @@ enum Task {
     /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
     /// BENCHMARKS.md. Run it in release mode (the `cargo xtask` alias does).
     BenchTrace(bench_trace::Args),
+    /// Write a synthetic trace file (a model of a trace's shape, not a guest execution).
+    SynthTrace(synth_trace::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BenchTrace(args) => bench_trace::run(&args),
+        Task::SynthTrace(args) => synth_trace::run(&args),
     }
 }

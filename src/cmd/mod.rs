@@ -1,0 +1,40 @@
+//! The subcommands, and what they share: loading a trace and mapping failures to exit codes.
+
+pub mod check;
+pub mod dump;
+pub mod inspect;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use virtlab_traces::{CheckError, TraceError};
+
+pub const EXIT_INVALID: u8 = 1;
+pub const EXIT_IO: u8 = 3;
+
+/// Reads a whole trace file. (Mapping it instead would need `unsafe`, which this project keeps to the KVM crate.)
+pub fn read_trace_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// 3 for I/O failures, 1 for a trace that is malformed or breaks an invariant.
+pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
+    for cause in error.chain() {
+        if cause.is::<std::io::Error>() || matches!(cause.downcast_ref::<TraceError>(), Some(TraceError::Io(_))) {
+            return ExitCode::from(EXIT_IO);
+        }
+        if cause.is::<TraceError>() || cause.is::<CheckError>() {
+            return ExitCode::from(EXIT_INVALID);
+        }
+    }
+    ExitCode::FAILURE
+}
+
+/// Writes to stdout, treating a closed pipe (`virtlab dump … | head`) as the reader having had enough.
+pub fn finish_output(result: std::io::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("cannot write to standard output")?),
+    }
+}

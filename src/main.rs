@@ -1,0 +1,56 @@
+//! `virtlab`: the lab's command-line tool. One subcommand per job; see `virtlab --help`.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0  success (for `check`: the trace is valid)
+  1  the trace is malformed or breaks an invariant (the message names the rule and the byte offset)
+  2  bad command line
+  3  a file could not be read or written";
+
+#[derive(Parser)]
+#[command(
+    name = "virtlab",
+    version,
+    about = "A trace-driven performance lab for x86 virtualization strategies",
+    long_about = "A trace-driven performance lab for x86 virtualization strategies.\n\n\
+        A guest runs once on a reference machine and its execution is recorded as a trace: every basic block, \
+        every privileged operation with its values, every page-table write and first page touch. Engines replay \
+        that one trace under each strategy (trap-and-emulate, binary translation, paravirtualization, hardware \
+        assist) and report what it costs.\n\n\
+        Start with `virtlab inspect TRACE` for a summary, `virtlab dump TRACE --disasm | less` to read the \
+        execution, and `virtlab check TRACE` to validate a trace you did not make.",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Inspect(cmd::inspect::Args),
+    Dump(cmd::dump::Args),
+    Check(cmd::check::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(&args),
+        Command::Dump(args) => cmd::dump::run(&args),
+        Command::Check(args) => cmd::check::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            cmd::exit_code_for(&error)
+        }
+    }
+}
