@@ -51,12 +51,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let result = write_events(&view, args, &mut out).and_then(|()| out.flush().map_err(Into::into));
-    match result {
-        Err(error) => match error.downcast::<std::io::Error>() {
+    if let Err(error) = result {
+        match error.downcast::<std::io::Error>() {
             Ok(io) => super::finish_output(Err(io))?,
             Err(other) => return Err(other.context(format!("while reading {}", args.trace.display()))),
-        },
-        Ok(()) => {}
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
