@@ -308,28 +308,107 @@ pub(crate) fn decode_block(r: &mut PayloadReader<'_>) -> Result<Block, PayloadEr
 // ---------------------------------------------------------------------------------------------------------------
 // Events
 
-const fn tag(kind: EventKind) -> u8 {
-    ((kind as u8) << 1) | 1
+/// Heads below this are block executions naming a one-byte local index into the chunk's dictionary; from it on,
+/// the head is this plus the event kind (kind 0, the block execution itself, then takes a varint index ≥ 224).
+pub(crate) const SHORT_BLOCK_HEADS: u8 = 0xe0;
+
+const fn head(kind: EventKind) -> u8 {
+    SHORT_BLOCK_HEADS + kind as u8
+}
+
+/// How an events payload names blocks: by local index, resolved to global ids.
+pub(crate) trait BlockNames {
+    fn global(&self, local: u64) -> Option<BlockId>;
+    fn len(&self) -> usize;
+}
+
+/// An events chunk's dictionary: local index n names global block `dictionary[n]`.
+impl BlockNames for [u32] {
+    #[inline(always)]
+    fn global(&self, local: u64) -> Option<BlockId> {
+        self.get(usize::try_from(local).ok()?).map(|&id| BlockId(id))
+    }
+
+    fn len(&self) -> usize {
+        <[u32]>::len(self)
+    }
+}
+
+/// The writer's staging encoding: local index = global id, for the blocks defined so far.
+pub(crate) struct IdentityNames(pub usize);
+
+impl BlockNames for IdentityNames {
+    fn global(&self, local: u64) -> Option<BlockId> {
+        (local < self.0 as u64).then_some(BlockId(local as u32))
+    }
+
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+pub(crate) fn encode_dictionary(out: &mut Vec<u8>, globals: &[u32]) {
+    put_varint(out, globals.len() as u64);
+    for &id in globals {
+        put_varint(out, id.into());
+    }
+}
+
+/// Reads an events chunk's dictionary into `dictionary`. Its ids must be blocks defined before the chunk.
+pub(crate) fn decode_dictionary(
+    r: &mut PayloadReader<'_>,
+    defined: usize,
+    dictionary: &mut Vec<u32>,
+) -> Result<(), PayloadError> {
+    dictionary.clear();
+    let start = r.position();
+    let count = r.varint("dictionary size")?;
+    let remaining = (r.buf.len() - r.pos) as u64;
+    if count > remaining {
+        return Err(PayloadError::new(
+            start,
+            format!("dictionary of {count} blocks cannot fit the {remaining} bytes left in the payload"),
+        ));
+    }
+    dictionary.reserve(count as usize);
+    for _ in 0..count {
+        let at = r.position();
+        let id = r.varint("dictionary block id")?;
+        if id >= defined as u64 {
+            return Err(PayloadError::new(
+                at,
+                format!("block id {id} is out of range: {defined} blocks are defined before this chunk"),
+            ));
+        }
+        dictionary.push(id as u32);
+    }
+    Ok(())
 }
 
 fn size_direction_byte(size: u8, direction: Direction) -> u8 {
     size | if direction == Direction::Write { 0x80 } else { 0 }
 }
 
-pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event) {
-    if let Event::Block(id) = event {
-        put_varint(out, u64::from(id.0) << 1);
-        return;
-    }
-    out.push(tag(event.kind()));
+/// Encodes one event, naming blocks by the local index `local` gives them.
+pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(BlockId) -> u32) {
     match *event {
-        Event::Block(_) => unreachable!("handled above"),
+        Event::Block(id) => {
+            let index = local(id);
+            if index < u32::from(SHORT_BLOCK_HEADS) {
+                out.push(index as u8);
+            } else {
+                out.push(head(EventKind::Block));
+                put_varint(out, u64::from(index - u32::from(SHORT_BLOCK_HEADS)));
+            }
+            return;
+        }
         Event::PartialBlock { block, executed } => {
-            put_varint(out, block.0.into());
+            out.push(head(EventKind::PartialBlock));
+            put_varint(out, local(block).into());
             put_varint(out, executed.into());
             return;
         }
-        _ => {}
+        _ => out.push(head(event.kind())),
     }
     put_varint(out, event.at().expect("non-block events have a position").into());
     match *event {
@@ -400,58 +479,58 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event) {
     }
 }
 
-/// Decodes the event at the reader's position. Block ids are checked against `shapes` (the blocks defined so far),
-/// and partial executions against their block's length.
-#[inline(always)]
-pub(crate) fn decode_event(r: &mut PayloadReader<'_>, shapes: &[BlockShape]) -> Result<Event, PayloadError> {
-    // Fast path: a block execution with an id below 64 is one even byte.
-    if let Some(&byte) = r.buf.get(r.pos) {
-        if byte & 0x81 == 0 && usize::from(byte >> 1) < shapes.len() {
-            r.pos += 1;
-            return Ok(Event::Block(BlockId(u32::from(byte >> 1))));
-        }
-    }
-    decode_event_general(r, shapes)
-}
-
-fn block_id(id: u64, start: usize, shapes: &[BlockShape]) -> Result<BlockId, PayloadError> {
-    if id >= shapes.len() as u64 {
-        return Err(PayloadError::new(
-            start,
-            format!("block id {id} is out of range: {} blocks are defined before this point", shapes.len()),
-        ));
-    }
-    Ok(BlockId(id as u32))
-}
-
-fn decode_event_general(r: &mut PayloadReader<'_>, shapes: &[BlockShape]) -> Result<Event, PayloadError> {
+/// Decodes the event at the reader's position, resolving local block indices through `names`; partial
+/// executions are checked against their block's length in `shapes`.
+pub(crate) fn decode_event<N: BlockNames + ?Sized>(
+    r: &mut PayloadReader<'_>,
+    names: &N,
+    shapes: &[BlockShape],
+) -> Result<Event, PayloadError> {
     let start = r.position();
-    let head = r.varint("event")?;
-    if head & 1 == 0 {
-        return Ok(Event::Block(block_id(head >> 1, start, shapes)?));
-    }
-    let kind =
-        EventKind::ALL.get((head >> 1) as usize).copied().filter(|k| *k != EventKind::Block).ok_or_else(|| {
+    let head_byte = r.u8("event")?;
+    let resolve = |local: u64| {
+        names.global(local).ok_or_else(|| {
             PayloadError::new(
                 start,
-                format!("unknown event kind {} (format 1.x defines 1 to {})", head >> 1, EventKind::COUNT - 1),
+                format!("local block index {local} is not in this chunk's dictionary of {} blocks", names.len()),
             )
-        })?;
-    if kind == EventKind::PartialBlock {
-        let id = r.varint("partial block id")?;
-        let block = block_id(id, start, shapes)?;
-        let executed = r.varint_u32("partial block retired count")?;
-        let instructions = shapes[block.index()].instructions;
-        if executed >= instructions {
-            return Err(PayloadError::new(
-                start,
-                format!(
-                    "partial execution of block {block} retires {executed} instructions, but the block has {instructions}: \
-                     a partial block must stop before its end"
-                ),
-            ));
+        })
+    };
+    if head_byte < SHORT_BLOCK_HEADS {
+        return Ok(Event::Block(resolve(head_byte.into())?));
+    }
+    let kind = EventKind::ALL.get(usize::from(head_byte - SHORT_BLOCK_HEADS)).copied().ok_or_else(|| {
+        PayloadError::new(
+            start,
+            format!(
+                "unknown event head {head_byte:#04x} (format 1.x uses {:#04x} to {:#04x})",
+                SHORT_BLOCK_HEADS,
+                head(EventKind::Mmio)
+            ),
+        )
+    })?;
+    match kind {
+        EventKind::Block => {
+            let local = r.varint("block index")?.saturating_add(u64::from(SHORT_BLOCK_HEADS));
+            return Ok(Event::Block(resolve(local)?));
         }
-        return Ok(Event::PartialBlock { block, executed });
+        EventKind::PartialBlock => {
+            let local = r.varint("partial block index")?;
+            let block = resolve(local)?;
+            let executed = r.varint_u32("partial block retired count")?;
+            let instructions = shapes[block.index()].instructions;
+            if executed >= instructions {
+                return Err(PayloadError::new(
+                    start,
+                    format!(
+                        "partial execution of block {block} retires {executed} instructions, but the block has \
+                         {instructions}: a partial block must stop before its end"
+                    ),
+                ));
+            }
+            return Ok(Event::PartialBlock { block, executed });
+        }
+        _ => {}
     }
     let at = r.varint_u32("event position")?;
     let enum_error = |r: &PayloadReader<'_>, what: &str, value: u8| {
@@ -647,12 +726,24 @@ mod tests {
     }
 
     #[test]
-    fn small_block_ids_take_one_byte_and_kinds_one_byte_tags() {
+    fn the_224_first_local_indices_take_one_byte_and_kinds_one_byte_heads() {
         let mut out = Vec::new();
-        encode_event(&mut out, &Event::Block(BlockId(63)));
-        assert_eq!(out, [126]);
+        let local = |id: BlockId| id.0 + 1;
+        encode_event(&mut out, &Event::Block(BlockId(222)), local);
+        assert_eq!(out, [223]);
         out.clear();
-        encode_event(&mut out, &Event::Syscall { at: 4 });
-        assert_eq!(out, [tag(EventKind::Syscall), 4]);
+        encode_event(&mut out, &Event::Block(BlockId(223)), local);
+        assert_eq!(out, [0xe0, 0]);
+        out.clear();
+        encode_event(&mut out, &Event::Syscall { at: 4 }, local);
+        assert_eq!(out, [0xe6, 4]);
+        let dictionary: Vec<u32> = (0..300).collect();
+        let shapes = vec![BlockShape { instructions: 1, mode: CodeMode::Bits64 }; 300];
+        for id in [0, 1, 223, 224, 299] {
+            out.clear();
+            encode_event(&mut out, &Event::Block(BlockId(id)), |b| b.0);
+            let decoded = decode_event(&mut PayloadReader::new(&out), dictionary.as_slice(), &shapes).unwrap();
+            assert_eq!(decoded, Event::Block(BlockId(id)));
+        }
     }
 }

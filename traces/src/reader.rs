@@ -11,7 +11,7 @@ use crate::blocks::BlockTable;
 use crate::codec::{self, BlockShape, Header, PayloadReader};
 use crate::error::TraceError;
 use crate::format::{self, ChunkHeader, ChunkKind, Version, CHUNK_HEADER_LEN, PREAMBLE_LEN, VERSION_MINOR};
-use crate::model::{BootState, Event, Footer, Metadata, Segment};
+use crate::model::{BlockId, BootState, Event, Footer, Metadata, Segment};
 
 /// Where a chunk is and what its header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,32 +94,38 @@ fn decode_footer_chunk(payload: &[u8], info: &ChunkInfo, sequence: &ChunkSequenc
     codec::decode_footer(payload, sequence.allow_trailing_fields).map_err(|e| e.in_chunk(info.header.kind, info.offset))
 }
 
-/// Decodes every event of one events chunk, handing each to `visit`. `shapes` are the blocks defined before it.
+/// Decodes every event of one events chunk, handing each to `visit`. `defined` is the number of blocks defined
+/// before the chunk; `dictionary` is a buffer reused across chunks.
 #[inline(always)]
 fn decode_event_chunk(
     payload: &[u8],
     info: &ChunkInfo,
     shapes: &[BlockShape],
+    defined: usize,
+    dictionary: &mut Vec<u32>,
     mut visit: impl FnMut(Event),
 ) -> Result<(), TraceError> {
     let in_chunk = |e: crate::error::PayloadError| e.in_chunk(ChunkKind::Events, info.offset);
-    let small_ids = shapes.len().min(64) as u8;
-    let mut position = 0;
+    let mut r = PayloadReader::new(payload);
+    codec::decode_dictionary(&mut r, defined, dictionary).map_err(in_chunk)?;
+    let names = dictionary.as_slice();
+    let mut position = r.position();
     let mut left = info.header.items;
     while left > 0 {
-        // Most events are executions of one of the first 64 blocks: one even byte. Take those without going
-        // through the general decoder.
-        match payload.get(position) {
-            Some(&byte) if byte & 0x81 == 0 && byte >> 1 < small_ids => {
-                visit(Event::Block(crate::model::BlockId(u32::from(byte >> 1))));
-                position += 1;
-            }
-            _ => {
-                let mut r = PayloadReader::starting_at(payload, position);
-                visit(codec::decode_event(&mut r, shapes).map_err(in_chunk)?);
-                position = r.position();
+        // Most events are executions of one of the chunk's 224 most frequent blocks: one byte, one lookup.
+        if let Some(&head) = payload.get(position) {
+            if head < codec::SHORT_BLOCK_HEADS {
+                if let Some(&id) = names.get(usize::from(head)) {
+                    visit(Event::Block(BlockId(id)));
+                    position += 1;
+                    left -= 1;
+                    continue;
+                }
             }
         }
+        let mut r = PayloadReader::starting_at(payload, position);
+        visit(codec::decode_event(&mut r, names, shapes).map_err(in_chunk)?);
+        position = r.position();
         left -= 1;
     }
     PayloadReader::starting_at(payload, position).expect_end("events").map_err(in_chunk)
@@ -238,9 +244,17 @@ impl<'a> TraceView<'a> {
     /// chunk at a time, into a buffer reused across chunks.
     pub fn for_each_event(&self, mut visit: impl FnMut(Event)) -> Result<(), TraceError> {
         let mut scratch = Vec::new();
+        let mut dictionary = Vec::new();
         for chunk in &self.event_chunks {
             let payload = self.event_payload(chunk, &mut scratch)?;
-            decode_event_chunk(payload, &chunk.info, &self.blocks.shapes()[..chunk.blocks_defined], &mut visit)?;
+            decode_event_chunk(
+                payload,
+                &chunk.info,
+                self.blocks.shapes(),
+                chunk.blocks_defined,
+                &mut dictionary,
+                &mut visit,
+            )?;
         }
         Ok(())
     }
@@ -296,18 +310,23 @@ fn chunk_at(bytes: &[u8], offset: u64) -> Result<(ChunkInfo, &[u8]), TraceError>
 }
 
 /// Where a pull reader stands inside one events chunk. The payload lives elsewhere (the view's bytes, or a
-/// buffer), so the cursor is handed it on every step.
-#[derive(Debug, Clone, Copy)]
+/// buffer), so the cursor is handed it on every step; the chunk's block dictionary is the cursor's own.
+#[derive(Debug, Clone)]
 struct ChunkCursor {
     info: ChunkInfo,
-    blocks_defined: usize,
+    dictionary: Vec<u32>,
     position: usize,
     left: u32,
 }
 
 impl ChunkCursor {
-    fn new(info: ChunkInfo, blocks_defined: usize) -> Self {
-        ChunkCursor { info, blocks_defined, position: 0, left: info.header.items }
+    /// Starts reading `payload`, the chunk's raw payload, whose blocks must be among the `defined` first.
+    fn new(info: ChunkInfo, payload: &[u8], defined: usize) -> Result<Self, TraceError> {
+        let mut r = PayloadReader::new(payload);
+        let mut dictionary = Vec::new();
+        codec::decode_dictionary(&mut r, defined, &mut dictionary)
+            .map_err(|e| e.in_chunk(ChunkKind::Events, info.offset))?;
+        Ok(ChunkCursor { info, dictionary, position: r.position(), left: info.header.items })
     }
 
     /// The next event, or `None` once the chunk's events are used up (and nothing else is left in it).
@@ -318,7 +337,7 @@ impl ChunkCursor {
             r.expect_end("events").map_err(in_chunk)?;
             return Ok(None);
         }
-        let event = codec::decode_event(&mut r, &shapes[..self.blocks_defined]).map_err(in_chunk)?;
+        let event = codec::decode_event(&mut r, self.dictionary.as_slice(), shapes).map_err(in_chunk)?;
         self.position = r.position();
         self.left -= 1;
         Ok(Some(event))
@@ -340,10 +359,8 @@ impl EventCursor<'_, '_> {
             let Some(cursor) = self.current.as_mut() else {
                 let Some(chunk) = self.view.event_chunks.get(self.next_chunk) else { return Ok(None) };
                 self.next_chunk += 1;
-                if chunk.info.header.codec == format::Codec::Zstd {
-                    self.view.event_payload(chunk, &mut self.scratch)?;
-                }
-                self.current = Some(ChunkCursor::new(chunk.info, chunk.blocks_defined));
+                let payload = self.view.event_payload(chunk, &mut self.scratch)?;
+                self.current = Some(ChunkCursor::new(chunk.info, payload, chunk.blocks_defined)?);
                 continue;
             };
             let payload: &[u8] = if cursor.info.header.codec == format::Codec::Stored {
@@ -527,7 +544,9 @@ impl<R: Read> TraceReader<R> {
             let payload = info.header.raw_payload(&self.stream.stored, &mut self.scratch, info.offset)?;
             match info.header.kind {
                 ChunkKind::Blocks => decode_blocks(payload, &info, &mut self.blocks)?,
-                ChunkKind::Events => self.current = Some(ChunkCursor::new(info, self.blocks.len())),
+                ChunkKind::Events => {
+                    self.current = Some(ChunkCursor::new(info, payload, self.blocks.len())?);
+                }
                 ChunkKind::Footer => {
                     self.footer = Some(decode_footer_chunk(payload, &info, &self.stream.sequence)?);
                     let trailing = std::io::copy(&mut self.stream.input, &mut std::io::sink())?;

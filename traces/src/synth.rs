@@ -2,7 +2,7 @@
 //!
 //! The stream imitates a small 64-bit system: two processes running loops of user blocks with data-dependent
 //! branches, system calls through a kernel path, page faults that cut a block short, timer interrupts that switch
-//! address space, first touches of pages, and page-table writes. The block bytes are real x86-64 code, so the
+//! address space, first touches of pages, and page-table writes, after a boot phase of blocks that run once. The block bytes are real x86-64 code, so the
 //! checker's decode rule holds. It is a model of a trace's *shape*, not a guest execution: format figures measured
 //! on it say so.
 
@@ -59,6 +59,7 @@ const MOV_CR3_RAX: [u8; 3] = [0x0f, 0x22, 0xd8];
 const MOV_RDX_TO_MEM: [u8; 3] = [0x48, 0x89, 0x17]; // mov [rdi], rdx (a page-table store in the fault handler)
 
 const USER_BASE: u64 = 0x40_0000;
+const BOOT_BLOCKS: u64 = 300;
 const KERNEL_BASE: u64 = 0xffff_ffff_8000_0000;
 
 /// How big a synthetic trace to make.
@@ -174,6 +175,13 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
     };
     let g = &mut generator;
     g.emit(Event::Context { at: 0, context: g.context })?;
+
+    // Boot: kernel start-up code runs once, so, as in a recorded guest, the hot blocks that follow get ids past
+    // the one-byte range.
+    for index in 0..BOOT_BLOCKS {
+        let boot_block = g.block(KERNEL_BASE + 0x10_0000 + index * 0x40, 0, 3 + (index % 4) as usize, &JNE_REL8)?;
+        g.run(boot_block, g.writer.block_instructions(boot_block))?;
+    }
 
     // Kernel paths: system call (entry, work, exit), timer (entry, scheduler with CR3 switch, exit), page fault.
     let k = |offset: u64| KERNEL_BASE + offset;

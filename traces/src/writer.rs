@@ -23,8 +23,14 @@ pub struct TraceWriter<W: Write + Seek> {
     shapes: Vec<BlockShape>,
     pending_blocks: Vec<u8>,
     pending_block_count: u32,
+    /// Events of the chunk being built, staged with global block ids (see `flush_events`).
     pending_events: Vec<u8>,
     pending_event_count: u32,
+    /// Executions per block in the pending chunk, by global id; `chunk_blocks` lists the non-zero ones.
+    chunk_counts: Vec<u32>,
+    chunk_blocks: Vec<u32>,
+    /// The pending chunk re-encoded for output, kept to reuse its allocation.
+    chunk_payload: Vec<u8>,
     tally: Tally,
 }
 
@@ -71,6 +77,9 @@ impl<W: Write + Seek> TraceWriter<W> {
             pending_block_count: 0,
             pending_events: Vec::new(),
             pending_event_count: 0,
+            chunk_counts: Vec::new(),
+            chunk_blocks: Vec::new(),
+            chunk_payload: Vec::new(),
             tally: Tally::default(),
         };
         writer.write_image(image)?;
@@ -116,6 +125,7 @@ impl<W: Write + Seek> TraceWriter<W> {
         }
         let id = BlockId(self.shapes.len() as u32);
         self.shapes.push(BlockShape { instructions: block.instructions, mode: block.mode });
+        self.chunk_counts.push(0);
         codec::encode_block(&mut self.pending_blocks, block);
         self.pending_block_count += 1;
         if self.pending_blocks.len() >= TARGET_CHUNK_BYTES {
@@ -137,13 +147,17 @@ impl<W: Write + Seek> TraceWriter<W> {
     /// Appends one event.
     pub fn push(&mut self, event: &Event) -> Result<(), WriteError> {
         match *event {
-            Event::Block(id) => self.check_block(id)?,
+            Event::Block(id) => {
+                self.check_block(id)?;
+                self.count_execution(id);
+            }
             Event::PartialBlock { block, executed } => {
                 self.check_block(block)?;
                 let instructions = self.shapes[block.index()].instructions;
                 if executed >= instructions {
                     return Err(WriteError::PartialTooLong { id: block.0, executed, instructions });
                 }
+                self.count_execution(block);
             }
             _ => {
                 if let Some(reason) = event_problem(event) {
@@ -151,7 +165,7 @@ impl<W: Write + Seek> TraceWriter<W> {
                 }
             }
         }
-        codec::encode_event(&mut self.pending_events, event);
+        codec::encode_event(&mut self.pending_events, event, |id| id.0);
         self.pending_event_count += 1;
         self.tally.observe(event, &self.shapes);
         if self.pending_events.len() >= TARGET_CHUNK_BYTES {
@@ -167,6 +181,14 @@ impl<W: Write + Seek> TraceWriter<W> {
         Ok(())
     }
 
+    fn count_execution(&mut self, id: BlockId) {
+        let count = &mut self.chunk_counts[id.index()];
+        if *count == 0 {
+            self.chunk_blocks.push(id.0);
+        }
+        *count += 1;
+    }
+
     fn flush_blocks(&mut self) -> Result<(), WriteError> {
         if self.pending_block_count > 0 {
             let payload = std::mem::take(&mut self.pending_blocks);
@@ -178,16 +200,45 @@ impl<W: Write + Seek> TraceWriter<W> {
         Ok(())
     }
 
-    /// Writes pending events, after the blocks they may name.
+    /// Writes pending events, after the blocks they may name. The chunk's dictionary lists the blocks it executes,
+    /// most executed first (ties by id), so the 224 hottest take one byte per execution; the staged events are
+    /// re-encoded with those local indices.
     fn flush_events(&mut self) -> Result<(), WriteError> {
         self.flush_blocks()?;
-        if self.pending_event_count > 0 {
-            let payload = std::mem::take(&mut self.pending_events);
-            self.write_chunk(ChunkKind::Events, self.pending_event_count, &payload)?;
-            self.pending_events = payload;
-            self.pending_events.clear();
-            self.pending_event_count = 0;
+        if self.pending_event_count == 0 {
+            return Ok(());
         }
+        let counts = &self.chunk_counts;
+        self.chunk_blocks.sort_unstable_by_key(|&id| (std::cmp::Reverse(counts[id as usize]), id));
+        self.chunk_payload.clear();
+        codec::encode_dictionary(&mut self.chunk_payload, &self.chunk_blocks);
+        // From here on `chunk_counts` holds each block's local index.
+        for (local, &id) in self.chunk_blocks.iter().enumerate() {
+            self.chunk_counts[id as usize] = local as u32;
+        }
+        let staged_names = codec::IdentityNames(self.shapes.len());
+        let mut staged = codec::PayloadReader::new(&self.pending_events);
+        for _ in 0..self.pending_event_count {
+            let event = codec::decode_event(&mut staged, &staged_names, &self.shapes)
+                .expect("the writer decodes what it staged itself");
+            codec::encode_event(&mut self.chunk_payload, &event, |id| self.chunk_counts[id.index()]);
+        }
+        if self.chunk_payload.len() > MAX_CHUNK_BYTES as usize {
+            return Err(WriteError::TooLarge {
+                what: "events chunk".into(),
+                value: self.chunk_payload.len() as u64,
+                limit: MAX_CHUNK_BYTES.into(),
+            });
+        }
+        let payload = std::mem::take(&mut self.chunk_payload);
+        self.write_chunk(ChunkKind::Events, self.pending_event_count, &payload)?;
+        self.chunk_payload = payload;
+        for &id in &self.chunk_blocks {
+            self.chunk_counts[id as usize] = 0;
+        }
+        self.chunk_blocks.clear();
+        self.pending_events.clear();
+        self.pending_event_count = 0;
         Ok(())
     }
 

@@ -137,18 +137,23 @@ fn a_huge_declared_length_inside_a_payload_is_refused() {
 #[test]
 fn a_block_id_out_of_range_names_the_id_and_the_defined_count() {
     let trace = small_trace();
-    // Events chunk: one block execution of id 9 (varint 18); the trace defines 2 blocks.
-    let edited = insert_stored_chunk(&trace, chunk_index(&trace, ChunkKind::Footer), ChunkKind::Events, 1, &[18]);
-    let err = read_error(&edited);
-    assert!(matches!(err, TraceError::Malformed { kind: ChunkKind::Events, position: 0, .. }), "{err}");
+    // Events chunk whose dictionary names block 9 (the trace defines 2), then executes it (local index 0).
+    let footer = chunk_index(&trace, ChunkKind::Footer);
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[1, 9, 0]));
+    assert!(matches!(err, TraceError::Malformed { kind: ChunkKind::Events, position: 1, .. }), "{err}");
     assert!(err.to_string().contains("block id 9 is out of range: 2 blocks are defined"), "{err}");
+    // A local index past the dictionary: one entry, index 5.
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[1, 0, 5]));
+    assert!(matches!(err, TraceError::Malformed { position: 2, .. }), "{err}");
+    assert!(err.to_string().contains("local block index 5 is not in this chunk's dictionary of 1 blocks"), "{err}");
 }
 
 #[test]
 fn a_partial_block_longer_than_its_block_is_refused() {
     let trace = small_trace();
-    // Partial block (kind 1: head 3), block 1 (2 instructions), 5 retired.
-    let edited = insert_stored_chunk(&trace, chunk_index(&trace, ChunkKind::Footer), ChunkKind::Events, 1, &[3, 1, 5]);
+    // Dictionary [block 1 (2 instructions)], then a partial block (head 0xe1) of local 0 retiring 5.
+    let payload = [1, 1, 0xe1, 0, 5];
+    let edited = insert_stored_chunk(&trace, chunk_index(&trace, ChunkKind::Footer), ChunkKind::Events, 1, &payload);
     let err = read_error(&edited);
     assert!(err.to_string().contains("retires 5 instructions, but the block has 2"), "{err}");
 }
@@ -158,7 +163,7 @@ fn a_block_used_before_its_definition_is_out_of_range_there() {
     // The events chunk comes before the blocks chunk that defines its id.
     let trace = small_trace();
     let blocks_at = chunk_index(&trace, ChunkKind::Blocks);
-    let edited = insert_stored_chunk(&trace, blocks_at, ChunkKind::Events, 1, &[0]);
+    let edited = insert_stored_chunk(&trace, blocks_at, ChunkKind::Events, 1, &[1, 0, 0]);
     let err = read_error(&edited);
     assert!(err.to_string().contains("block id 0 is out of range: 0 blocks are defined"), "{err}");
 }
@@ -236,14 +241,15 @@ fn a_zstd_payload_that_does_not_decompress_is_named() {
 fn invalid_enumerations_inside_events_are_named_with_their_position() {
     let trace = small_trace();
     let footer = chunk_index(&trace, ChunkKind::Footer);
-    // Block 0, then an I/O event (kind 12: head 25) at 0, port 0x3f8, size byte 3 (not 1, 2 or 4).
-    let payload = [0, 25, 0, 0xf8, 0x07, 3, 0];
+    // Dictionary [block 0], block 0, then an I/O event (kind 12: head 0xec) at 0, port 0x3f8, size byte 3 (not
+    // 1, 2 or 4).
+    let payload = [1, 0, 0, 0xec, 0, 0xf8, 0x07, 3, 0];
     let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 2, &payload));
-    assert!(matches!(err, TraceError::Malformed { position: 5, .. }), "{err}");
+    assert!(matches!(err, TraceError::Malformed { position: 7, .. }), "{err}");
     assert!(err.to_string().contains("I/O size and direction 0x03 is not valid"), "{err}");
-    // An event kind beyond the v1 set.
-    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[2 * 40 + 1]));
-    assert!(err.to_string().contains("unknown event kind 40"), "{err}");
+    // A head beyond the v1 kinds (0xe0 + 20).
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[0, 0xf4]));
+    assert!(err.to_string().contains("unknown event head 0xf4"), "{err}");
 }
 
 /// CRC-32 (IEEE), bitwise: the tests check the format's checksum independently of the crate's implementation.

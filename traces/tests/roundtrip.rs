@@ -75,7 +75,7 @@ fn event(blocks: u32, instructions: u32) -> impl Strategy<Value = Event> {
 }
 
 fn stream() -> impl Strategy<Value = (u32, Vec<Event>)> {
-    (1u32..200, 2u32..6)
+    (1u32..400, 2u32..6)
         .prop_flat_map(|(blocks, instructions)| {
             (Just(blocks), Just(instructions), prop::collection::vec(event(blocks, instructions), 0..400))
         })
@@ -83,7 +83,7 @@ fn stream() -> impl Strategy<Value = (u32, Vec<Event>)> {
 }
 
 fn blocks(count: u32) -> Vec<Block> {
-    // Ids above 63 take the multi-byte varint path; every block has 5 instructions, so partials up to 4 fit.
+    // Above 224 distinct blocks in a chunk, local indices take the two-byte form; every block has 5 instructions, so partials up to 4 fit.
     (0..count).map(|i| nop_block(0x10_0000 + u64::from(i) * 8, 5)).collect()
 }
 
@@ -206,4 +206,32 @@ fn the_writer_refuses_what_the_reader_would_refuse() {
     }
     let err = writer.add_block(&Block { instructions: 2, ..nop_block(0x2000, 1) }).unwrap_err();
     assert!(err.to_string().contains("1 bytes cannot hold 2 instructions"), "{err}");
+}
+
+#[test]
+fn one_view_serves_many_threads_with_identical_results() {
+    fn shareable<T: Send + Sync>(_: &T) {}
+    let (cursor, summary) =
+        synth::write_trace(Cursor::new(Vec::new()), &SynthConfig { seed: 11, instructions: 400_000 }).unwrap();
+    let trace = cursor.into_inner();
+    let view = TraceView::open(&trace).unwrap();
+    shareable(&view);
+    let hashes: Vec<u64> = std::thread::scope(|scope| {
+        let passes: Vec<_> = (0..4)
+            .map(|pass| {
+                let view = &view;
+                scope.spawn(move || {
+                    let mut hasher = EventHasher::default();
+                    if pass % 2 == 0 {
+                        view.for_each_event(|event| hasher.add(&event)).unwrap();
+                    } else {
+                        view.events().for_each(|event| hasher.add(&event.unwrap()));
+                    }
+                    hasher.finish()
+                })
+            })
+            .collect();
+        passes.into_iter().map(|pass| pass.join().unwrap()).collect()
+    });
+    assert!(hashes.iter().all(|hash| *hash == summary.event_hash), "{hashes:x?}");
 }
