@@ -10,7 +10,7 @@ const EXIT_CODES: &str = "\
 Exit status:
   0  success (for `check`: the trace is valid)
   1  the trace is malformed or breaks an invariant (the message names the rule and the byte offset)
-  2  bad command line
+  2  bad command line (including an unknown workload or parameter)
   3  a file could not be read or written";
 
 #[derive(Parser)]
@@ -23,8 +23,9 @@ Exit status:
         every privileged operation with its values, every page-table write and first page touch. Engines replay \
         that one trace under each strategy (trap-and-emulate, binary translation, paravirtualization, hardware \
         assist) and report what it costs.\n\n\
-        Start with `virtlab inspect TRACE` for a summary, `virtlab dump TRACE --disasm | less` to read the \
-        execution, and `virtlab check TRACE` to validate a trace you did not make.",
+        `virtlab workloads list` shows the benchmark guests and `virtlab workloads export` builds bootable \
+        images of them. `virtlab inspect TRACE` summarizes a trace, `virtlab dump TRACE --disasm | less` shows its \
+        execution event by event, and `virtlab check TRACE` validates a trace you did not make.",
     after_help = EXIT_CODES
 )]
 struct Cli {
@@ -34,6 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Workloads(cmd::workloads::Args),
     Inspect(cmd::inspect::Args),
     Dump(cmd::dump::Args),
     Check(cmd::check::Args),
@@ -42,6 +44,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Workloads(args) => cmd::workloads::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Dump(args) => cmd::dump::run(&args),
         Command::Check(args) => cmd::check::run(&args),

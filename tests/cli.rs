@@ -222,3 +222,38 @@ fn unreadable_files_and_non_traces_have_their_own_exit_codes() {
 
     assert_eq!(virtlab(&["inspect"]).status.code(), Some(2));
 }
+
+#[test]
+fn workloads_list_names_every_workload_with_its_parameters() {
+    let output = virtlab(&["workloads", "list", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let names: Vec<&str> = json.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    for expected in [
+        "syscall", "in", "cr8wr", "callret", "pgfault", "divzero", "ptemod", "cpuid", "hlt", "mmio", "redpill",
+        "forkwait", "compute", "boot",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    }
+    for workload in json.as_array().unwrap() {
+        let params = workload["params"].as_array().unwrap();
+        assert!(params.iter().any(|p| p["name"] == "iterations"), "{workload}");
+    }
+}
+
+#[test]
+fn workloads_export_writes_a_multiboot_image_and_refuses_bad_parameters() {
+    let dir = TempDir::new("export");
+    let image = dir.0.join("syscall.bin");
+    let output = virtlab(&["workloads", "export", "syscall", "--param", "iterations=7", "-o", image.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(bytes, virtlab_workloads::build("syscall", &[("iterations".into(), "7".into())]).unwrap().bytes);
+    assert_eq!(&bytes[..4], &0x1bad_b002u32.to_le_bytes());
+
+    let output = virtlab(&["workloads", "export", "syscall", "--param", "iterations=0", "-o", image.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("out of range; accepted: 1..=1000000"), "{}", stderr(&output));
+    let output = virtlab(&["workloads", "export", "nosuch", "-o", image.to_str().unwrap()]);
+    assert!(stderr(&output).contains("unknown workload `nosuch`; accepted: syscall"), "{}", stderr(&output));
+}

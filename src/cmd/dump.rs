@@ -46,7 +46,7 @@ impl Disassembly {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let bytes = super::read_trace_file(&args.trace)?;
+    let bytes = super::read_file(&args.trace)?;
     let view = TraceView::open(&bytes).with_context(|| format!("{} is not a readable trace", args.trace.display()))?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());

@@ -34,7 +34,7 @@ struct SectionSize {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let bytes = super::read_trace_file(&args.trace)?;
+    let bytes = super::read_file(&args.trace)?;
     let view = TraceView::open(&bytes).with_context(|| format!("{} is not a readable trace", args.trace.display()))?;
     let summary = summarize(&view, &args.trace.display().to_string());
     let text = if args.json { serde_json::to_string_pretty(&summary)? } else { render_text(&summary) };

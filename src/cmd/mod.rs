@@ -3,6 +3,7 @@
 pub mod check;
 pub mod dump;
 pub mod inspect;
+pub mod workloads;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,16 +12,30 @@ use anyhow::Context;
 use virtlab_traces::{CheckError, TraceError};
 
 pub const EXIT_INVALID: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_IO: u8 = 3;
 
-/// Reads a whole trace file. (Mapping it instead would need `unsafe`, which this project keeps to the KVM crate.)
-pub fn read_trace_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+/// Reads a whole file (a trace or an image). Mapping it instead would need `unsafe`, which this project keeps to
+/// the KVM crate.
+pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-/// 3 for I/O failures, 1 for a trace that is malformed or breaks an invariant.
+/// `key=value`, for `--param`.
+pub fn parse_param(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not key=value (for example iterations=1000)")),
+    }
+}
+
+/// 3 for I/O failures, 2 for a workload or parameter the catalog does not accept, 1 for a trace that is
+/// malformed or breaks an invariant.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {
+        if cause.is::<virtlab_workloads::WorkloadError>() {
+            return ExitCode::from(EXIT_USAGE);
+        }
         if cause.is::<std::io::Error>() || matches!(cause.downcast_ref::<TraceError>(), Some(TraceError::Io(_))) {
             return ExitCode::from(EXIT_IO);
         }

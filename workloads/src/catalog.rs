@@ -1,0 +1,183 @@
+//! The workload catalog: names, descriptions, parameters, and parameter validation.
+
+use thiserror::Error;
+
+/// Where a workload's measured part runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// A kernel-mode test driver (CPL 0), run after start-up with no process.
+    Kernel,
+    /// A user program (CPL 3) started as process 1.
+    User,
+}
+
+/// One parameter a workload accepts. Every value is an unsigned integer in `min..=max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub default: u64,
+    pub min: u64,
+    pub max: u64,
+}
+
+/// A catalog entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub privilege: Privilege,
+    pub params: &'static [ParamSpec],
+}
+
+impl WorkloadSpec {
+    /// The parameter named `name`, if this workload has it.
+    pub fn param(&self, name: &str) -> Option<&'static ParamSpec> {
+        self.params.iter().find(|param| param.name == name)
+    }
+}
+
+/// Why a workload could not be built.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WorkloadError {
+    #[error("unknown workload `{name}`; accepted: {accepted}")]
+    UnknownWorkload { name: String, accepted: String },
+    #[error("workload `{workload}` has no parameter `{param}`; accepted: {accepted}")]
+    UnknownParameter { workload: String, param: String, accepted: String },
+    #[error("parameter `{param}` of workload `{workload}` is given more than once")]
+    DuplicateParameter { workload: String, param: String },
+    #[error(
+        "parameter `{param}` of workload `{workload}`: `{value}` is not an unsigned integer; accepted: {min}..={max}"
+    )]
+    NotANumber { workload: String, param: String, value: String, min: u64, max: u64 },
+    #[error("parameter `{param}` of workload `{workload}`: {value} is out of range; accepted: {min}..={max}")]
+    OutOfRange { workload: String, param: String, value: u64, min: u64, max: u64 },
+    #[error("assembling workload `{workload}` failed: {message}")]
+    Assembly { workload: String, message: String },
+}
+
+const fn iterations(default: u64, max: u64) -> ParamSpec {
+    ParamSpec { name: "iterations", description: "repetitions of the measured operation", default, min: 1, max }
+}
+
+macro_rules! workload {
+    ($name:literal, $privilege:ident, $description:literal, [$($param:expr),* $(,)?]) => {
+        WorkloadSpec {
+            name: $name,
+            description: $description,
+            privilege: Privilege::$privilege,
+            params: &[$($param),*],
+        }
+    };
+}
+
+static CATALOG: &[WorkloadSpec] = &[
+    workload!("syscall", User, "Adams & Agesen: user-level null system call (getpid) round trip", [iterations(2000, 1_000_000)]),
+    workload!("in", Kernel, "Adams & Agesen: kernel-mode IN from the POST port 0x80", [iterations(2000, 1_000_000)]),
+    workload!("cr8wr", Kernel, "Adams & Agesen: kernel-mode write of CR8 (task priority)", [iterations(2000, 1_000_000)]),
+    workload!("callret", Kernel, "Adams & Agesen: kernel-mode call and return of an empty function", [iterations(10000, 2_000_000)]),
+    workload!("pgfault", User, "Adams & Agesen: user-level true page fault on fresh demand-zero memory, handled by the kernel", [iterations(512, 100_000)]),
+    workload!("divzero", User, "Adams & Agesen: user-level divide by zero, #DE delivered to the kernel and back to a user handler", [iterations(1000, 1_000_000)]),
+    workload!("ptemod", Kernel, "Adams & Agesen: kernel-mode write of an unchanged value to a live page-table entry", [iterations(10000, 2_000_000)]),
+    workload!("cpuid", Kernel, "vmexit: CPUID leaf 0 in kernel mode", [iterations(2000, 1_000_000)]),
+    workload!("cr8rd", Kernel, "vmexit: kernel-mode read of CR8", [iterations(2000, 1_000_000)]),
+    workload!("rdmsr", Kernel, "vmexit: kernel-mode RDMSR of IA32_KERNEL_GS_BASE", [iterations(2000, 1_000_000)]),
+    workload!("wrmsr", Kernel, "vmexit: kernel-mode WRMSR of IA32_KERNEL_GS_BASE", [iterations(2000, 1_000_000)]),
+    workload!("inl", Kernel, "vmexit: kernel-mode 32-bit IN from a port with no device", [iterations(2000, 1_000_000)]),
+    workload!("outl", Kernel, "vmexit: kernel-mode 32-bit OUT to a port with no device", [iterations(2000, 1_000_000)]),
+    workload!("hlt", Kernel, "vmexit: kernel-mode HLT, woken by the PIT timer interrupt", [iterations(50, 10_000)]),
+    workload!("mmio", Kernel, "vmexit: kernel-mode 32-bit write and read of the MMIO test region", [iterations(2000, 1_000_000)]),
+    workload!("sensitive-kernel", Kernel, "sensitive unprivileged instructions in kernel mode: SGDT SIDT SLDT STR SMSW PUSHF/POPF(IF) LAR LSL VERR VERW MOV from CS/SS", [
+        iterations(500, 200_000),
+        ParamSpec {
+            name: "segment-probes",
+            description: "1: also run LAR, LSL, VERR and VERW (KVM's instruction emulator, which runs CPL 0 on PVM hosts, has none of them); 0: leave them out",
+            default: 1,
+            min: 0,
+            max: 1,
+        },
+    ]),
+    workload!("redpill", User, "sensitive unprivileged instructions from user mode, checked against the guest's own tables", [iterations(500, 200_000)]),
+    workload!("forkwait", User, "fork a child that exits with a known status, wait for it and check the status", [iterations(20, 2000)]),
+    workload!("ctxswitch", User, "two processes ping-pong through yield", [iterations(1000, 200_000)]),
+    workload!("mmap", User, "map four anonymous pages, touch them, unmap them", [iterations(256, 100_000)]),
+    workload!("compute", User, "user-mode integer work (xorshift and multiply-accumulate), no system calls", [iterations(50_000, 1_000_000)]),
+    workload!("memtouch", User, "stream over many demand-zero pages, one read-modify-write per page per pass", [
+        iterations(16, 10_000),
+        ParamSpec { name: "pages", description: "pages in the streamed region", default: 256, min: 1, max: 4096 },
+    ]),
+    workload!("syscall-mix", User, "null, write and mmap/munmap system calls mixed; writes one '.' per iteration", [iterations(64, 4096)]),
+    workload!("boot", Kernel, "kernel start-up only: descriptor tables, system calls, PIC, PIT, page-frame pool", [iterations(1, 100)]),
+];
+
+/// Every workload, in catalog order.
+pub fn catalog() -> &'static [WorkloadSpec] {
+    CATALOG
+}
+
+/// The catalog entry named `name`.
+pub fn find(name: &str) -> Result<&'static WorkloadSpec, WorkloadError> {
+    CATALOG.iter().find(|spec| spec.name == name).ok_or_else(|| WorkloadError::UnknownWorkload {
+        name: name.to_string(),
+        accepted: CATALOG.iter().map(|spec| spec.name).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Parameter values after validation, one per parameter of the workload, in catalog order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedParams(pub Vec<(&'static str, u64)>);
+
+impl ResolvedParams {
+    /// The value of a parameter the workload is known to have.
+    pub fn get(&self, name: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(param, _)| *param == name)
+            .map(|(_, value)| *value)
+            .unwrap_or_else(|| panic!("workload parameter `{name}` is not in the catalog entry"))
+    }
+}
+
+/// Validates `given` against `spec`, filling in defaults.
+pub fn resolve(spec: &WorkloadSpec, given: &[(String, String)]) -> Result<ResolvedParams, WorkloadError> {
+    let mut values: Vec<(&'static str, Option<u64>)> = spec.params.iter().map(|param| (param.name, None)).collect();
+    for (name, raw) in given {
+        let param = spec.param(name).ok_or_else(|| WorkloadError::UnknownParameter {
+            workload: spec.name.to_string(),
+            param: name.clone(),
+            accepted: spec
+                .params
+                .iter()
+                .map(|param| format!("{} ({}..={}, default {})", param.name, param.min, param.max, param.default))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        let value: u64 = raw.trim().parse().map_err(|_| WorkloadError::NotANumber {
+            workload: spec.name.to_string(),
+            param: name.clone(),
+            value: raw.clone(),
+            min: param.min,
+            max: param.max,
+        })?;
+        if !(param.min..=param.max).contains(&value) {
+            return Err(WorkloadError::OutOfRange {
+                workload: spec.name.to_string(),
+                param: name.clone(),
+                value,
+                min: param.min,
+                max: param.max,
+            });
+        }
+        let slot = values.iter_mut().find(|(slot_name, _)| *slot_name == param.name).expect("parameter slot exists");
+        if slot.1.replace(value).is_some() {
+            return Err(WorkloadError::DuplicateParameter { workload: spec.name.to_string(), param: name.clone() });
+        }
+    }
+    Ok(ResolvedParams(
+        values
+            .into_iter()
+            .zip(spec.params)
+            .map(|((name, value), param)| (name, value.unwrap_or(param.default)))
+            .collect(),
+    ))
+}

@@ -1,0 +1,46 @@
+//! virtlab's workload catalog: a small 64-bit guest kernel and the classic virtualization
+//! benchmarks, assembled in Rust with iced-x86 into Multiboot 1 images.
+//!
+//! ```
+//! let image = virtlab_workloads::build("syscall", &[("iterations".into(), "10".into())]).unwrap();
+//! assert_eq!(image.load_address, 0x10_0000);
+//! ```
+
+mod catalog;
+mod image;
+mod kernel;
+pub mod layout;
+pub mod machine;
+mod programs;
+
+pub use catalog::{catalog, ParamSpec, Privilege, WorkloadError, WorkloadSpec};
+pub use image::GuestImage;
+pub use kernel::syscalls::{
+    SYSCALL_COUNT, SYS_EXIT, SYS_FORK, SYS_GETPID, SYS_MMAP, SYS_MUNMAP, SYS_SET_TRAP_HANDLER, SYS_WAIT, SYS_WRITE,
+    SYS_YIELD,
+};
+pub use machine::{exit_code, MachineFacts, MACHINE};
+
+/// Builds the named workload with `params` (name, value) given as text, defaults for the rest.
+pub fn build(name: &str, params: &[(String, String)]) -> Result<GuestImage, WorkloadError> {
+    let spec = catalog::find(name)?;
+    let resolved = catalog::resolve(spec, params)?;
+    let assembly_error = |error: iced_x86::IcedError| WorkloadError::Assembly {
+        workload: spec.name.to_string(),
+        message: error.to_string(),
+    };
+    let first_page = kernel::boot::first_page_after_header().map_err(assembly_error)?;
+    let kernel_bytes = programs::assemble(spec, &resolved).map_err(assembly_error)?;
+    let image = GuestImage::new(spec.name, resolved.0, first_page, kernel_bytes);
+    assert!(image.load_end() <= layout::IMAGE_LIMIT, "image overlaps the kernel's fixed data");
+    Ok(image)
+}
+
+/// The first serial line every workload prints: `virtlab: <name> <param>=<value>...`.
+pub fn banner(name: &str, params: &[(&str, u64)]) -> String {
+    let mut line = format!("virtlab: {name}");
+    for (param, value) in params {
+        line.push_str(&format!(" {param}={value}"));
+    }
+    line
+}

@@ -1,0 +1,452 @@
+//! User-mode programs (CPL 3), each started as process 1 at `layout::USER_CODE`. They reach the
+//! kernel only through SYSCALL (and, for `divzero` and `pgfault`, through exceptions), report a
+//! failed check on the console, and exit with status 1 when a check fails.
+
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+use crate::catalog::ResolvedParams;
+use crate::kernel::boot::{FLAT_LIMIT, USER_CODE_ACCESS_RIGHTS};
+use crate::kernel::syscalls::*;
+use crate::kernel::AsmResult;
+use crate::layout::*;
+
+const ERROR: i32 = -1;
+/// `pgfault` maps this many pages at a time, touches each once, then unmaps them.
+const PGFAULT_CHUNK_PAGES: i32 = 64;
+/// `mmap` maps this many pages per iteration.
+const MMAP_PAGES: i32 = 4;
+/// `forkwait` children exit with (index mod this) + 1, so a status of 0 is never expected.
+const FORKWAIT_STATUS_MODULUS: i32 = 200;
+const CTXSWITCH_CHILD_STATUS: i32 = 7;
+const RFLAGS_IF: u32 = 0x200;
+const RFLAGS_IOPL: u32 = 0x3000;
+const COMPUTE_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+const COMPUTE_MULTIPLIER: i32 = 31;
+
+/// A user program under construction.
+pub(super) struct UserProgram {
+    pub(super) a: CodeAssembler,
+    strings: Vec<(CodeLabel, Vec<u8>)>,
+    failures: Vec<(CodeLabel, String)>,
+}
+
+impl UserProgram {
+    pub(super) fn new() -> AsmResult<Self> {
+        Ok(UserProgram { a: CodeAssembler::new(64)?, strings: Vec::new(), failures: Vec::new() })
+    }
+
+    pub(super) fn label(&mut self) -> CodeLabel {
+        self.a.create_label()
+    }
+
+    pub(super) fn bind(&mut self, label: &mut CodeLabel) -> AsmResult {
+        self.a.set_label(label)
+    }
+
+    pub(super) fn syscall(&mut self, number: u32) -> AsmResult {
+        self.a.mov(eax, number)?;
+        self.a.syscall()
+    }
+
+    pub(super) fn write(&mut self, text: &str) -> AsmResult {
+        let label = self.a.create_label();
+        self.strings.push((label, text.as_bytes().to_vec()));
+        self.a.lea(rdi, ptr(label))?;
+        self.a.mov(esi, text.len() as u32)?;
+        self.syscall(SYS_WRITE)
+    }
+
+    pub(super) fn exit(&mut self, status: u32) -> AsmResult {
+        self.a.mov(edi, status)?;
+        self.syscall(SYS_EXIT)
+    }
+
+    /// A label that prints `check failed: <message>` and exits with status 1.
+    pub(super) fn failure(&mut self, message: &str) -> CodeLabel {
+        let label = self.a.create_label();
+        self.failures.push((label, message.to_string()));
+        label
+    }
+
+    /// R12 = iterations; `body`; DEC R12; JNZ back. The kernel preserves R12 across system calls.
+    pub(super) fn counted_loop(&mut self, iterations: u64, body: impl FnOnce(&mut Self) -> AsmResult) -> AsmResult {
+        let mut top = self.label();
+        self.a.mov(r12, iterations)?;
+        self.bind(&mut top)?;
+        body(self)?;
+        self.a.dec(r12)?;
+        self.a.jnz(top)
+    }
+
+    pub(super) fn finish(mut self) -> AsmResult<Vec<u8>> {
+        for (mut label, message) in std::mem::take(&mut self.failures) {
+            self.bind(&mut label)?;
+            self.write(&format!("check failed: {message}\n"))?;
+            self.exit(1)?;
+        }
+        for (mut label, bytes) in std::mem::take(&mut self.strings) {
+            self.a.set_label(&mut label)?;
+            self.a.db(&bytes)?;
+        }
+        self.a.assemble(USER_CODE)
+    }
+}
+
+pub(crate) fn assemble(name: &str, params: &ResolvedParams) -> Result<Vec<u8>, IcedError> {
+    let iterations = params.get("iterations");
+    let mut p = UserProgram::new()?;
+    match name {
+        "syscall" => null_syscall(&mut p, iterations)?,
+        "pgfault" => page_fault(&mut p, iterations)?,
+        "divzero" => divide_by_zero(&mut p, iterations)?,
+        "redpill" => red_pill(&mut p, iterations)?,
+        "forkwait" => fork_wait(&mut p, iterations)?,
+        "ctxswitch" => context_switch(&mut p, iterations)?,
+        "mmap" => map_touch_unmap(&mut p, iterations)?,
+        "compute" => compute(&mut p, iterations)?,
+        "memtouch" => memory_touch(&mut p, iterations, params.get("pages"))?,
+        "syscall-mix" => syscall_mix(&mut p, iterations)?,
+        _ => unreachable!("user-mode catalog entry `{name}` has no program"),
+    }
+    p.exit(0)?;
+    p.finish()
+}
+
+fn null_syscall(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let wrong = p.failure("getpid did not return 1");
+    p.counted_loop(iterations, |p| {
+        p.syscall(SYS_GETPID)?;
+        p.a.cmp(rax, 1)?;
+        p.a.jne(wrong)
+    })
+}
+
+/// Maps pages in chunks; the first access to each page (a read that must see zeroes) is a true
+/// page fault the kernel resolves with a fresh zeroed frame.
+fn page_fault(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let mmap_failed = p.failure("mmap failed");
+    let munmap_failed = p.failure("munmap failed");
+    let not_zero = p.failure("a fresh page was not zero-filled");
+    let mut chunk = p.label();
+    let mut touch = p.label();
+    p.a.mov(r12, iterations)?;
+    p.bind(&mut chunk)?;
+    p.a.mov(r13d, PGFAULT_CHUNK_PAGES as u32)?;
+    p.a.cmp(r12, r13)?;
+    p.a.cmovb(r13, r12)?;
+    p.a.mov(rdi, r13)?;
+    p.a.shl(rdi, 12)?;
+    p.syscall(SYS_MMAP)?;
+    p.a.cmp(rax, ERROR)?;
+    p.a.je(mmap_failed)?;
+    p.a.mov(rbx, rax)?;
+    p.a.mov(r14, rbx)?;
+    p.a.mov(r15, r13)?;
+    p.bind(&mut touch)?;
+    p.a.cmp(qword_ptr(r14), 0)?;
+    p.a.jne(not_zero)?;
+    p.a.mov(qword_ptr(r14), r15)?;
+    p.a.add(r14, 4096)?;
+    p.a.dec(r15)?;
+    p.a.jnz(touch)?;
+    p.a.mov(rdi, rbx)?;
+    p.a.mov(rsi, r13)?;
+    p.a.shl(rsi, 12)?;
+    p.syscall(SYS_MUNMAP)?;
+    p.a.test(rax, rax)?;
+    p.a.jnz(munmap_failed)?;
+    p.a.sub(r12, r13)?;
+    p.a.jnz(chunk)
+}
+
+/// Each iteration divides by zero; the kernel delivers #DE to the registered handler with the
+/// faulting address in RDI, and the handler resumes after the DIV.
+fn divide_by_zero(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let wrong_address = p.failure("the trap handler got the wrong faulting address");
+    let wrong_count = p.failure("not every division trapped");
+    let mut handler = p.label();
+    let mut faulting = p.label();
+    let mut resume = p.label();
+    let mut done = p.label();
+    p.a.lea(rdi, ptr(handler))?;
+    p.syscall(SYS_SET_TRAP_HANDLER)?;
+    p.a.xor(r13d, r13d)?;
+    p.a.mov(r12, iterations)?;
+    let mut top = p.label();
+    p.bind(&mut top)?;
+    p.a.mov(eax, 1)?;
+    p.a.xor(edx, edx)?;
+    p.a.xor(ecx, ecx)?;
+    p.bind(&mut faulting)?;
+    p.a.div(ecx)?;
+    p.bind(&mut resume)?;
+    p.a.dec(r12)?;
+    p.a.jnz(top)?;
+    p.a.mov(rax, iterations)?;
+    p.a.cmp(r13, rax)?;
+    p.a.jne(wrong_count)?;
+    p.a.jmp(done)?;
+    p.bind(&mut handler)?;
+    p.a.lea(rax, ptr(faulting))?;
+    p.a.cmp(rdi, rax)?;
+    p.a.jne(wrong_address)?;
+    p.a.inc(r13)?;
+    p.a.jmp(resume)?;
+    p.bind(&mut done)?;
+    p.a.xor(edi, edi)?;
+    p.syscall(SYS_SET_TRAP_HANDLER)
+}
+
+/// The readable sensitive instructions from user mode, each checked against the guest's own
+/// descriptor tables and CR0.
+fn red_pill(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let wrong_gdt = p.failure("SGDT did not return the guest's GDT");
+    let wrong_idt = p.failure("SIDT did not return the guest's IDT");
+    let wrong_ldt = p.failure("SLDT did not return the null selector");
+    let wrong_tr = p.failure("STR did not return the TSS selector");
+    let wrong_msw = p.failure("SMSW did not return the low bits of CR0");
+    let wrong_flags = p.failure("PUSHF did not show IF set and IOPL 0");
+    let wrong_lar = p.failure("LAR did not return the user code segment's access rights");
+    let wrong_lsl = p.failure("LSL did not return the flat user data segment limit");
+    let wrong_verify = p.failure("VERR/VERW disagreed with the segments' privilege");
+    let wrong_selectors = p.failure("MOV from CS/SS did not return the user selectors");
+    p.a.sub(rsp, 16)?;
+    p.counted_loop(iterations, |p| {
+        p.a.sgdt(ptr(rsp))?;
+        p.a.cmp(word_ptr(rsp), (GDT_BYTES - 1) as u32)?;
+        p.a.jne(wrong_gdt)?;
+        p.a.mov(rax, GDT_ADDRESS)?;
+        p.a.cmp(qword_ptr(rsp + 2), rax)?;
+        p.a.jne(wrong_gdt)?;
+        p.a.sidt(ptr(rsp))?;
+        p.a.cmp(word_ptr(rsp), (IDT_ENTRIES * 16 - 1) as u32)?;
+        p.a.jne(wrong_idt)?;
+        p.a.mov(rax, IDT_ADDRESS)?;
+        p.a.cmp(qword_ptr(rsp + 2), rax)?;
+        p.a.jne(wrong_idt)?;
+        p.a.sldt(eax)?;
+        p.a.test(ax, ax)?;
+        p.a.jnz(wrong_ldt)?;
+        p.a.str(eax)?;
+        p.a.cmp(ax, TSS_SELECTOR as u32)?;
+        p.a.jne(wrong_tr)?;
+        p.a.smsw(word_ptr(rsp))?;
+        p.a.cmp(word_ptr(rsp), KERNEL_CR0 & 0xFFFF)?;
+        p.a.jne(wrong_msw)?;
+        p.a.pushfq()?;
+        p.a.pop(rax)?;
+        p.a.and(eax, RFLAGS_IF | RFLAGS_IOPL)?;
+        p.a.cmp(eax, RFLAGS_IF)?;
+        p.a.jne(wrong_flags)?;
+        p.a.mov(ecx, USER_CODE_SELECTOR as u32)?;
+        p.a.lar(eax, ecx)?;
+        p.a.jnz(wrong_lar)?;
+        p.a.cmp(eax, USER_CODE_ACCESS_RIGHTS)?;
+        p.a.jne(wrong_lar)?;
+        p.a.verr(cx)?;
+        p.a.jnz(wrong_verify)?;
+        p.a.mov(ecx, USER_DATA_SELECTOR as u32)?;
+        p.a.lsl(eax, ecx)?;
+        p.a.jnz(wrong_lsl)?;
+        p.a.cmp(eax, FLAT_LIMIT)?;
+        p.a.jne(wrong_lsl)?;
+        p.a.verw(cx)?;
+        p.a.jnz(wrong_verify)?;
+        // The kernel's code segment is DPL 0: not readable from CPL 3.
+        p.a.mov(ecx, KERNEL_CODE_SELECTOR as u32)?;
+        p.a.verr(cx)?;
+        p.a.jz(wrong_verify)?;
+        p.a.mov(ax, cs)?;
+        p.a.cmp(ax, USER_CODE_SELECTOR as u32)?;
+        p.a.jne(wrong_selectors)?;
+        p.a.mov(ax, ss)?;
+        p.a.cmp(ax, USER_DATA_SELECTOR as u32)?;
+        p.a.jne(wrong_selectors)
+    })?;
+    p.a.add(rsp, 16)
+}
+
+/// Child i exits with (i mod 200) + 1; the parent checks every status it reaps.
+fn fork_wait(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let fork_failed = p.failure("fork failed");
+    let wrong_status = p.failure("wait returned the wrong exit status");
+    let mut top = p.label();
+    let mut child = p.label();
+    let mut done = p.label();
+    p.a.xor(r13d, r13d)?;
+    p.bind(&mut top)?;
+    p.syscall(SYS_FORK)?;
+    p.a.cmp(rax, ERROR)?;
+    p.a.je(fork_failed)?;
+    p.a.test(rax, rax)?;
+    p.a.jz(child)?;
+    p.syscall(SYS_WAIT)?;
+    p.a.mov(rbx, rax)?;
+    p.a.mov(rax, r13)?;
+    p.a.xor(edx, edx)?;
+    p.a.mov(ecx, FORKWAIT_STATUS_MODULUS as u32)?;
+    p.a.div(rcx)?;
+    p.a.inc(rdx)?;
+    p.a.cmp(rbx, rdx)?;
+    p.a.jne(wrong_status)?;
+    p.a.inc(r13)?;
+    p.a.mov(rax, iterations)?;
+    p.a.cmp(r13, rax)?;
+    p.a.jb(top)?;
+    p.a.jmp(done)?;
+    p.bind(&mut child)?;
+    p.a.mov(rax, r13)?;
+    p.a.xor(edx, edx)?;
+    p.a.mov(ecx, FORKWAIT_STATUS_MODULUS as u32)?;
+    p.a.div(rcx)?;
+    p.a.lea(rdi, ptr(rdx + 1))?;
+    p.syscall(SYS_EXIT)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut done)
+}
+
+/// Parent and child each yield `iterations` times; with two runnable processes every yield
+/// switches to the other one.
+fn context_switch(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let fork_failed = p.failure("fork did not return pid 2");
+    let wrong_status = p.failure("the child's exit status was wrong");
+    let mut child = p.label();
+    let mut parent_done = p.label();
+    p.syscall(SYS_FORK)?;
+    p.a.test(rax, rax)?;
+    p.a.jz(child)?;
+    p.a.cmp(rax, 2)?;
+    p.a.jne(fork_failed)?;
+    p.counted_loop(iterations, |p| p.syscall(SYS_YIELD))?;
+    p.syscall(SYS_WAIT)?;
+    p.a.cmp(rax, CTXSWITCH_CHILD_STATUS)?;
+    p.a.jne(wrong_status)?;
+    p.a.jmp(parent_done)?;
+    p.bind(&mut child)?;
+    p.counted_loop(iterations, |p| p.syscall(SYS_YIELD))?;
+    p.exit(CTXSWITCH_CHILD_STATUS as u32)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut parent_done)
+}
+
+/// Maps four pages, checks they read as zero, writes and reads back each page's address, and
+/// unmaps them; the address range is reused every time.
+fn map_touch_unmap(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let mmap_failed = p.failure("mmap did not reuse the unmapped range");
+    let munmap_failed = p.failure("munmap failed");
+    let not_zero = p.failure("a fresh page was not zero-filled");
+    let lost_write = p.failure("a page did not keep what was written");
+    p.counted_loop(iterations, |p| {
+        p.a.mov(edi, (MMAP_PAGES * 4096) as u32)?;
+        p.syscall(SYS_MMAP)?;
+        p.a.mov(rcx, USER_MMAP_BASE)?;
+        p.a.cmp(rax, rcx)?;
+        p.a.jne(mmap_failed)?;
+        for page in 0..MMAP_PAGES {
+            p.a.lea(rdx, ptr(rax + page * 4096))?;
+            p.a.cmp(qword_ptr(rdx), 0)?;
+            p.a.jne(not_zero)?;
+            p.a.mov(qword_ptr(rdx), rdx)?;
+            p.a.cmp(qword_ptr(rdx), rdx)?;
+            p.a.jne(lost_write)?;
+        }
+        p.a.mov(rdi, rax)?;
+        p.a.mov(esi, (MMAP_PAGES * 4096) as u32)?;
+        p.syscall(SYS_MUNMAP)?;
+        p.a.test(rax, rax)?;
+        p.a.jnz(munmap_failed)
+    })
+}
+
+/// What `compute` must arrive at: xorshift64 steps folded by multiply-accumulate.
+fn compute_expected(iterations: u64) -> u64 {
+    let mut state = COMPUTE_SEED;
+    let mut sum = 0u64;
+    for _ in 0..iterations {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        sum = sum.wrapping_mul(COMPUTE_MULTIPLIER as u64).wrapping_add(state);
+    }
+    sum
+}
+
+pub(super) fn compute(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let wrong = p.failure("the computed checksum is wrong");
+    p.a.mov(rax, COMPUTE_SEED)?;
+    p.a.xor(ebx, ebx)?;
+    p.counted_loop(iterations, |p| {
+        for (shift_left, amount) in [(true, 13), (false, 7), (true, 17)] {
+            p.a.mov(rdx, rax)?;
+            if shift_left {
+                p.a.shl(rdx, amount)?;
+            } else {
+                p.a.shr(rdx, amount)?;
+            }
+            p.a.xor(rax, rdx)?;
+        }
+        p.a.imul_3(rbx, rbx, COMPUTE_MULTIPLIER)?;
+        p.a.add(rbx, rax)
+    })?;
+    p.a.mov(rcx, compute_expected(iterations))?;
+    p.a.cmp(rbx, rcx)?;
+    p.a.jne(wrong)
+}
+
+/// Each pass increments one quadword in every page and sums the new values; after n passes the
+/// sum is pages * n(n+1)/2.
+fn memory_touch(p: &mut UserProgram, iterations: u64, pages: u64) -> AsmResult {
+    let mmap_failed = p.failure("mmap failed");
+    let wrong = p.failure("the sum over the pages is wrong");
+    let mut next_page = p.label();
+    p.a.mov(rdi, pages * 4096)?;
+    p.syscall(SYS_MMAP)?;
+    p.a.cmp(rax, ERROR)?;
+    p.a.je(mmap_failed)?;
+    p.a.mov(r13, rax)?;
+    p.a.xor(ebx, ebx)?;
+    p.counted_loop(iterations, |p| {
+        p.a.mov(rdi, r13)?;
+        p.a.mov(rcx, pages)?;
+        p.bind(&mut next_page)?;
+        p.a.mov(rax, qword_ptr(rdi))?;
+        p.a.inc(rax)?;
+        p.a.mov(qword_ptr(rdi), rax)?;
+        p.a.add(rbx, rax)?;
+        p.a.add(rdi, 4096)?;
+        p.a.dec(rcx)?;
+        p.a.jnz(next_page)
+    })?;
+    let expected = pages * (iterations * (iterations + 1) / 2);
+    p.a.mov(rcx, expected)?;
+    p.a.cmp(rbx, rcx)?;
+    p.a.jne(wrong)
+}
+
+/// Per iteration: getpid, a one-byte write, and a one-page mmap that is touched and unmapped.
+fn syscall_mix(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let wrong_pid = p.failure("getpid did not return 1");
+    let wrong_write = p.failure("write did not return its length");
+    let mmap_failed = p.failure("mmap failed");
+    let munmap_failed = p.failure("munmap failed");
+    p.counted_loop(iterations, |p| {
+        p.syscall(SYS_GETPID)?;
+        p.a.cmp(rax, 1)?;
+        p.a.jne(wrong_pid)?;
+        p.write(".")?;
+        p.a.cmp(rax, 1)?;
+        p.a.jne(wrong_write)?;
+        p.a.mov(edi, 4096)?;
+        p.syscall(SYS_MMAP)?;
+        p.a.cmp(rax, ERROR)?;
+        p.a.je(mmap_failed)?;
+        p.a.mov(qword_ptr(rax), rax)?;
+        p.a.mov(rdi, rax)?;
+        p.a.mov(esi, 4096)?;
+        p.syscall(SYS_MUNMAP)?;
+        p.a.test(rax, rax)?;
+        p.a.jnz(munmap_failed)
+    })?;
+    p.write("\n")
+}

@@ -1,0 +1,180 @@
+//! The image builder without running anything: parameter validation, reproducibility and the
+//! Multiboot header.
+
+use virtlab_workloads::{build, catalog, layout, WorkloadError};
+
+fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn read_u32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap())
+}
+
+#[test]
+fn unknown_workload_lists_every_name() {
+    let error = build("nosuch", &[]).unwrap_err();
+    let names: Vec<&str> = catalog().iter().map(|spec| spec.name).collect();
+    assert_eq!(error.to_string(), format!("unknown workload `nosuch`; accepted: {}", names.join(", ")));
+    assert!(error
+        .to_string()
+        .starts_with("unknown workload `nosuch`; accepted: syscall, in, cr8wr, callret, pgfault,"));
+}
+
+#[test]
+fn unknown_parameter_lists_the_accepted_ones_with_ranges() {
+    let error = build("memtouch", &params(&[("size", "3")])).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "workload `memtouch` has no parameter `size`; accepted: iterations (1..=10000, default 16), pages (1..=4096, default 256)"
+    );
+}
+
+#[test]
+fn out_of_range_value_names_the_range() {
+    let error = build("syscall", &params(&[("iterations", "0")])).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "parameter `iterations` of workload `syscall`: 0 is out of range; accepted: 1..=1000000"
+    );
+    let error = build("memtouch", &params(&[("pages", "4097")])).unwrap_err();
+    assert_eq!(error.to_string(), "parameter `pages` of workload `memtouch`: 4097 is out of range; accepted: 1..=4096");
+}
+
+#[test]
+fn non_numeric_value_names_the_range() {
+    let error = build("hlt", &params(&[("iterations", "ten")])).unwrap_err();
+    assert_eq!(
+        error,
+        WorkloadError::NotANumber {
+            workload: "hlt".into(),
+            param: "iterations".into(),
+            value: "ten".into(),
+            min: 1,
+            max: 10_000
+        }
+    );
+    assert_eq!(
+        error.to_string(),
+        "parameter `iterations` of workload `hlt`: `ten` is not an unsigned integer; accepted: 1..=10000"
+    );
+}
+
+#[test]
+fn repeated_parameter_is_refused() {
+    let error = build("syscall", &params(&[("iterations", "5"), ("iterations", "6")])).unwrap_err();
+    assert_eq!(error.to_string(), "parameter `iterations` of workload `syscall` is given more than once");
+}
+
+#[test]
+fn catalog_entries_are_well_formed() {
+    let mut names: Vec<&str> = catalog().iter().map(|spec| spec.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), catalog().len(), "names are unique");
+    for spec in catalog() {
+        assert!(spec.param("iterations").is_some(), "{} takes iterations", spec.name);
+        assert!(!spec.description.is_empty() && !spec.description.contains('\n'));
+        for param in spec.params {
+            assert!(param.min <= param.default && param.default <= param.max, "{}.{}", spec.name, param.name);
+        }
+    }
+}
+
+#[test]
+fn two_builds_are_byte_identical() {
+    for spec in catalog() {
+        let first = build(spec.name, &[]).unwrap();
+        let second = build(spec.name, &[]).unwrap();
+        assert_eq!(first, second, "{}", spec.name);
+    }
+}
+
+#[test]
+fn parameters_change_the_image() {
+    let small = build("compute", &params(&[("iterations", "10")])).unwrap();
+    let large = build("compute", &params(&[("iterations", "11")])).unwrap();
+    assert_ne!(small.bytes, large.bytes);
+    assert_eq!(small.params, vec![("iterations", 10)]);
+}
+
+#[test]
+fn multiboot_header_is_consistent() {
+    for spec in catalog() {
+        let image = build(spec.name, &[]).unwrap();
+        let bytes = &image.bytes;
+        let magic = read_u32(bytes, 0);
+        let flags = read_u32(bytes, 4);
+        let checksum = read_u32(bytes, 8);
+        assert_eq!(magic, 0x1BAD_B002);
+        assert_eq!(flags, 1 << 16, "a.out kludge only");
+        assert_eq!(magic.wrapping_add(flags).wrapping_add(checksum), 0);
+        assert_eq!(read_u32(bytes, 12) as u64, image.load_address, "header_addr: header at file offset 0");
+        assert_eq!(read_u32(bytes, 16) as u64, image.load_address, "load_addr");
+        assert_eq!(read_u32(bytes, 20) as u64, image.load_end(), "load_end_addr");
+        assert_eq!(read_u32(bytes, 24) as u64, image.bss_end, "bss_end_addr");
+        assert_eq!(read_u32(bytes, 28) as u64, image.entry_point, "entry_addr");
+        assert_eq!(image.load_address, 0x10_0000);
+        assert!(image.load_end() <= layout::IMAGE_LIMIT);
+        assert!(image.bss_end > image.load_end());
+        let entry_offset = (image.entry_point - image.load_address) as usize;
+        let first = iced_x86::Decoder::with_ip(32, &bytes[entry_offset..], image.entry_point, 0).decode();
+        assert_eq!(first.mnemonic(), iced_x86::Mnemonic::Cli, "{}: the stub starts with CLI", spec.name);
+    }
+}
+
+#[test]
+fn describe_summarises_the_image() {
+    let image = build("memtouch", &params(&[("pages", "8")])).unwrap();
+    let text = image.describe();
+    assert!(text.starts_with("workload:     memtouch iterations=16 pages=8\n"), "{text}");
+    assert!(text.contains("entry:        0x100070 (32-bit protected mode)"), "{text}");
+    assert!(text.contains(&format!("size:         {} bytes", image.bytes.len())), "{text}");
+}
+
+#[test]
+fn kernel_code_never_uses_32_bit_iret_or_rdtscp() {
+    for spec in catalog() {
+        let image = build(spec.name, &[]).unwrap();
+        let start = (layout::KERNEL_CODE_ADDRESS - image.load_address) as usize;
+        let mut decoder = iced_x86::Decoder::with_ip(64, &image.bytes[start..], layout::KERNEL_CODE_ADDRESS, 0);
+        for instruction in &mut decoder {
+            assert_ne!(instruction.code(), iced_x86::Code::Iretd, "{}", spec.name);
+            assert_ne!(instruction.mnemonic(), iced_x86::Mnemonic::Rdtscp, "{}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn catalog_holds_the_issue_4_workloads() {
+    let names: Vec<&str> = catalog().iter().map(|spec| spec.name).collect();
+    assert_eq!(
+        names,
+        [
+            "syscall",
+            "in",
+            "cr8wr",
+            "callret",
+            "pgfault",
+            "divzero",
+            "ptemod",
+            "cpuid",
+            "cr8rd",
+            "rdmsr",
+            "wrmsr",
+            "inl",
+            "outl",
+            "hlt",
+            "mmio",
+            "sensitive-kernel",
+            "redpill",
+            "forkwait",
+            "ctxswitch",
+            "mmap",
+            "compute",
+            "memtouch",
+            "syscall-mix",
+            "boot"
+        ]
+    );
+}

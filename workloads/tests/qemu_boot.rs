@@ -1,0 +1,122 @@
+//! Boots every workload under QEMU (TCG) and checks its exact serial output and exit status.
+//! Skips, saying why, when `qemu-system-x86_64` is not installed.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Tests run in parallel, so every boot gets its own image file.
+static NEXT_RUN: AtomicUsize = AtomicUsize::new(0);
+
+const QEMU: &str = "qemu-system-x86_64";
+/// SeaBIOS's last words before the guest runs; only what follows is the guest's. The firmware
+/// sometimes prints a third dot, which the guest never starts its output with.
+const FIRMWARE_LAST_LINE: &str = "Booting from ROM..";
+/// QEMU's status for a guest that wrote 0 (success) to isa-debug-exit: (0 << 1) | 1.
+const SUCCESS_STATUS: i32 = 1;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn qemu_available() -> bool {
+    Command::new(QEMU).arg("--version").output().map(|output| output.status.success()).unwrap_or(false)
+}
+
+/// Builds `name` with `params`, boots it, and returns (guest serial output, exit status).
+fn run_under_qemu(name: &str, params: &[(&str, &str)]) -> Option<(String, i32)> {
+    if !qemu_available() {
+        eprintln!("skipping {name}: {QEMU} is not installed (apt-get install qemu-system-x86)");
+        return None;
+    }
+    eprintln!("booting {name} under {QEMU}");
+    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let image = virtlab_workloads::build(name, &params).expect("workload builds");
+    let run = NEXT_RUN.fetch_add(1, Ordering::Relaxed);
+    let path: PathBuf = std::env::temp_dir().join(format!("virtlab-{}-{run}-{name}.bin", std::process::id()));
+    std::fs::write(&path, &image.bytes).expect("write image");
+    let output = Command::new("timeout")
+        .arg(TIMEOUT.as_secs().to_string())
+        .arg(QEMU)
+        .arg("-kernel")
+        .arg(&path)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(["-nographic", "-no-reboot", "-m", "128"])
+        .output()
+        .expect("run qemu");
+    std::fs::remove_file(&path).ok();
+    let serial = String::from_utf8_lossy(&output.stdout).into_owned();
+    let guest = match serial.rfind(FIRMWARE_LAST_LINE) {
+        Some(position) => serial[position + FIRMWARE_LAST_LINE.len()..].trim_start_matches('.').to_string(),
+        None => serial,
+    };
+    Some((guest, output.status.code().unwrap_or(-1)))
+}
+
+fn expect_ok(name: &str, params: &[(&str, &str)], middle: &str) {
+    let Some((guest, status)) = run_under_qemu(name, params) else { return };
+    let numeric: Vec<(&str, u64)> = params.iter().map(|(k, v)| (*k, v.parse().unwrap())).collect();
+    let spec = virtlab_workloads::catalog().iter().find(|spec| spec.name == name).unwrap();
+    let shown: Vec<(&str, u64)> = spec
+        .params
+        .iter()
+        .map(|param| numeric.iter().find(|(k, _)| *k == param.name).copied().unwrap_or((param.name, param.default)))
+        .collect();
+    let expected = format!("{}\n{middle}ok\n", virtlab_workloads::banner(name, &shown));
+    assert_eq!(guest, expected, "serial output of {name}");
+    assert_eq!(status, SUCCESS_STATUS, "exit status of {name}");
+}
+
+macro_rules! qemu_tests {
+    ($($test:ident => $name:literal [$($param:literal = $value:literal),*] $middle:expr;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                expect_ok($name, &[$(($param, $value)),*], $middle);
+            }
+        )*
+
+        #[test]
+        fn every_catalog_entry_is_booted() {
+            let tested = [$($name),*];
+            for spec in virtlab_workloads::catalog() {
+                assert!(tested.contains(&spec.name), "{} has no QEMU test", spec.name);
+            }
+        }
+    };
+}
+
+qemu_tests! {
+    syscall => "syscall" [] "";
+    port_in => "in" [] "";
+    cr8wr => "cr8wr" [] "";
+    callret => "callret" [] "";
+    pgfault => "pgfault" [] "";
+    divzero => "divzero" [] "";
+    ptemod => "ptemod" [] "";
+    cpuid => "cpuid" [] "";
+    cr8rd => "cr8rd" [] "";
+    rdmsr => "rdmsr" [] "";
+    wrmsr => "wrmsr" [] "";
+    inl => "inl" [] "";
+    outl => "outl" [] "";
+    hlt => "hlt" [] "";
+    mmio => "mmio" [] "";
+    sensitive_kernel => "sensitive-kernel" [] "";
+    sensitive_kernel_without_segment_probes => "sensitive-kernel" ["segment-probes" = "0"] "";
+    redpill => "redpill" [] "";
+    forkwait => "forkwait" [] "";
+    forkwait_fills_process_table_repeatedly => "forkwait" ["iterations" = "250"] "";
+    ctxswitch => "ctxswitch" [] "";
+    mmap => "mmap" [] "";
+    compute => "compute" [] "";
+    memtouch => "memtouch" [] "";
+    memtouch_large => "memtouch" ["iterations" = "2", "pages" = "4096"] "";
+    syscall_mix => "syscall-mix" ["iterations" = "5"] ".....\n";
+    boot => "boot" [] "";
+    boot_repeated => "boot" ["iterations" = "3"] "";
+}
+
+#[test]
+fn syscall_mix_default_prints_one_dot_per_iteration() {
+    let dots = ".".repeat(64);
+    expect_ok("syscall-mix", &[], &format!("{dots}\n"));
+}
