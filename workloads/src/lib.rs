@@ -12,6 +12,7 @@ mod kernel;
 pub mod layout;
 pub mod machine;
 mod programs;
+pub mod qemu;
 
 pub use catalog::{catalog, ParamSpec, Privilege, WorkloadError, WorkloadSpec};
 pub use image::GuestImage;

@@ -1,54 +1,25 @@
 //! Boots every workload under QEMU (TCG) and checks its exact serial output and exit status.
 //! Skips, saying why, when `qemu-system-x86_64` is not installed.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Tests run in parallel, so every boot gets its own image file.
-static NEXT_RUN: AtomicUsize = AtomicUsize::new(0);
+use virtlab_workloads::qemu;
 
-const QEMU: &str = "qemu-system-x86_64";
-/// SeaBIOS's last words before the guest runs; only what follows is the guest's. The firmware
-/// sometimes prints a third dot, which the guest never starts its output with.
-const FIRMWARE_LAST_LINE: &str = "Booting from ROM..";
 /// QEMU's status for a guest that wrote 0 (success) to isa-debug-exit: (0 << 1) | 1.
 const SUCCESS_STATUS: i32 = 1;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn qemu_available() -> bool {
-    Command::new(QEMU).arg("--version").output().map(|output| output.status.success()).unwrap_or(false)
-}
-
-/// Builds `name` with `params`, boots it, and returns (guest serial output, exit status).
+/// Builds `name` with `params`, boots it, and returns (guest serial output, QEMU's exit status).
 fn run_under_qemu(name: &str, params: &[(&str, &str)]) -> Option<(String, i32)> {
-    if !qemu_available() {
-        eprintln!("skipping {name}: {QEMU} is not installed (apt-get install qemu-system-x86)");
+    if let Err(reason) = qemu::available() {
+        eprintln!("skipping {name}: {reason}");
         return None;
     }
-    eprintln!("booting {name} under {QEMU}");
+    eprintln!("booting {name} under {}", qemu::QEMU);
     let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let image = virtlab_workloads::build(name, &params).expect("workload builds");
-    let run = NEXT_RUN.fetch_add(1, Ordering::Relaxed);
-    let path: PathBuf = std::env::temp_dir().join(format!("virtlab-{}-{run}-{name}.bin", std::process::id()));
-    std::fs::write(&path, &image.bytes).expect("write image");
-    let output = Command::new("timeout")
-        .arg(TIMEOUT.as_secs().to_string())
-        .arg(QEMU)
-        .arg("-kernel")
-        .arg(&path)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .args(["-nographic", "-no-reboot", "-m", "128"])
-        .output()
-        .expect("run qemu");
-    std::fs::remove_file(&path).ok();
-    let serial = String::from_utf8_lossy(&output.stdout).into_owned();
-    let guest = match serial.rfind(FIRMWARE_LAST_LINE) {
-        Some(position) => serial[position + FIRMWARE_LAST_LINE.len()..].trim_start_matches('.').to_string(),
-        None => serial,
-    };
-    Some((guest, output.status.code().unwrap_or(-1)))
+    let run = qemu::boot(&image.bytes, TIMEOUT).expect("run qemu");
+    Some((run.serial, run.qemu_status))
 }
 
 fn expect_ok(name: &str, params: &[(&str, &str)], middle: &str) {

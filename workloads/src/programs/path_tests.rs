@@ -4,8 +4,7 @@
 //! compute-bound processes preserves their registers. Skipped, saying why, when QEMU is not
 //! installed.
 
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use iced_x86::code_asm::*;
 
@@ -16,10 +15,9 @@ use crate::kernel::syscalls::*;
 use crate::kernel::{boot, AsmResult, Kernel};
 use crate::layout::*;
 use crate::machine::exit_code;
+use crate::qemu;
 
-const QEMU: &str = "qemu-system-x86_64";
 const BANNER: &str = "virtlab: fault-test";
-static NEXT_RUN: AtomicUsize = AtomicUsize::new(0);
 
 /// QEMU's exit status for a debug-exit value.
 fn status_for(code: u32) -> i32 {
@@ -27,25 +25,15 @@ fn status_for(code: u32) -> i32 {
 }
 
 fn boot_kernel(kernel: Vec<u8>) -> Option<(String, i32)> {
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        eprintln!("skipping: {QEMU} is not installed (apt-get install qemu-system-x86)");
+    if let Err(reason) = qemu::available() {
+        eprintln!("skipping: {reason}");
         return None;
     }
-    eprintln!("booting a test kernel under {QEMU}");
+    eprintln!("booting a test kernel under {}", qemu::QEMU);
     let image = GuestImage::new("fault-test", Vec::new(), boot::first_page_after_header().unwrap(), kernel);
-    let run = NEXT_RUN.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("virtlab-path-test-{}-{run}.bin", std::process::id()));
-    std::fs::write(&path, &image.bytes).unwrap();
-    let output = Command::new("timeout")
-        .args(["60", QEMU, "-kernel"])
-        .arg(&path)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-nographic", "-no-reboot", "-m", "128"])
-        .output()
-        .unwrap();
-    std::fs::remove_file(&path).ok();
-    let serial = String::from_utf8_lossy(&output.stdout).into_owned();
-    let banner_at = serial.find(BANNER).expect("the guest printed its banner");
-    Some((serial[banner_at..].to_string(), output.status.code().unwrap_or(-1)))
+    let run = qemu::boot(&image.bytes, Duration::from_secs(60)).unwrap();
+    let banner_at = run.serial.find(BANNER).expect("the guest printed its banner");
+    Some((run.serial[banner_at..].to_string(), run.qemu_status))
 }
 
 fn run_user(program: impl FnOnce(&mut UserProgram) -> AsmResult) -> Option<(String, i32)> {
