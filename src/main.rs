@@ -11,7 +11,9 @@ Exit status:
   0  success (for `check`: the trace is valid)
   1  the trace is malformed or breaks an invariant (the message names the rule and the byte offset)
   2  bad command line (including an unknown workload or parameter)
-  3  a file could not be read or written";
+  3  a file could not be read or written
+  `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit) and 125 (the
+  guest could not run): see their --help.";
 
 #[derive(Parser)]
 #[command(
@@ -23,8 +25,8 @@ Exit status:
         every privileged operation with its values, every page-table write and first page touch. Engines replay \
         that one trace under each strategy (trap-and-emulate, binary translation, paravirtualization, hardware \
         assist) and report what it costs.\n\n\
-        `virtlab workloads list` shows the benchmark guests and `virtlab workloads export` builds bootable \
-        images of them. `virtlab inspect TRACE` summarizes a trace, `virtlab dump TRACE --disasm | less` shows its \
+        `virtlab workloads list` shows the benchmark guests; `virtlab run` boots one and `virtlab record syscall \
+        -o syscall.vlt` records its trace. `virtlab inspect TRACE` summarizes a trace, `virtlab dump TRACE --disasm | less` shows its \
         execution event by event, and `virtlab check TRACE` validates a trace you did not make.",
     after_help = EXIT_CODES
 )]
@@ -36,6 +38,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Workloads(cmd::workloads::Args),
+    Run(cmd::run::Args),
+    Record(cmd::record::Args),
     Inspect(cmd::inspect::Args),
     Dump(cmd::dump::Args),
     Check(cmd::check::Args),
@@ -45,6 +49,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Workloads(args) => cmd::workloads::run(&args),
+        Command::Run(args) => cmd::run::run(&args),
+        Command::Record(args) => cmd::record::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Dump(args) => cmd::dump::run(&args),
         Command::Check(args) => cmd::check::run(&args),

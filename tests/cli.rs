@@ -257,3 +257,67 @@ fn workloads_export_writes_a_multiboot_image_and_refuses_bad_parameters() {
     let output = virtlab(&["workloads", "export", "nosuch", "-o", image.to_str().unwrap()]);
     assert!(stderr(&output).contains("unknown workload `nosuch`; accepted: syscall"), "{}", stderr(&output));
 }
+
+/// Prints "hi" and exits with status 5.
+const STATUS_FIVE: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'h', 0xee, 0xb0, b'i', 0xee, // out 'h', out 'i'
+    0xb0, 0x05, 0xe6, 0xf4, // mov al, 5; out 0xf4, al
+];
+
+#[test]
+fn run_prints_the_serial_output_and_exits_with_the_guest_status() {
+    let dir = TempDir::new("run");
+    let image = dir.file("five.bin", &virtlab_machine::multiboot::flat_image(STATUS_FIVE));
+    let output = virtlab(&["run", &image]);
+    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "hi");
+
+    let output = virtlab(&["run", &image, "--machine", "kvm"]);
+    match virtlab_kvm::probe() {
+        virtlab_kvm::Probe::Available(backend) => {
+            eprintln!("KVM ({}) available: checking run --machine kvm", backend.name());
+            assert_eq!((output.status.code(), stdout(&output).as_str()), (Some(5), "hi"), "{}", stderr(&output));
+        }
+        virtlab_kvm::Probe::Unavailable(reason) => {
+            eprintln!("KVM unavailable ({reason}): checking that run --machine kvm says so");
+            assert_eq!(output.status.code(), Some(125));
+            assert!(stderr(&output).contains("KVM is not usable here"), "{}", stderr(&output));
+        }
+    }
+
+    let looping = dir.file("loop.bin", &virtlab_machine::multiboot::flat_image(&[0xeb, 0xfe]));
+    let output = virtlab(&["run", &looping, "--max-instructions", "5000"]);
+    assert_eq!(output.status.code(), Some(124));
+    assert!(stderr(&output).contains("instruction limit of 5000 reached at RIP 0x100020"), "{}", stderr(&output));
+
+    let not_an_image = dir.file("junk.bin", &[0u8; 64]);
+    let output = virtlab(&["run", &not_an_image]);
+    assert_eq!(output.status.code(), Some(125));
+}
+
+#[test]
+fn record_writes_a_trace_that_inspect_and_check_accept() {
+    let dir = TempDir::new("record");
+    let trace = dir.0.join("hlt.vlt");
+    let trace = trace.to_str().unwrap();
+    let output = virtlab(&["record", "hlt", "--param", "iterations=3", "-o", trace]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the guest exited with status 0"), "{}", stderr(&output));
+    assert!(virtlab(&["check", trace]).status.success());
+    let json: Value = serde_json::from_str(&stdout(&virtlab(&["inspect", trace, "--json"]))).unwrap();
+    assert_eq!(json["workload"], "hlt");
+    assert_eq!(json["params"]["iterations"], "3");
+    assert_eq!(json["exit_status"], 0);
+    assert_eq!(json["serial"], "virtlab: hlt iterations=3\nok\n");
+    assert!(json["events"]["hlt"].as_u64().unwrap() >= 3, "{json}");
+    assert!(json["events"]["interrupt"].as_u64().unwrap() >= 3, "{json}");
+
+    let incomplete = dir.0.join("cut.vlt");
+    let output = virtlab(&["record", "compute", "--max-instructions", "20000", "-o", incomplete.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(124), "{}", stderr(&output));
+    let json: Value =
+        serde_json::from_str(&stdout(&virtlab(&["inspect", incomplete.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!((json["complete"].as_bool(), json["instructions"].as_u64()), (Some(false), Some(20000)));
+    assert!(virtlab(&["check", incomplete.to_str().unwrap()]).status.success(), "an incomplete trace is still valid");
+}

@@ -3,6 +3,8 @@
 pub mod check;
 pub mod dump;
 pub mod inspect;
+pub mod record;
+pub mod run;
 pub mod workloads;
 
 use std::path::Path;

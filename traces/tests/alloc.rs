@@ -3,40 +3,20 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::System;
 use std::io::Cursor;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use common::*;
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use virtlab_traces::format::{self, ChunkHeader, ChunkKind, Codec, CHUNK_HEADER_LEN};
 use virtlab_traces::*;
 
-struct Counting;
+#[global_allocator]
+static ALLOCATOR: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
 /// Tests in this binary measure one at a time.
 static MEASURING: Mutex<()> = Mutex::new(());
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(live, Ordering::Relaxed);
-        // SAFETY: same layout contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// Takes the measuring lock and runs the readers once on a valid trace, so that one-time global set-up (iced-x86
 /// builds its decoder tables on first use) is not counted against any file.
@@ -46,10 +26,10 @@ fn start_measuring() -> std::sync::MutexGuard<'static, ()> {
     guard
 }
 
-/// Peak bytes allocated (above what was live before) while reading `trace` every way there is.
+/// Bytes allocated while reading `trace` every way there is: every allocation counted, none netted against a
+/// free, so this bounds the peak from above.
 fn peak_while_reading(trace: &[u8]) -> usize {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let region = Region::new(ALLOCATOR);
     if let Ok(view) = TraceView::open(trace) {
         for event in view.events() {
             if event.is_err() {
@@ -62,7 +42,8 @@ fn peak_while_reading(trace: &[u8]) -> usize {
         while let Ok(Some(_)) = reader.next_event() {}
     }
     let _ = check(Cursor::new(trace));
-    PEAK.load(Ordering::Relaxed) - base
+    let stats = region.change();
+    stats.bytes_allocated + stats.bytes_reallocated.max(0) as usize
 }
 
 /// What a file of `len` bytes may justify: its content decompressed (the format bounds the ratio at which a

@@ -1,0 +1,96 @@
+//! Boots hand-assembled Multiboot images on KVM and on the reference machine and compares how they end.
+//! Skips, saying why, where /dev/kvm is not usable.
+
+use std::time::Duration;
+
+use virtlab_kvm::{probe, run, KvmConfig, KvmError, Probe};
+use virtlab_machine::multiboot::{flat_image, FLAT_IMAGE_CODE_OFFSET, FLAT_IMAGE_LOAD};
+use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
+
+const LOAD: u32 = FLAT_IMAGE_LOAD;
+const CODE_OFFSET: usize = FLAT_IMAGE_CODE_OFFSET as usize;
+
+fn kvm_here() -> bool {
+    match probe() {
+        Probe::Available(backend) => {
+            eprintln!("KVM available (backend {}): running the KVM side", backend.name());
+            true
+        }
+        Probe::Unavailable(reason) => {
+            eprintln!("skipping the KVM side: {reason}");
+            false
+        }
+    }
+}
+
+fn config(timeout: Duration) -> KvmConfig {
+    KvmConfig { timeout, ..KvmConfig::default() }
+}
+
+/// Prints "K\n" on COM1, reads the MMIO test region, and exits with 5 plus what it read.
+const HELLO: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
+    0x04, 0x05, // add al, 5
+    0xe6, 0xf4, // out 0xf4, al
+    0xeb, 0xfe, // jmp $ (never reached: the exit port ends the run)
+];
+
+#[test]
+fn kvm_and_the_reference_machine_end_the_same_way() {
+    let image = flat_image(HELLO);
+    let mut machine = Machine::from_multiboot(&image, MachineConfig::default()).unwrap();
+    let reference = machine.run(&mut NullObserver, RunLimits::default()).unwrap();
+    assert_eq!((reference.exit_status, reference.serial.as_slice()), (5, &b"K\n"[..]));
+    if !kvm_here() {
+        return;
+    }
+    let outcome = run(&image, &config(Duration::from_secs(20))).unwrap();
+    assert_eq!(outcome.exit_status, reference.exit_status);
+    assert_eq!(outcome.serial, reference.serial);
+    assert_eq!(outcome.exits.io_out, 3, "two serial bytes and the exit port");
+    assert_eq!(outcome.exits.mmio_read, 1);
+}
+
+#[test]
+fn a_looping_guest_is_stopped_with_its_rip() {
+    if !kvm_here() {
+        return;
+    }
+    let image = flat_image(&[0xeb, 0xfe]); // jmp $
+    match run(&image, &config(Duration::from_millis(500))) {
+        Err(KvmError::Timeout { rip, .. }) => assert_eq!(rip, u64::from(LOAD) + CODE_OFFSET as u64),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_triple_fault_is_reported_with_its_rip() {
+    // lidt [descriptor with limit 0]; mov ax, 0xfff8; mov ds, ax -> #GP (selector past the GDT limit), which
+    // cannot be delivered -> #DF, which cannot either -> shutdown.
+    let descriptor = LOAD + CODE_OFFSET as u32 + 16;
+    let mut code = vec![0x0f, 0x01, 0x1d];
+    code.extend_from_slice(&descriptor.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xb8, 0xf8, 0xff, 0x8e, 0xd8]); // mov ax, 0xfff8; mov ds, ax
+    code.extend_from_slice(&[0xeb, 0xfe, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // jmp $; padding; IDT descriptor
+    let image = flat_image(&code);
+    let faulting = u64::from(LOAD) + CODE_OFFSET as u64 + 11;
+    let mut machine = Machine::from_multiboot(&image, MachineConfig::default()).unwrap();
+    let reference = machine.run(&mut NullObserver, RunLimits::default()).unwrap_err();
+    assert!(reference.to_string().contains("triple fault"), "{reference}");
+    if !kvm_here() {
+        return;
+    }
+    match run(&image, &config(Duration::from_secs(20))) {
+        Err(KvmError::TripleFault { rip }) => assert_eq!(rip, faulting),
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn images_without_a_multiboot_header_are_refused_before_kvm_is_touched() {
+    let err = run(&[0x90; 64], &KvmConfig::default()).unwrap_err();
+    assert!(matches!(err, KvmError::Load(_)), "{err}");
+}

@@ -1,0 +1,141 @@
+//! The pre-classified fast forms and the general operand path must agree. Every ALU operation,
+//! width, input pair and carry is run register-to-register and with a memory operand (load and
+//! store direction), each memory form once plain (a fast form) and once behind an FS override (FS
+//! base 0 here), which only the general path handles.
+
+mod common;
+use common::*;
+use iced_x86::code_asm::*;
+
+const INPUTS: [u64; 6] = [0, 1, 0x7F, 0x80, 0xFFFF_FFFF_FFFF_FFFF, 0x8000_0000_0000_0001];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    Registers,
+    Load { with_fs: bool },
+    Store { with_fs: bool },
+}
+
+fn memory_operand(bytes: u32, with_fs: bool) -> AsmMemoryOperand {
+    let operand = match bytes {
+        1 => byte_ptr(rdi),
+        2 => word_ptr(rdi),
+        4 => dword_ptr(rdi),
+        _ => qword_ptr(rdi),
+    };
+    if with_fs {
+        operand.fs()
+    } else {
+        operand
+    }
+}
+
+/// Emits `mnemonic` with RBX-sized destination and RCX-sized source, or with [RDI] in place of
+/// the source (load) or the destination (store, the register operand then being RCX).
+fn emit(a: &mut CodeAssembler, mnemonic: &str, form: Form, bytes: u32) {
+    macro_rules! emit {
+        ($method:ident) => {{
+            let memory = |with_fs: bool| memory_operand(bytes, with_fs);
+            match (form, bytes) {
+                (Form::Registers, 1) => a.$method(bl, cl).unwrap(),
+                (Form::Registers, 2) => a.$method(bx, cx).unwrap(),
+                (Form::Registers, 4) => a.$method(ebx, ecx).unwrap(),
+                (Form::Registers, _) => a.$method(rbx, rcx).unwrap(),
+                (Form::Load { with_fs }, 1) => a.$method(bl, memory(with_fs)).unwrap(),
+                (Form::Load { with_fs }, 2) => a.$method(bx, memory(with_fs)).unwrap(),
+                (Form::Load { with_fs }, 4) => a.$method(ebx, memory(with_fs)).unwrap(),
+                (Form::Load { with_fs }, _) => a.$method(rbx, memory(with_fs)).unwrap(),
+                (Form::Store { with_fs }, 1) => a.$method(memory(with_fs), cl).unwrap(),
+                (Form::Store { with_fs }, 2) => a.$method(memory(with_fs), cx).unwrap(),
+                (Form::Store { with_fs }, 4) => a.$method(memory(with_fs), ecx).unwrap(),
+                (Form::Store { with_fs }, _) => a.$method(memory(with_fs), rcx).unwrap(),
+            }
+        }};
+    }
+    match mnemonic {
+        "add" => emit!(add),
+        "or" => emit!(or),
+        "adc" => emit!(adc),
+        "sbb" => emit!(sbb),
+        "and" => emit!(and),
+        "sub" => emit!(sub),
+        "xor" => emit!(xor),
+        "cmp" => emit!(cmp),
+        _ => emit!(mov),
+    }
+}
+
+/// Runs every input pair and carry through one form; returns (destination, status flags) per case.
+fn run_form(mnemonic: &str, bytes: u32, form: Form) -> Vec<(u64, u64)> {
+    const RESULTS: u64 = DATA + 0x1000;
+    let mut cases = 0;
+    let (machine, result) = run_code(|a| {
+        a.mov(rdi, DATA).unwrap();
+        a.mov(rsi, RESULTS).unwrap();
+        for &a_value in &INPUTS {
+            for &b_value in &INPUTS {
+                for carry in [false, true] {
+                    // Destination value a, source value b, wherever each lives in this form.
+                    let (memory_value, rbx_value, rcx_value) = match form {
+                        Form::Store { .. } => (a_value, 0, b_value),
+                        _ => (b_value, a_value, b_value),
+                    };
+                    a.mov(rax, memory_value).unwrap();
+                    a.mov(qword_ptr(rdi), rax).unwrap();
+                    a.mov(rbx, rbx_value).unwrap();
+                    a.mov(rcx, rcx_value).unwrap();
+                    if carry {
+                        a.stc().unwrap();
+                    } else {
+                        a.clc().unwrap();
+                    }
+                    emit(a, mnemonic, form, bytes);
+                    a.pushfq().unwrap();
+                    a.pop(rax).unwrap();
+                    if let Form::Store { .. } = form {
+                        a.mov(rbx, qword_ptr(rdi)).unwrap();
+                    }
+                    a.mov(qword_ptr(rsi + cases * 16), rbx).unwrap();
+                    a.mov(qword_ptr(rsi + cases * 16 + 8), rax).unwrap();
+                    cases += 1;
+                }
+            }
+        }
+        exit(a, 0);
+    });
+    result.unwrap();
+    let destination_mask = match form {
+        // A store leaves the rest of the quadword as it was; compare the operand only.
+        Form::Store { .. } => u64::MAX >> (64 - bytes * 8),
+        _ => u64::MAX,
+    };
+    (0..cases as u64)
+        .map(|case| {
+            (
+                read_u64(&machine, RESULTS + case * 16) & destination_mask,
+                status(read_u64(&machine, RESULTS + case * 16 + 8)),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fast_forms_and_general_path_agree() {
+    for mnemonic in ["add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "mov"] {
+        for bytes in [1, 2, 4, 8] {
+            let registers = run_form(mnemonic, bytes, Form::Registers);
+            assert_eq!(registers.len(), INPUTS.len() * INPUTS.len() * 2);
+            for form in [Form::Load { with_fs: false }, Form::Load { with_fs: true }] {
+                assert_eq!(run_form(mnemonic, bytes, form), registers, "{mnemonic}, {bytes} bytes, {form:?}");
+            }
+            let fast_store = run_form(mnemonic, bytes, Form::Store { with_fs: false });
+            let general_store = run_form(mnemonic, bytes, Form::Store { with_fs: true });
+            assert_eq!(fast_store, general_store, "{mnemonic}, {bytes} bytes, store");
+            let register_results: Vec<_> =
+                registers.iter().map(|(value, flags)| (value & (u64::MAX >> (64 - bytes * 8)), *flags)).collect();
+            if mnemonic != "mov" {
+                assert_eq!(fast_store, register_results, "{mnemonic}, {bytes} bytes, store against registers");
+            }
+        }
+    }
+}

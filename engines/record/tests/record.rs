@@ -1,0 +1,90 @@
+//! Records hand-assembled guests and checks the traces: valid by the checker, with the counts the code implies.
+
+use std::io::Cursor;
+use std::path::PathBuf;
+
+use virtlab_machine::multiboot::{flat_image, FLAT_IMAGE_CODE_OFFSET, FLAT_IMAGE_LOAD};
+use virtlab_machine::MachineConfig;
+use virtlab_record::{record_to_file, RecordRequest};
+use virtlab_traces::{check, EndReason, EventKind, Metadata, TraceView};
+
+const LOAD: u32 = FLAT_IMAGE_LOAD;
+const CODE_OFFSET: usize = FLAT_IMAGE_CODE_OFFSET as usize;
+
+fn record(name: &str, code: &[u8], max_instructions: u64) -> (Vec<u8>, virtlab_record::RecordSummary) {
+    let dir = std::env::temp_dir().join(format!("virtlab-record-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path: PathBuf = dir.join("t.vlt");
+    let request = RecordRequest {
+        image: &flat_image(code),
+        metadata: Metadata { workload: name.into(), recorder: "tests".into(), ..Metadata::default() },
+        machine: MachineConfig::default(),
+        max_instructions,
+        timeout: None,
+    };
+    let summary = record_to_file(&path, request, |_| {}).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (bytes, summary)
+}
+
+/// Eight instructions: two serial writes, an MMIO read, the exit-port write (status 5 + the 0 read).
+const HELLO: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
+    0x04, 0x05, // add al, 5
+    0xe6, 0xf4, // out 0xf4, al
+    0xeb, 0xfe, // jmp $
+];
+
+#[test]
+fn a_recorded_guest_gives_a_valid_trace_with_the_counts_its_code_implies() {
+    let (trace, summary) = record("hello", HELLO, 1_000_000);
+    check(Cursor::new(&trace)).unwrap();
+    let view = TraceView::open(&trace).unwrap();
+    let footer = view.footer();
+    assert_eq!(footer.ending.reason, EndReason::GuestExit);
+    assert_eq!(footer.ending.exit_status, 5);
+    assert_eq!(footer.ending.serial, b"K\n");
+    assert_eq!(footer.totals.instructions, 8);
+    assert_eq!(summary.instructions, 8);
+    assert_eq!(footer.totals.instructions_kernel, 8);
+    assert_eq!(footer.totals.count(EventKind::Io), 3);
+    assert_eq!(footer.totals.count(EventKind::Mmio), 1);
+    assert_eq!(view.boot().rax, 0x2bad_b002);
+    assert_eq!(view.boot().rip, u64::from(LOAD) + CODE_OFFSET as u64);
+    // The image holds the loaded kernel (the Multiboot header at 1 MiB is part of it).
+    assert!(view
+        .image()
+        .iter()
+        .any(|s| s.gpa == u64::from(LOAD) && s.bytes.starts_with(&0x1bad_b002u32.to_le_bytes())));
+}
+
+#[test]
+fn a_guest_that_never_stops_gives_a_valid_incomplete_trace() {
+    let (trace, _) = record("loop", &[0xeb, 0xfe], 1000);
+    check(Cursor::new(&trace)).unwrap();
+    let view = TraceView::open(&trace).unwrap();
+    assert_eq!(view.footer().ending.reason, EndReason::InstructionLimit);
+    assert!(!view.footer().is_complete());
+    assert_eq!(view.footer().totals.instructions, 1000);
+    assert!(view.footer().ending.detail.contains("instruction limit"), "{}", view.footer().ending.detail);
+}
+
+#[test]
+fn a_triple_fault_ends_the_trace_with_its_chain() {
+    // lidt [limit 0]; mov ax, 0xfff8; mov ds, ax -> #GP -> #DF -> triple fault.
+    let descriptor = LOAD + CODE_OFFSET as u32 + 16;
+    let mut code = vec![0x0f, 0x01, 0x1d];
+    code.extend_from_slice(&descriptor.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xb8, 0xf8, 0xff, 0x8e, 0xd8, 0xeb, 0xfe, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let (trace, _) = record("triple", &code, 1000);
+    check(Cursor::new(&trace)).unwrap();
+    let view = TraceView::open(&trace).unwrap();
+    assert_eq!(view.footer().ending.reason, EndReason::TripleFault);
+    // lidt and mov ax retired; mov ds faulted.
+    assert_eq!(view.footer().totals.instructions, 2);
+    assert_eq!(view.footer().totals.count(EventKind::DescriptorLoad), 1);
+}
