@@ -3,6 +3,8 @@
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
+use crate::timing::fastest;
+
 use anyhow::{ensure, Context};
 use virtlab_traces::format::{ChunkKind, CHUNK_HEADER_LEN};
 use virtlab_traces::synth::{self, EventHasher, SynthConfig};
@@ -19,19 +21,6 @@ pub struct Args {
     /// Timed repetitions of each read; the fastest is reported.
     #[arg(long, default_value_t = 3)]
     repeat: u32,
-}
-
-fn fastest<T>(repeat: u32, mut run: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<(Duration, T)> {
-    let mut best: Option<(Duration, T)> = None;
-    for _ in 0..repeat.max(1) {
-        let start = Instant::now();
-        let value = run()?;
-        let elapsed = start.elapsed();
-        if best.as_ref().is_none_or(|(time, _)| elapsed < *time) {
-            best = Some((elapsed, value));
-        }
-    }
-    Ok(best.expect("at least one run"))
 }
 
 fn per_second(count: u64, time: Duration) -> String {

@@ -1,7 +1,9 @@
 //! Developer tasks: `cargo xtask <task>`. One module per task.
 
+mod bench_machine;
 mod bench_trace;
 mod synth_trace;
+mod timing;
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Measure the reference machine on the workload catalog: interpreting and recording speed, trace size,
+    /// with a correctness column. Prints a Markdown table for BENCHMARKS.md.
+    BenchMachine(bench_machine::Args),
     /// Measure the trace format: write and read speed, bytes per instruction, with a correctness column.
     ///
     /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
@@ -25,6 +30,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
+        Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),
     }

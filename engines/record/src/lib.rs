@@ -3,7 +3,8 @@
 //! the only place the two meet.
 
 use std::collections::HashMap;
-use std::io::{Seek, Write};
+use std::fs::File;
+use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use virtlab_machine::observer::{
 use virtlab_machine::{LoadError, Machine, MachineConfig, MachineError, RunLimits};
 use virtlab_traces::{
     Access, Block, BlockId, BootState, CodeMode, Context, DescriptorLoad, Direction, EndReason, Ending, Event,
-    Metadata, PageSize, PagingMode, Segment, TraceFile, TraceWriter, WriteError,
+    Metadata, PageSize, PagingMode, Segment, TraceWriter, WriteError,
 };
 
 /// The observer that writes a trace. A block execution is written once the machine says whether it was cut
@@ -244,20 +245,42 @@ pub enum RecordError {
 const SLICE: u64 = 20_000_000;
 
 /// Boots `request.image` on the reference machine, records its run into the trace at `path` (written
-/// atomically), and says how it ended. A guest that triple-faults, loops past the limits or meets an instruction
-/// the machine does not model still gives a valid trace, marked incomplete, whose footer says why.
+/// atomically: a temporary file beside it, renamed at the end), and says how it ended. A guest that
+/// triple-faults, loops past the limits or meets an instruction the machine does not model still gives a
+/// valid trace, marked incomplete, whose footer says why.
 ///
 /// `progress` is called with the instructions retired so far every few million instructions.
 pub fn record_to_file(
     path: &Path,
     request: RecordRequest<'_>,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<RecordSummary, RecordError> {
+    let temp = virtlab_traces::atomic::temp_path(path);
+    let result = (|| {
+        let file = File::create(&temp).map_err(WriteError::Io)?;
+        let (out, summary) = record(BufWriter::new(file), request, progress)?;
+        let file = out.into_inner().map_err(|e| WriteError::Io(e.into_error()))?;
+        file.sync_all().map_err(WriteError::Io)?;
+        std::fs::rename(&temp, path).map_err(WriteError::Io)?;
+        Ok(summary)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// [`record_to_file`] into any seekable sink, which it returns with the summary.
+pub fn record<W: Write + Seek>(
+    out: W,
+    request: RecordRequest<'_>,
+    mut progress: impl FnMut(u64),
+) -> Result<(W, RecordSummary), RecordError> {
     let mut machine = Machine::from_multiboot(request.image, request.machine.clone())?;
     let boot = boot_state(&machine);
     let image = initial_memory(machine.ram());
-    let mut file = TraceFile::create(path, request.metadata, boot, &image)?;
-    let mut recorder = TraceRecorder::new(file.writer());
+    let mut writer = TraceWriter::new(out, request.metadata, boot, &image)?;
+    let mut recorder = TraceRecorder::new(&mut writer);
     let started = Instant::now();
     let outcome = loop {
         let done = machine.retired_instructions();
@@ -303,8 +326,8 @@ pub fn record_to_file(
         },
     };
     recorder.close()?;
-    file.finish(ending.clone())?;
-    Ok(RecordSummary { ending, instructions: machine.retired_instructions() })
+    let out = writer.finish(ending.clone())?;
+    Ok((out, RecordSummary { ending, instructions: machine.retired_instructions() }))
 }
 
 /// The processor state the machine starts from, as the trace records it.

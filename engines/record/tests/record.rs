@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use virtlab_machine::multiboot::{flat_image, FLAT_IMAGE_CODE_OFFSET, FLAT_IMAGE_LOAD};
 use virtlab_machine::MachineConfig;
 use virtlab_record::{record_to_file, RecordRequest};
-use virtlab_traces::{check, EndReason, EventKind, Metadata, TraceView};
+use virtlab_traces::{check, Direction, EndReason, Event, EventKind, Metadata, TraceView};
 
 const LOAD: u32 = FLAT_IMAGE_LOAD;
 const CODE_OFFSET: usize = FLAT_IMAGE_CODE_OFFSET as usize;
@@ -28,31 +28,41 @@ fn record(name: &str, code: &[u8], max_instructions: u64) -> (Vec<u8>, virtlab_r
     (bytes, summary)
 }
 
-/// Eight instructions: two serial writes, an MMIO read, the exit-port write (status 5 + the 0 read).
-const HELLO: &[u8] = &[
+/// Nine instructions: a serial write, a POST-port read, CPUID leaf 0, an MMIO store, the exit-port write (7).
+const PROBE: &[u8] = &[
     0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-    0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
-    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
-    0xa1, 0x00, 0x00, 0x00, 0xd0, // mov eax, [0xd0000000]
-    0x04, 0x05, // add al, 5
-    0xe6, 0xf4, // out 0xf4, al
+    0xb0, b'R', 0xee, // mov al, 'R'; out dx, al
+    0xe4, 0x80, // in al, 0x80
+    0x31, 0xc0, // xor eax, eax
+    0x0f, 0xa2, // cpuid
+    0xa3, 0x00, 0x00, 0x00, 0xd0, // mov [0xd0000000], eax
+    0xb0, 0x07, 0xe6, 0xf4, // mov al, 7; out 0xf4, al
     0xeb, 0xfe, // jmp $
 ];
 
 #[test]
 fn a_recorded_guest_gives_a_valid_trace_with_the_counts_its_code_implies() {
-    let (trace, summary) = record("hello", HELLO, 1_000_000);
+    let (trace, summary) = record("probe", PROBE, 1_000_000);
     check(Cursor::new(&trace)).unwrap();
     let view = TraceView::open(&trace).unwrap();
     let footer = view.footer();
     assert_eq!(footer.ending.reason, EndReason::GuestExit);
-    assert_eq!(footer.ending.exit_status, 5);
-    assert_eq!(footer.ending.serial, b"K\n");
-    assert_eq!(footer.totals.instructions, 8);
-    assert_eq!(summary.instructions, 8);
-    assert_eq!(footer.totals.instructions_kernel, 8);
-    assert_eq!(footer.totals.count(EventKind::Io), 3);
+    assert_eq!(footer.ending.exit_status, 7);
+    assert_eq!(footer.ending.serial, b"R");
+    assert_eq!(footer.totals.instructions, 9);
+    assert_eq!(summary.instructions, 9);
+    assert_eq!(footer.totals.instructions_kernel, 9);
+    assert_eq!(footer.totals.count(EventKind::Io), 3, "serial out, POST in, exit out");
+    assert_eq!(footer.totals.count(EventKind::Cpuid), 1);
     assert_eq!(footer.totals.count(EventKind::Mmio), 1);
+    let mut events = Vec::new();
+    view.for_each_event(|event| events.push(event)).unwrap();
+    // The machine ends a block after every port access, so the code runs as three blocks: [mov, mov, out],
+    // [in], [xor, cpuid, mov, mov, out].
+    assert_eq!(footer.totals.count(EventKind::Block), 3);
+    let post_read = Event::Io { at: 0, port: 0x80, size: 1, direction: Direction::Read, value: 0xff };
+    assert!(events.contains(&post_read), "{events:?}");
+    assert!(events.contains(&Event::Cpuid { at: 1, leaf: 0, subleaf: 0 }), "{events:?}");
     assert_eq!(view.boot().rax, 0x2bad_b002);
     assert_eq!(view.boot().rip, u64::from(LOAD) + CODE_OFFSET as u64);
     // The image holds the loaded kernel (the Multiboot header at 1 MiB is part of it).
