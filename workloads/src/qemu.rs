@@ -8,7 +8,8 @@ use std::time::Duration;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 /// SeaBIOS's last words before the guest runs; only what follows is the guest's. The firmware sometimes
-/// prints a third dot, which no guest starts its output with.
+/// prints a third dot or ends the line (seen without a terminal on standard input); no guest starts its output
+/// with either.
 const FIRMWARE_LAST_LINE: &str = "Booting from ROM..";
 
 /// How a QEMU boot ended.
@@ -50,7 +51,7 @@ pub fn boot(image: &[u8], timeout: Duration) -> std::io::Result<QemuRun> {
     let output = output?;
     let serial = String::from_utf8_lossy(&output.stdout).into_owned();
     let serial = match serial.rfind(FIRMWARE_LAST_LINE) {
-        Some(position) => serial[position + FIRMWARE_LAST_LINE.len()..].trim_start_matches('.').to_string(),
+        Some(position) => serial[position + FIRMWARE_LAST_LINE.len()..].trim_start_matches(['.', '\r', '\n']).to_string(),
         None => serial,
     };
     let qemu_status = output.status.code().unwrap_or(-1);

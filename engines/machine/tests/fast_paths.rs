@@ -65,76 +65,97 @@ fn emit(a: &mut CodeAssembler, mnemonic: &str, form: Form, bytes: u32) {
     }
 }
 
-/// Runs every input pair and carry through one form; returns (destination, status flags) per case.
-fn run_form(mnemonic: &str, bytes: u32, form: Form) -> Vec<(u64, u64)> {
+const FORMS: [Form; 5] = [
+    Form::Registers,
+    Form::Load { with_fs: false },
+    Form::Load { with_fs: true },
+    Form::Store { with_fs: false },
+    Form::Store { with_fs: true },
+];
+
+/// Runs every width, form, input pair and carry of one mnemonic in a single guest; returns
+/// (destination, status flags) per case, grouped by (width, form) in `FORMS` order.
+fn run_mnemonic(mnemonic: &str) -> Vec<Vec<(u64, u64)>> {
     const RESULTS: u64 = DATA + 0x1000;
-    let mut cases = 0;
+    let cases_per_form = INPUTS.len() * INPUTS.len() * 2;
+    let mut case = 0u64;
     let (machine, result) = run_code(|a| {
         a.mov(rdi, DATA).unwrap();
         a.mov(rsi, RESULTS).unwrap();
-        for &a_value in &INPUTS {
-            for &b_value in &INPUTS {
-                for carry in [false, true] {
-                    // Destination value a, source value b, wherever each lives in this form.
-                    let (memory_value, rbx_value, rcx_value) = match form {
-                        Form::Store { .. } => (a_value, 0, b_value),
-                        _ => (b_value, a_value, b_value),
-                    };
-                    a.mov(rax, memory_value).unwrap();
-                    a.mov(qword_ptr(rdi), rax).unwrap();
-                    a.mov(rbx, rbx_value).unwrap();
-                    a.mov(rcx, rcx_value).unwrap();
-                    if carry {
-                        a.stc().unwrap();
-                    } else {
-                        a.clc().unwrap();
+        for bytes in [1, 2, 4, 8] {
+            for form in FORMS {
+                for &a_value in &INPUTS {
+                    for &b_value in &INPUTS {
+                        for carry in [false, true] {
+                            // Destination value a, source value b, wherever each lives in this form.
+                            let (memory_value, rbx_value, rcx_value) = match form {
+                                Form::Store { .. } => (a_value, 0, b_value),
+                                _ => (b_value, a_value, b_value),
+                            };
+                            a.mov(rax, memory_value).unwrap();
+                            a.mov(qword_ptr(rdi), rax).unwrap();
+                            a.mov(rbx, rbx_value).unwrap();
+                            a.mov(rcx, rcx_value).unwrap();
+                            if carry {
+                                a.stc().unwrap();
+                            } else {
+                                a.clc().unwrap();
+                            }
+                            emit(a, mnemonic, form, bytes);
+                            a.pushfq().unwrap();
+                            a.pop(rax).unwrap();
+                            if let Form::Store { .. } = form {
+                                a.mov(rbx, qword_ptr(rdi)).unwrap();
+                            }
+                            a.mov(qword_ptr(rsi + case * 16), rbx).unwrap();
+                            a.mov(qword_ptr(rsi + case * 16 + 8), rax).unwrap();
+                            case += 1;
+                        }
                     }
-                    emit(a, mnemonic, form, bytes);
-                    a.pushfq().unwrap();
-                    a.pop(rax).unwrap();
-                    if let Form::Store { .. } = form {
-                        a.mov(rbx, qword_ptr(rdi)).unwrap();
-                    }
-                    a.mov(qword_ptr(rsi + cases * 16), rbx).unwrap();
-                    a.mov(qword_ptr(rsi + cases * 16 + 8), rax).unwrap();
-                    cases += 1;
                 }
             }
         }
         exit(a, 0);
     });
     result.unwrap();
-    let destination_mask = match form {
-        // A store leaves the rest of the quadword as it was; compare the operand only.
-        Form::Store { .. } => u64::MAX >> (64 - bytes * 8),
-        _ => u64::MAX,
-    };
-    (0..cases as u64)
-        .map(|case| {
-            (
-                read_u64(&machine, RESULTS + case * 16) & destination_mask,
-                status(read_u64(&machine, RESULTS + case * 16 + 8)),
-            )
-        })
-        .collect()
+    let mut groups = Vec::new();
+    for (group, (bytes, form)) in
+        [1u32, 2, 4, 8].iter().flat_map(|bytes| FORMS.iter().map(move |form| (*bytes, *form))).enumerate()
+    {
+        let destination_mask = match form {
+            // A store leaves the rest of the quadword as it was; compare the operand only.
+            Form::Store { .. } => u64::MAX >> (64 - bytes * 8),
+            _ => u64::MAX,
+        };
+        let first = (group * cases_per_form) as u64;
+        groups.push(
+            (first..first + cases_per_form as u64)
+                .map(|case| {
+                    (
+                        read_u64(&machine, RESULTS + case * 16) & destination_mask,
+                        status(read_u64(&machine, RESULTS + case * 16 + 8)),
+                    )
+                })
+                .collect(),
+        );
+    }
+    groups
 }
 
 #[test]
 fn fast_forms_and_general_path_agree() {
     for mnemonic in ["add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "mov"] {
-        for bytes in [1, 2, 4, 8] {
-            let registers = run_form(mnemonic, bytes, Form::Registers);
-            assert_eq!(registers.len(), INPUTS.len() * INPUTS.len() * 2);
-            for form in [Form::Load { with_fs: false }, Form::Load { with_fs: true }] {
-                assert_eq!(run_form(mnemonic, bytes, form), registers, "{mnemonic}, {bytes} bytes, {form:?}");
-            }
-            let fast_store = run_form(mnemonic, bytes, Form::Store { with_fs: false });
-            let general_store = run_form(mnemonic, bytes, Form::Store { with_fs: true });
-            assert_eq!(fast_store, general_store, "{mnemonic}, {bytes} bytes, store");
+        let groups = run_mnemonic(mnemonic);
+        for (width, bytes) in [1u32, 2, 4, 8].iter().enumerate() {
+            let group = |form: usize| &groups[width * FORMS.len() + form];
+            let registers = group(0);
+            assert_eq!(group(1), registers, "{mnemonic}, {bytes} bytes, load");
+            assert_eq!(group(2), registers, "{mnemonic}, {bytes} bytes, load through FS");
+            assert_eq!(group(3), group(4), "{mnemonic}, {bytes} bytes, store");
             let register_results: Vec<_> =
                 registers.iter().map(|(value, flags)| (value & (u64::MAX >> (64 - bytes * 8)), *flags)).collect();
             if mnemonic != "mov" {
-                assert_eq!(fast_store, register_results, "{mnemonic}, {bytes} bytes, store against registers");
+                assert_eq!(group(3), &register_results, "{mnemonic}, {bytes} bytes, store against registers");
             }
         }
     }

@@ -28,7 +28,7 @@ fn read_u32(machine: &Machine, address: u64) -> u32 {
 
 /// Flat 32-bit protected mode at CPL 0, paging off, a 32-bit IDT and TSS.
 fn protected_machine() -> Machine {
-    let mut machine = Machine::new(&MachineConfig { ram_size: 16 << 20, command_line: String::new() }).unwrap();
+    let mut machine = Machine::new(&MachineConfig { ram_size: 8 << 20, command_line: String::new() }).unwrap();
     let tss_low = 0x67u64 | ((TSS & 0xFF_FFFF) << 16) | (0x89u64 << 40);
     let gdt: [u64; 7] = [
         0,

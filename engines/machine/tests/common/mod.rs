@@ -79,7 +79,7 @@ pub fn set_gate(machine: &mut Machine, vector: u8, handler: u64, dpl: u8, ist: u
 /// Long mode, CPL 0, identity mapping of the first 1 GiB with 2 MiB pages (user, writable) plus
 /// the MMIO test region; NXE, SCE and WP on; interrupts off.
 pub fn long_mode_machine() -> Machine {
-    let mut machine = Machine::new(&MachineConfig { ram_size: 16 << 20, command_line: String::new() }).unwrap();
+    let mut machine = Machine::new(&MachineConfig { ram_size: 8 << 20, command_line: String::new() }).unwrap();
     write_u64(&mut machine, PML4, PDPT | PRESENT | WRITABLE | USER);
     write_u64(&mut machine, PDPT, PD | PRESENT | WRITABLE | USER);
     write_u64(&mut machine, PDPT + 3 * 8, PD_HIGH | PRESENT | WRITABLE | USER);
