@@ -135,11 +135,11 @@ pub enum SideEvent {
 /// Receives everything a trace recorder needs. Every method defaults to doing nothing.
 ///
 /// `index` arguments are the position of the responsible instruction within the block most
-/// recently reported through [`ExecutionObserver::block`] (0 = its first instruction). Reports
-/// made while fetching a block (its execute-access page touch, or an exception raised by the fetch
-/// itself, in which case no block is reported) come before that block and carry 0. Reports made
-/// between blocks (context changes, external interrupts) carry the position of the last
-/// instruction that ran.
+/// recently reported through [`ExecutionObserver::block`] (0 = its first instruction). The
+/// execute-access page touch made by fetching a block is reported right after that block, at 0.
+/// Reports made after a block's instructions (context changes, external interrupts, an exception
+/// raised by fetching the next block, in which case no block is reported) carry the number of
+/// instructions the block retired.
 pub trait ExecutionObserver {
     /// When false the machine skips building reports (and the bookkeeping behind page touches).
     const ENABLED: bool = true;
