@@ -12,7 +12,7 @@ use virtlab_traces::{Event, EventKind, TraceReader, TraceView};
 
 fn read(c: &mut Criterion) {
     let (cursor, summary) =
-        synth::write_trace(Cursor::new(Vec::new()), &SynthConfig { seed: 1, instructions: 20_000_000 }).unwrap();
+        synth::write_trace(Cursor::new(Vec::new()), &SynthConfig { seed: 1, instructions: 100_000_000 }).unwrap();
     let trace = cursor.into_inner();
     let view = TraceView::open(&trace).unwrap();
     let block_events = view.footer().totals.count(EventKind::Block);
