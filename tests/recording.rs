@@ -1,12 +1,13 @@
 //! Traces recorded from the real guests: every catalog workload records a trace that passes the checker and
 //! agrees with an unobserved run, and recording is deterministic.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::PathBuf;
 
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
 use virtlab_record::{record_to_file, RecordRequest};
-use virtlab_traces::{check, EndReason, Metadata, TraceView};
+use virtlab_traces::{check, Direction, EndReason, Event, Metadata, TraceView};
 
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("virtlab-recording-{}", std::process::id()));
@@ -65,5 +66,55 @@ fn every_workload_records_a_valid_trace_that_agrees_with_an_unobserved_run() {
 fn two_recordings_of_the_same_workload_are_byte_identical() {
     for name in ["syscall", "hlt", "forkwait"] {
         assert!(record(name, &format!("{name}-a")) == record(name, &format!("{name}-b")), "{name}");
+    }
+}
+
+/// What a benchmark's trace must show for each iteration: (workload, what is counted, events per iteration).
+/// Each iteration does what the paper's (or kvm-unit-tests') does, so the trace holds at least that many.
+const EVENTS_PER_ITERATION: &[(&str, &str, u64)] = &[
+    ("syscall", "syscall", 1),
+    ("syscall", "sysret", 1),
+    ("in", "in 0x80", 1),
+    ("inl", "in 0x1234", 1),
+    ("outl", "out 0x1234", 1),
+    ("cr8wr", "cr8 write", 1),
+    ("pgfault", "exception 14", 1),
+    ("divzero", "exception 0", 1),
+    ("ptemod", "page_table_write", 1),
+    ("cpuid", "cpuid", 1),
+    ("rdmsr", "msr_read", 1),
+    ("wrmsr", "msr_write", 1),
+    ("hlt", "hlt", 1),
+    ("hlt", "interrupt", 1),
+    ("mmio", "mmio", 2),
+    ("ctxswitch", "cr3 write", 1),
+];
+
+/// The name an event is counted under in [`EVENTS_PER_ITERATION`].
+fn counted_as(event: &Event) -> String {
+    match *event {
+        Event::Exception { vector, .. } => format!("exception {vector}"),
+        Event::CrWrite { cr, .. } => format!("cr{cr} write"),
+        Event::Io { port, direction: Direction::Read, .. } => format!("in {port:#x}"),
+        Event::Io { port, direction: Direction::Write, .. } => format!("out {port:#x}"),
+        other => other.kind().name().to_string(),
+    }
+}
+
+#[test]
+fn each_benchmark_trace_holds_the_events_it_measures_once_per_iteration() {
+    let mut workloads: Vec<&str> = EVENTS_PER_ITERATION.iter().map(|(name, _, _)| *name).collect();
+    workloads.dedup();
+    for name in workloads {
+        let trace = record(name, &format!("{name}-events"));
+        let view = TraceView::open(&trace).unwrap();
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        view.for_each_event(|event| *counts.entry(counted_as(&event)).or_default() += 1).unwrap();
+        let spec = virtlab_workloads::catalog().iter().find(|spec| spec.name == name).unwrap();
+        let iterations = spec.param("iterations").unwrap().default;
+        for (_, what, per_iteration) in EVENTS_PER_ITERATION.iter().filter(|(workload, _, _)| *workload == name) {
+            let seen = counts.get(*what).copied().unwrap_or(0);
+            assert!(seen >= per_iteration * iterations, "{name}: {seen} {what} events for {iterations} iterations");
+        }
     }
 }
