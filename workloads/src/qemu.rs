@@ -51,7 +51,9 @@ pub fn boot(image: &[u8], timeout: Duration) -> std::io::Result<QemuRun> {
     let output = output?;
     let serial = String::from_utf8_lossy(&output.stdout).into_owned();
     let serial = match serial.rfind(FIRMWARE_LAST_LINE) {
-        Some(position) => serial[position + FIRMWARE_LAST_LINE.len()..].trim_start_matches(['.', '\r', '\n']).to_string(),
+        Some(position) => {
+            serial[position + FIRMWARE_LAST_LINE.len()..].trim_start_matches(['.', '\r', '\n']).to_string()
+        }
         None => serial,
     };
     let qemu_status = output.status.code().unwrap_or(-1);
