@@ -321,3 +321,30 @@ fn record_writes_a_trace_that_inspect_and_check_accept() {
     assert_eq!((json["complete"].as_bool(), json["instructions"].as_u64()), (Some(false), Some(20000)));
     assert!(virtlab(&["check", incomplete.to_str().unwrap()]).status.success(), "an incomplete trace is still valid");
 }
+
+#[test]
+fn a_guest_that_never_stops_is_ended_by_the_wall_clock_timeout() {
+    let dir = TempDir::new("timeout");
+    let looping = dir.file("loop.bin", &virtlab_machine::multiboot::flat_image(&[0xeb, 0xfe]));
+    let output = virtlab(&["run", &looping, "--max-instructions", "1000000000000", "--timeout", "0.2"]);
+    assert_eq!(output.status.code(), Some(124), "{}", stderr(&output));
+    assert!(stderr(&output).contains("wall-clock deadline passed at RIP 0x100020"), "{}", stderr(&output));
+
+    let trace = dir.0.join("loop.vlt");
+    let output = virtlab(&[
+        "record",
+        "--image",
+        &looping,
+        "--timeout",
+        "0.2",
+        "--max-instructions",
+        "1000000000000",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(124), "{}", stderr(&output));
+    let json: Value = serde_json::from_str(&stdout(&virtlab(&["inspect", trace.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(json["end_reason"], "timeout");
+    assert!(json["end_detail"].as_str().unwrap().contains("RIP 0x100020"), "{json}");
+    assert!(virtlab(&["check", trace.to_str().unwrap()]).status.success());
+}

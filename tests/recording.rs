@@ -25,7 +25,7 @@ fn record(name: &str, file: &str) -> Vec<u8> {
         max_instructions: 100_000_000,
         timeout: None,
     };
-    record_to_file(&path, request, |_| {}).unwrap();
+    record_to_file(&path, request).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     bytes

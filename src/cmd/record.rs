@@ -35,7 +35,7 @@ pub struct Args {
     /// Stop after this many instructions.
     #[arg(long, default_value_t = 2_000_000_000, value_name = "N")]
     max_instructions: u64,
-    /// Stop after this many seconds of wall-clock time.
+    /// Stop after this many seconds of wall-clock time (at the next block boundary).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
 }
@@ -60,13 +60,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         max_instructions: args.max_instructions,
         timeout: args.timeout.map(|s| Duration::from_secs_f64(s.max(0.0))),
     };
+    // Drawn only on a terminal.
     let progress = ProgressBar::new_spinner();
-    progress.set_style(ProgressStyle::with_template("recording {spinner} {msg}").expect("valid template"));
-    let summary = record_to_file(&args.output, request, |retired| {
-        progress.set_message(format!("{retired} instructions"));
-        progress.tick();
-    })
-    .with_context(|| format!("recording into {}", args.output.display()))?;
+    progress.set_style(ProgressStyle::with_template("recording {spinner} {elapsed}").expect("valid template"));
+    progress.enable_steady_tick(Duration::from_millis(100));
+    let summary =
+        record_to_file(&args.output, request).with_context(|| format!("recording into {}", args.output.display()))?;
     progress.finish_and_clear();
     let file_bytes = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
     let ending = &summary.ending;

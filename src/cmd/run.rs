@@ -66,35 +66,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)))
 }
 
-/// Runs on the reference machine in slices, so a wall-clock timeout can stop a guest that loops.
+/// Runs on the reference machine until the guest exits, the instruction limit, or the wall-clock deadline.
 fn run_reference(image: &[u8], max_instructions: u64, timeout: Duration) -> Result<(u32, Vec<u8>), RunError> {
     let mut machine =
         Machine::from_multiboot(image, MachineConfig::default()).map_err(|e| RunError::Failed(e.to_string()))?;
-    let started = std::time::Instant::now();
-    const SLICE: u64 = 50_000_000;
-    loop {
-        let left = max_instructions.saturating_sub(machine.retired_instructions());
-        let slice = left.min(SLICE);
-        match machine.run(&mut NullObserver, RunLimits { max_instructions: slice }) {
-            Ok(outcome) => return Ok((outcome.exit_status, outcome.serial)),
-            Err(MachineError::InstructionLimit { rip, .. }) => {
-                if slice == left {
-                    let error = MachineError::InstructionLimit { limit: max_instructions, rip };
-                    return Err(RunError::Stopped(error.to_string(), machine.serial_output().to_vec()));
-                }
-                if started.elapsed() >= timeout {
-                    let message =
-                        format!("still running after {} s at RIP {rip:#x}; raise --timeout", timeout.as_secs_f64());
-                    return Err(RunError::Stopped(message, machine.serial_output().to_vec()));
-                }
-            }
-            Err(error) => {
-                return Err(RunError::Failed(format!(
-                    "{error}\nserial output so far:\n{}",
-                    String::from_utf8_lossy(machine.serial_output())
-                )))
-            }
+    machine.set_deadline(Some(std::time::Instant::now() + timeout));
+    match machine.run(&mut NullObserver, RunLimits { max_instructions }) {
+        Ok(outcome) => Ok((outcome.exit_status, outcome.serial)),
+        Err(error @ (MachineError::InstructionLimit { .. } | MachineError::Deadline { .. })) => {
+            Err(RunError::Stopped(error.to_string(), machine.serial_output().to_vec()))
         }
+        Err(error) => Err(RunError::Failed(format!(
+            "{error}\nserial output so far:\n{}",
+            String::from_utf8_lossy(machine.serial_output())
+        ))),
     }
 }
 

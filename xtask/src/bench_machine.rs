@@ -59,7 +59,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 max_instructions: 4_000_000_000,
                 timeout: None,
             };
-            let (out, summary) = record(Cursor::new(Vec::new()), request, |_| {})?;
+            let (out, summary) = record(Cursor::new(Vec::new()), request)?;
             Ok((out.into_inner(), summary))
         })?;
         let checked = check(Cursor::new(&trace))?;

@@ -52,6 +52,8 @@ pub enum MachineError {
     TripleFault { rip: u64, mode: CodeMode, chain: ExceptionChain },
     #[error("unimplemented instruction {mnemonic} at {address:#x} ({mode}, CPL {cpl}); the reference machine does not model it, keep it out of the guest or implement it in the machine")]
     Unimplemented { mnemonic: String, address: u64, mode: CodeMode, cpl: u8 },
+    #[error("wall-clock deadline passed at RIP {rip:#x} with the guest still running; allow more time or check the guest for an endless loop")]
+    Deadline { rip: u64 },
     #[error("HLT at RIP {rip:#x} with interrupts disabled or no timer armed: the guest would wait forever; enable interrupts and program the PIT, or exit through port 0xF4")]
     HaltedForever { rip: u64 },
     #[error("guest accessed physical address {address:#x} at RIP {rip:#x}, which is neither RAM (0..{ram_size:#x}) nor the MMIO test region at 0xD0000000; map only backed memory")]

@@ -63,6 +63,9 @@ pub(crate) enum Fault {
 }
 
 /// The reference machine: one CPU, RAM, the devices, and the caches that make interpretation fast.
+/// Blocks run between two readings of the wall clock when a deadline is set.
+const CLOCK_CHECK_INTERVAL: u32 = 4096;
+
 pub struct Machine {
     pub(crate) cpu: Cpu,
     /// `cpu.code_mode()`, refreshed whenever CS, CR0 or EFER change.
@@ -84,6 +87,9 @@ pub struct Machine {
     /// has been reported, so that they belong to it (at position 0) rather than to the block before.
     pub(crate) fetching: bool,
     pub(crate) fetch_touches: Vec<crate::observer::SideEvent>,
+    /// Wall-clock time after which `run` stops at the next block boundary (see [`Machine::set_deadline`]).
+    pub(crate) deadline: Option<std::time::Instant>,
+    pub(crate) blocks_until_clock_check: u32,
     /// Set mid-block when the block must not go on: its code was overwritten, or the guest exited.
     pub(crate) end_block: bool,
     pub(crate) exit_status: Option<u32>,
@@ -114,6 +120,8 @@ impl Machine {
             index_in_block: 0,
             fetching: false,
             fetch_touches: Vec::new(),
+            deadline: None,
+            blocks_until_clock_check: CLOCK_CHECK_INTERVAL,
             end_block: false,
             exit_status: None,
             last_context: None,
@@ -139,6 +147,13 @@ impl Machine {
     ) -> Result<RunOutcome, MachineError> {
         let mut interp = Interp { machine: self, obs: observer };
         interp.run_loop(limits)
+    }
+
+    /// Makes [`Machine::run`] stop with [`MachineError::Deadline`] once this wall-clock time has passed,
+    /// at a block boundary (so the run up to there is exactly what an unlimited run would have done). `None`
+    /// removes the deadline. Only where the run stops depends on the host's clock, never what it did.
+    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.deadline = deadline;
     }
 
     /// Instruction time: retired instructions plus time spent halted. The TSC and the PIT run on it.
@@ -339,10 +354,25 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 return self.handle_fault(fault);
             }
             budget -= retired as u64;
+            if self.deadline_passed() {
+                return Err(MachineError::Deadline { rip: self.cpu.rip });
+            }
             if ended_early || budget == 0 || !block.chains || retired < block.instructions.len() {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads the clock only every [`CLOCK_CHECK_INTERVAL`] blocks: a few microseconds of guest time.
+    #[inline]
+    fn deadline_passed(&mut self) -> bool {
+        let Some(deadline) = self.deadline else { return false };
+        self.blocks_until_clock_check -= 1;
+        if self.blocks_until_clock_check > 0 {
+            return false;
+        }
+        self.blocks_until_clock_check = CLOCK_CHECK_INTERVAL;
+        std::time::Instant::now() >= deadline
     }
 
     fn handle_fault(&mut self, fault: Fault) -> Result<(), MachineError> {

@@ -222,7 +222,7 @@ pub struct RecordRequest<'a> {
     pub machine: MachineConfig,
     /// Stop (with a valid, incomplete trace) after this many instructions.
     pub max_instructions: u64,
-    /// Stop (with a valid, incomplete trace) after this much wall-clock time.
+    /// Stop (with a valid, incomplete trace) at the first block boundary after this much wall-clock time.
     pub timeout: Option<Duration>,
 }
 
@@ -241,24 +241,15 @@ pub enum RecordError {
     Write(#[from] WriteError),
 }
 
-/// Instructions run between wall-clock checks and progress reports.
-const SLICE: u64 = 20_000_000;
-
 /// Boots `request.image` on the reference machine, records its run into the trace at `path` (written
 /// atomically: a temporary file beside it, renamed at the end), and says how it ended. A guest that
 /// triple-faults, loops past the limits or meets an instruction the machine does not model still gives a
 /// valid trace, marked incomplete, whose footer says why.
-///
-/// `progress` is called with the instructions retired so far every few million instructions.
-pub fn record_to_file(
-    path: &Path,
-    request: RecordRequest<'_>,
-    progress: impl FnMut(u64),
-) -> Result<RecordSummary, RecordError> {
+pub fn record_to_file(path: &Path, request: RecordRequest<'_>) -> Result<RecordSummary, RecordError> {
     let temp = virtlab_traces::atomic::temp_path(path);
     let result = (|| {
         let file = File::create(&temp).map_err(WriteError::Io)?;
-        let (out, summary) = record(BufWriter::new(file), request, progress)?;
+        let (out, summary) = record(BufWriter::new(file), request)?;
         let file = out.into_inner().map_err(|e| WriteError::Io(e.into_error()))?;
         file.sync_all().map_err(WriteError::Io)?;
         std::fs::rename(&temp, path).map_err(WriteError::Io)?;
@@ -271,44 +262,23 @@ pub fn record_to_file(
 }
 
 /// [`record_to_file`] into any seekable sink, which it returns with the summary.
-pub fn record<W: Write + Seek>(
-    out: W,
-    request: RecordRequest<'_>,
-    mut progress: impl FnMut(u64),
-) -> Result<(W, RecordSummary), RecordError> {
+pub fn record<W: Write + Seek>(out: W, request: RecordRequest<'_>) -> Result<(W, RecordSummary), RecordError> {
     let mut machine = Machine::from_multiboot(request.image, request.machine.clone())?;
     let boot = boot_state(&machine);
     let image = initial_memory(machine.ram());
     let mut writer = TraceWriter::new(out, request.metadata, boot, &image)?;
     let mut recorder = TraceRecorder::new(&mut writer);
-    let started = Instant::now();
-    let outcome = loop {
-        let done = machine.retired_instructions();
-        let left = request.max_instructions.saturating_sub(done);
-        let slice = left.min(SLICE);
-        match machine.run(&mut recorder, RunLimits { max_instructions: slice }) {
-            Err(MachineError::InstructionLimit { rip, .. }) if slice < left => {
-                progress(machine.retired_instructions());
-                if request.timeout.is_some_and(|timeout| started.elapsed() >= timeout) {
-                    let seconds = request.timeout.map_or(0.0, |t| t.as_secs_f64());
-                    break Err((EndReason::Timeout, format!("stopped after {seconds} s at RIP {rip:#x}")));
-                }
-            }
-            Err(MachineError::InstructionLimit { rip, .. }) => {
-                // The machine counted within one slice; name the limit the caller set.
-                let error = MachineError::InstructionLimit { limit: request.max_instructions, rip };
-                break Err((EndReason::InstructionLimit, error.to_string()));
-            }
-            Err(error) => {
-                let reason = match error {
-                    MachineError::TripleFault { .. } => EndReason::TripleFault,
-                    _ => EndReason::MachineError,
-                };
-                break Err((reason, error.to_string()));
-            }
-            Ok(outcome) => break Ok(outcome),
-        }
-    };
+    machine.set_deadline(request.timeout.map(|timeout| Instant::now() + timeout));
+    let outcome =
+        machine.run(&mut recorder, RunLimits { max_instructions: request.max_instructions }).map_err(|error| {
+            let reason = match error {
+                MachineError::InstructionLimit { .. } => EndReason::InstructionLimit,
+                MachineError::Deadline { .. } => EndReason::Timeout,
+                MachineError::TripleFault { .. } => EndReason::TripleFault,
+                _ => EndReason::MachineError,
+            };
+            (reason, error.to_string())
+        });
     let ending = match outcome {
         Ok(outcome) => Ending {
             reason: EndReason::GuestExit,

@@ -22,7 +22,7 @@ fn record(name: &str, code: &[u8], max_instructions: u64) -> (Vec<u8>, virtlab_r
         max_instructions,
         timeout: None,
     };
-    let summary = record_to_file(&path, request, |_| {}).unwrap();
+    let summary = record_to_file(&path, request).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     (bytes, summary)
