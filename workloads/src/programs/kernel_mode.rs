@@ -4,6 +4,7 @@
 
 use iced_x86::code_asm::*;
 
+use super::{emit_register_probes, ProbeFailures};
 use crate::catalog::ResolvedParams;
 use crate::kernel::boot::{FLAT_LIMIT, KERNEL_CODE_ACCESS_RIGHTS};
 use crate::kernel::{AsmResult, Kernel};
@@ -219,28 +220,14 @@ fn mmio(k: &mut Kernel, iterations: u64) -> AsmResult {
     k.a.jmp(k.r.report_success)
 }
 
-/// Checks SGDT and SIDT (10 bytes stored at RSP) against the guest's tables.
-fn check_descriptor_table_registers(k: &mut Kernel) -> AsmResult {
-    let wrong_gdt = k.failure("SGDT did not return the guest's GDT");
-    let wrong_idt = k.failure("SIDT did not return the guest's IDT");
-    k.a.sgdt(ptr(rsp))?;
-    k.a.cmp(word_ptr(rsp), (GDT_BYTES - 1) as u32)?;
-    k.a.jne(wrong_gdt)?;
-    k.a.mov(rax, GDT_ADDRESS)?;
-    k.a.cmp(qword_ptr(rsp + 2), rax)?;
-    k.a.jne(wrong_gdt)?;
-    k.a.sidt(ptr(rsp))?;
-    k.a.cmp(word_ptr(rsp), (IDT_ENTRIES * 16 - 1) as u32)?;
-    k.a.jne(wrong_idt)?;
-    k.a.mov(rax, IDT_ADDRESS)?;
-    k.a.cmp(qword_ptr(rsp + 2), rax)?;
-    k.a.jne(wrong_idt)
-}
-
 fn sensitive_kernel(k: &mut Kernel, iterations: u64, segment_probes: bool) -> AsmResult {
-    let wrong_ldt = k.failure("SLDT did not return the null selector");
-    let wrong_tr = k.failure("STR did not return the TSS selector");
-    let wrong_msw = k.failure("SMSW did not return the low bits of CR0");
+    let probe_failures = ProbeFailures {
+        gdt: k.failure("SGDT did not return the guest's GDT"),
+        idt: k.failure("SIDT did not return the guest's IDT"),
+        ldt: k.failure("SLDT did not return the null selector"),
+        tr: k.failure("STR did not return the TSS selector"),
+        msw: k.failure("SMSW did not return the low bits of CR0"),
+    };
     let wrong_if = k.failure("POPF did not change IF in kernel mode");
     let segment_failures = segment_probes.then(|| {
         (
@@ -252,16 +239,7 @@ fn sensitive_kernel(k: &mut Kernel, iterations: u64, segment_probes: bool) -> As
     let wrong_selectors = k.failure("MOV from CS/SS did not return the kernel selectors");
     k.a.sub(rsp, 16)?;
     counted_loop(k, iterations, |k| {
-        check_descriptor_table_registers(k)?;
-        k.a.sldt(eax)?;
-        k.a.test(ax, ax)?;
-        k.a.jnz(wrong_ldt)?;
-        k.a.str(eax)?;
-        k.a.cmp(ax, TSS_SELECTOR as u32)?;
-        k.a.jne(wrong_tr)?;
-        k.a.smsw(word_ptr(rsp))?;
-        k.a.cmp(word_ptr(rsp), KERNEL_CR0 & 0xFFFF)?;
-        k.a.jne(wrong_msw)?;
+        emit_register_probes(&mut k.a, &probe_failures)?;
         // POPF sets IF, then clears it again: each change must be visible to PUSHF.
         k.a.pushfq()?;
         k.a.pop(rax)?;

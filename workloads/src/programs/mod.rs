@@ -23,6 +23,43 @@ pub(crate) fn assemble(spec: &WorkloadSpec, params: &ResolvedParams) -> AsmResul
     }
 }
 
+/// Where a register probe jumps when the value it reads is not the guest's own.
+pub(crate) struct ProbeFailures {
+    pub gdt: CodeLabel,
+    pub idt: CodeLabel,
+    pub ldt: CodeLabel,
+    pub tr: CodeLabel,
+    pub msw: CodeLabel,
+}
+
+/// SGDT, SIDT, SLDT, STR and SMSW against the guest's own values (its GDT and IDT, a null LDT, the TSS
+/// selector, CR0's low word): the same probes at CPL 0 (`sensitive-kernel`) and at CPL 3 (`redpill`). They
+/// store to [RSP], where the caller reserves 10 bytes.
+pub(crate) fn emit_register_probes(a: &mut CodeAssembler, failures: &ProbeFailures) -> AsmResult {
+    use crate::layout::{GDT_ADDRESS, GDT_BYTES, IDT_ADDRESS, IDT_ENTRIES, KERNEL_CR0, TSS_SELECTOR};
+    a.sgdt(ptr(rsp))?;
+    a.cmp(word_ptr(rsp), (GDT_BYTES - 1) as u32)?;
+    a.jne(failures.gdt)?;
+    a.mov(rax, GDT_ADDRESS)?;
+    a.cmp(qword_ptr(rsp + 2), rax)?;
+    a.jne(failures.gdt)?;
+    a.sidt(ptr(rsp))?;
+    a.cmp(word_ptr(rsp), (IDT_ENTRIES * 16 - 1) as u32)?;
+    a.jne(failures.idt)?;
+    a.mov(rax, IDT_ADDRESS)?;
+    a.cmp(qword_ptr(rsp + 2), rax)?;
+    a.jne(failures.idt)?;
+    a.sldt(eax)?;
+    a.test(ax, ax)?;
+    a.jnz(failures.ldt)?;
+    a.str(eax)?;
+    a.cmp(ax, TSS_SELECTOR as u32)?;
+    a.jne(failures.tr)?;
+    a.smsw(word_ptr(rsp))?;
+    a.cmp(word_ptr(rsp), KERNEL_CR0 & 0xFFFF)?;
+    a.jne(failures.msw)
+}
+
 /// The kernel: entry point, banner line, `driver`, then the kernel's routines.
 fn assemble_with_driver(banner: &str, driver: impl FnOnce(&mut Kernel) -> AsmResult) -> AsmResult<Vec<u8>> {
     let mut k = Kernel::new()?;

@@ -5,6 +5,7 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
+use super::{emit_register_probes, ProbeFailures};
 use crate::catalog::ResolvedParams;
 use crate::kernel::boot::{FLAT_LIMIT, USER_CODE_ACCESS_RIGHTS};
 use crate::kernel::syscalls::*;
@@ -201,11 +202,13 @@ fn divide_by_zero(p: &mut UserProgram, iterations: u64) -> AsmResult {
 /// The readable sensitive instructions from user mode, each checked against the guest's own
 /// descriptor tables and CR0.
 fn red_pill(p: &mut UserProgram, iterations: u64) -> AsmResult {
-    let wrong_gdt = p.failure("SGDT did not return the guest's GDT");
-    let wrong_idt = p.failure("SIDT did not return the guest's IDT");
-    let wrong_ldt = p.failure("SLDT did not return the null selector");
-    let wrong_tr = p.failure("STR did not return the TSS selector");
-    let wrong_msw = p.failure("SMSW did not return the low bits of CR0");
+    let probe_failures = ProbeFailures {
+        gdt: p.failure("SGDT did not return the guest's GDT"),
+        idt: p.failure("SIDT did not return the guest's IDT"),
+        ldt: p.failure("SLDT did not return the null selector"),
+        tr: p.failure("STR did not return the TSS selector"),
+        msw: p.failure("SMSW did not return the low bits of CR0"),
+    };
     let wrong_flags = p.failure("PUSHF did not show IF set and IOPL 0");
     let wrong_lar = p.failure("LAR did not return the user code segment's access rights");
     let wrong_lsl = p.failure("LSL did not return the flat user data segment limit");
@@ -213,27 +216,7 @@ fn red_pill(p: &mut UserProgram, iterations: u64) -> AsmResult {
     let wrong_selectors = p.failure("MOV from CS/SS did not return the user selectors");
     p.a.sub(rsp, 16)?;
     p.counted_loop(iterations, |p| {
-        p.a.sgdt(ptr(rsp))?;
-        p.a.cmp(word_ptr(rsp), (GDT_BYTES - 1) as u32)?;
-        p.a.jne(wrong_gdt)?;
-        p.a.mov(rax, GDT_ADDRESS)?;
-        p.a.cmp(qword_ptr(rsp + 2), rax)?;
-        p.a.jne(wrong_gdt)?;
-        p.a.sidt(ptr(rsp))?;
-        p.a.cmp(word_ptr(rsp), (IDT_ENTRIES * 16 - 1) as u32)?;
-        p.a.jne(wrong_idt)?;
-        p.a.mov(rax, IDT_ADDRESS)?;
-        p.a.cmp(qword_ptr(rsp + 2), rax)?;
-        p.a.jne(wrong_idt)?;
-        p.a.sldt(eax)?;
-        p.a.test(ax, ax)?;
-        p.a.jnz(wrong_ldt)?;
-        p.a.str(eax)?;
-        p.a.cmp(ax, TSS_SELECTOR as u32)?;
-        p.a.jne(wrong_tr)?;
-        p.a.smsw(word_ptr(rsp))?;
-        p.a.cmp(word_ptr(rsp), KERNEL_CR0 & 0xFFFF)?;
-        p.a.jne(wrong_msw)?;
+        emit_register_probes(&mut p.a, &probe_failures)?;
         p.a.pushfq()?;
         p.a.pop(rax)?;
         p.a.and(eax, RFLAGS_IF | RFLAGS_IOPL)?;
