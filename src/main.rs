@@ -12,6 +12,8 @@ Exit status:
   1  the trace is malformed or breaks an invariant (the message names the rule and the byte offset)
   2  bad command line (including an unknown workload or parameter)
   3  a file could not be read or written
+  4  `replay`: an engine refused the trace (the others ran; its result says why)
+  5  `validate`: a cell or an ordering missed the published result
   `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit) and 125 (the
   guest could not run): see their --help.";
 
@@ -43,6 +45,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     Dump(cmd::dump::Args),
     Check(cmd::check::Args),
+    Replay(cmd::replay::Args),
+    Validate(cmd::validate::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Dump(args) => cmd::dump::run(&args),
         Command::Check(args) => cmd::check::run(&args),
+        Command::Replay(args) => cmd::replay::run(&args),
+        Command::Validate(args) => cmd::validate::run(&args),
     };
     match result {
         Ok(code) => code,

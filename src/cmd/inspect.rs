@@ -38,15 +38,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let view = TraceView::open(&bytes).with_context(|| format!("{} is not a readable trace", args.trace.display()))?;
     let summary = summarize(&view, &args.trace.display().to_string());
     let text = if args.json { serde_json::to_string_pretty(&summary)? } else { render_text(&summary) };
-    super::finish_output(writeln_stdout(&text))?;
+    super::finish_output(super::print_line(&text))?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn writeln_stdout(text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
-    out.flush()
 }
 
 fn section_name(kind: ChunkKind) -> String {

@@ -4,7 +4,9 @@ pub mod check;
 pub mod dump;
 pub mod inspect;
 pub mod record;
+pub mod replay;
 pub mod run;
+pub mod validate;
 pub mod workloads;
 
 use std::path::Path;
@@ -35,7 +37,11 @@ pub fn parse_param(text: &str) -> Result<(String, String), String> {
 /// malformed or breaks an invariant.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {
-        if cause.is::<virtlab_workloads::WorkloadError>() {
+        if cause.is::<virtlab_workloads::WorkloadError>()
+            || cause.is::<replay::UsageError>()
+            || cause.is::<virtlab_engines::OptionError>()
+            || cause.is::<virtlab_engines::ProfileError>()
+        {
             return ExitCode::from(EXIT_USAGE);
         }
         if cause.is::<std::io::Error>() || matches!(cause.downcast_ref::<TraceError>(), Some(TraceError::Io(_))) {
@@ -54,4 +60,22 @@ pub fn finish_output(result: std::io::Result<()>) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other.context("cannot write to standard output")?),
     }
+}
+
+/// Prints `text` and a newline to stdout.
+pub fn print_line(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+/// A spinner with `message` and the elapsed time, drawn only on a terminal.
+pub fn spinner(message: &str) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new_spinner();
+    let style = indicatif::ProgressStyle::with_template("{msg} {spinner} {elapsed}").expect("valid template");
+    progress.set_style(style);
+    progress.set_message(message.to_string());
+    progress.enable_steady_tick(std::time::Duration::from_millis(100));
+    progress
 }

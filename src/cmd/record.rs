@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use virtlab_machine::MachineConfig;
 use virtlab_record::{record_to_file, RecordRequest};
 use virtlab_traces::{EndReason, Metadata};
@@ -60,10 +59,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         max_instructions: args.max_instructions,
         timeout: args.timeout.map(|s| Duration::from_secs_f64(s.max(0.0))),
     };
-    // Drawn only on a terminal.
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(ProgressStyle::with_template("recording {spinner} {elapsed}").expect("valid template"));
-    progress.enable_steady_tick(Duration::from_millis(100));
+    let progress = super::spinner("recording");
     let summary =
         record_to_file(&args.output, request).with_context(|| format!("recording into {}", args.output.display()))?;
     progress.finish_and_clear();

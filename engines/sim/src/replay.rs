@@ -1,0 +1,404 @@
+//! The replay driver every engine shares: one pass over the event stream that keeps the guest's context and the
+//! user/kernel instruction split (exactly as the trace's footer counts them), and hands each block execution and
+//! each event to the engine's strategy.
+
+use virtlab_traces::{Context, Event, PagingMode, TraceError};
+
+use crate::classify::{BlockFacts, Op};
+use crate::metrics::{CycleCause, ExitReason, Metrics};
+use crate::profile::{mc, Profile};
+use crate::trace::PreparedTrace;
+
+/// What an engine does with block executions and events.
+pub(crate) trait Strategy {
+    /// One execution of block `block` that retired `executed` instructions (all of them when `full`), in the
+    /// context current at its start.
+    fn block(&mut self, r: &mut Replay, block: usize, executed: u32, full: bool);
+    /// Any other event. A `Context` event reaches the strategy before the driver updates `r.context`.
+    fn event(&mut self, r: &mut Replay, event: &Event);
+    /// After the last event.
+    fn finish(&mut self, _r: &mut Replay) {}
+}
+
+pub(crate) struct Replay<'t, 'a> {
+    pub trace: &'t PreparedTrace<'a>,
+    pub metrics: Metrics,
+    pub context: Context,
+    /// The block execution events belong to, and how many instructions it retired.
+    current: usize,
+    retired: u32,
+}
+
+impl<'t, 'a> Replay<'t, 'a> {
+    /// Guest address of instruction `at` of the current block.
+    pub fn site(&self, at: u32) -> u64 {
+        self.trace.facts.get(self.current).map_or(0, |f| f.address_of(at))
+    }
+
+    pub fn kernel(&self) -> bool {
+        !self.context.is_user()
+    }
+
+    pub fn paging(&self) -> bool {
+        self.context.paging != PagingMode::Disabled
+    }
+
+    pub fn charge(&mut self, cause: CycleCause, millicycles: u64) {
+        self.metrics.charge(cause, millicycles);
+    }
+
+    pub fn exit(&mut self, reason: ExitReason, at: u32) {
+        let site = self.site(at);
+        self.metrics.exit(reason, site);
+    }
+}
+
+/// Replay the whole trace through `strategy`.
+pub(crate) fn run<S: Strategy>(trace: &PreparedTrace, strategy: &mut S) -> Result<Metrics, TraceError> {
+    let initial = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 };
+    let mut r = Replay { trace, metrics: Metrics::default(), context: initial, current: 0, retired: 0 };
+    trace.view.for_each_event(|event| match event {
+        Event::Block(id) => {
+            let block = id.index();
+            let executed = trace.facts[block].instructions;
+            r.retire(block, executed);
+            strategy.block(&mut r, block, executed, true);
+        }
+        Event::PartialBlock { block, executed } => {
+            r.retire(block.index(), executed);
+            strategy.block(&mut r, block.index(), executed, false);
+        }
+        Event::Context { at, context } => {
+            if context.is_user() != r.context.is_user() {
+                // Instructions after `at` ran in the new context but were counted in the old one.
+                let moved = u64::from(r.retired.saturating_sub(at.saturating_add(1)));
+                let m = &mut r.metrics;
+                let (from, to) = if r.context.is_user() {
+                    (&mut m.instructions_user, &mut m.instructions_kernel)
+                } else {
+                    (&mut m.instructions_kernel, &mut m.instructions_user)
+                };
+                *from -= moved;
+                *to += moved;
+            }
+            strategy.event(&mut r, &event);
+            r.context = context;
+        }
+        other => strategy.event(&mut r, &other),
+    })?;
+    strategy.finish(&mut r);
+    Ok(r.metrics)
+}
+
+impl Replay<'_, '_> {
+    #[inline]
+    fn retire(&mut self, block: usize, executed: u32) {
+        self.current = block;
+        self.retired = executed;
+        if self.context.is_user() {
+            self.metrics.instructions_user += u64::from(executed);
+        } else {
+            self.metrics.instructions_kernel += u64::from(executed);
+        }
+    }
+}
+
+/// The bare processor's costs in millicycles.
+#[derive(Debug, Clone)]
+pub(crate) struct NativeCosts {
+    pub instruction: u64,
+    pub call_return: u64,
+    pub syscall: u64,
+    pub sysret: u64,
+    pub exception: u64,
+    pub iret: u64,
+    pub mov_to_cr: u64,
+    pub invlpg: u64,
+    pub tlb_fill: u64,
+    pub port_io: u64,
+    pub mmio: u64,
+    pub cpuid: u64,
+    pub msr: u64,
+    pub descriptor_load: u64,
+    pub hlt: u64,
+    mov_from_cr: u64,
+    cli_sti: u64,
+    popf_pushf: u64,
+    rdtsc: u64,
+    descriptor_store: u64,
+    swapgs: u64,
+}
+
+impl NativeCosts {
+    pub fn new(profile: &Profile) -> NativeCosts {
+        let n = &profile.native;
+        NativeCosts {
+            instruction: mc(n.cycles_per_instruction),
+            call_return: mc(n.call_return),
+            syscall: mc(n.syscall),
+            sysret: mc(n.sysret),
+            exception: mc(n.exception),
+            iret: mc(n.iret),
+            mov_to_cr: mc(n.mov_to_cr),
+            invlpg: mc(n.invlpg),
+            tlb_fill: mc(n.tlb_fill),
+            port_io: mc(n.port_io),
+            mmio: mc(n.mmio),
+            cpuid: mc(n.cpuid),
+            msr: mc(n.msr),
+            descriptor_load: mc(n.descriptor_load),
+            hlt: mc(n.hlt),
+            mov_from_cr: mc(n.mov_from_cr),
+            cli_sti: mc(n.cli_sti),
+            popf_pushf: mc(n.popf_pushf),
+            rdtsc: mc(n.rdtsc),
+            descriptor_store: mc(n.descriptor_store),
+            swapgs: mc(n.swapgs),
+        }
+    }
+
+    /// The native cost of an operation the trace has no event for, beyond a plain instruction's.
+    pub fn static_op(&self, op: Op) -> u64 {
+        match op {
+            Op::Cli | Op::Sti => self.cli_sti,
+            Op::Pushf | Op::Popf => self.popf_pushf,
+            Op::MovFromCr(_) => self.mov_from_cr,
+            Op::MovDr | Op::CacheFlush | Op::Xsetbv => self.mov_to_cr,
+            Op::Sgdt | Op::Sidt | Op::Sldt | Op::Str | Op::Smsw | Op::Lar | Op::Lsl | Op::Verr | Op::Verw => {
+                self.descriptor_store
+            }
+            Op::Rdtsc | Op::Rdpmc => self.rdtsc,
+            Op::Swapgs => self.swapgs,
+            _ => 0,
+        }
+    }
+
+    /// The native cost of the operation behind an event (its own hardware cost, the instruction aside).
+    pub fn event(&self, event: &Event) -> u64 {
+        match *event {
+            Event::Syscall { .. } => self.syscall,
+            Event::Sysret { .. } => self.sysret,
+            Event::Exception { .. } | Event::Interrupt { .. } | Event::SoftwareInterrupt { .. } => self.exception,
+            Event::Iret { .. } => self.iret,
+            Event::CrWrite { .. } => self.mov_to_cr,
+            Event::MsrRead { .. } | Event::MsrWrite { .. } => self.msr,
+            Event::Io { .. } => self.port_io,
+            Event::Cpuid { .. } => self.cpuid,
+            Event::Invlpg { .. } => self.invlpg,
+            Event::DescriptorLoad { .. } => self.descriptor_load,
+            Event::Hlt { .. } => self.hlt,
+            Event::PageTouch { .. } => self.tlb_fill,
+            Event::Mmio { .. } => self.mmio,
+            Event::Block(_) | Event::PartialBlock { .. } | Event::Context { .. } | Event::PageTableWrite { .. } => 0,
+        }
+    }
+
+    /// Which cycle cause an event's native cost belongs to.
+    pub fn event_cause(event: &Event) -> CycleCause {
+        match event {
+            Event::Io { .. } | Event::Mmio { .. } => CycleCause::Devices,
+            _ => CycleCause::NativeTransitions,
+        }
+    }
+}
+
+/// What an engine does with one execution of an operation the trace has no event for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// Nothing to record beyond its cost.
+    Silent,
+    /// The monitor traps and emulates the instruction.
+    Trap(ExitReason),
+    /// The guest silently gets a result a native machine would not give (a virtualization hole).
+    Hole(&'static str),
+    /// The guest can tell it is virtualized (host values, timing).
+    Detectable(&'static str),
+}
+
+/// One operation's share of a block plan.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Planned {
+    pub index: u32,
+    pub costs: [(CycleCause, u64); 2],
+    pub effect: Effect,
+}
+
+/// The precomputed cost and effects of running one block in one mode (user or kernel) under one engine.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockPlan {
+    /// Cost of a full execution, by cause.
+    pub costs: Vec<(CycleCause, u64)>,
+    /// Operations that record something on each execution.
+    pub recorded: Vec<Planned>,
+    /// Cost of one plain instruction in this plan, and of a near call or return beyond it.
+    instruction: u64,
+    call_return: u64,
+    cause: CycleCause,
+    /// Every non-innocuous operation without an event, for partial executions.
+    planned: Vec<Planned>,
+}
+
+/// How an engine runs plain instructions and event-less operations, from which block plans are built.
+pub(crate) trait OpPolicy {
+    /// Cost of one plain instruction, and the cause it is charged to.
+    fn instruction(&self, kernel: bool) -> (u64, CycleCause);
+    /// Extra cost of a near CALL or RET.
+    fn call_return(&self, kernel: bool) -> u64;
+    /// Costs (beyond a plain instruction's) and effect of one execution of an event-less operation.
+    fn static_op(&self, op: Op, kernel: bool) -> ([(CycleCause, u64); 2], Effect);
+}
+
+impl BlockPlan {
+    pub fn build(facts: &BlockFacts, kernel: bool, policy: &impl OpPolicy) -> BlockPlan {
+        let (instruction, cause) = policy.instruction(kernel);
+        let call_return = policy.call_return(kernel);
+        let mut plan =
+            BlockPlan { costs: Vec::new(), recorded: Vec::new(), instruction, call_return, cause, planned: Vec::new() };
+        plan.add(cause, instruction * u64::from(facts.instructions));
+        plan.add(cause, call_return * facts.calls_and_returns.len() as u64);
+        for &(index, op) in &facts.ops {
+            if op.has_event() {
+                continue;
+            }
+            let (costs, effect) = policy.static_op(op, kernel);
+            let planned = Planned { index, costs, effect };
+            for (op_cause, cost) in costs {
+                plan.add(op_cause, cost);
+            }
+            if effect != Effect::Silent {
+                plan.recorded.push(planned);
+            }
+            plan.planned.push(planned);
+        }
+        plan
+    }
+
+    fn add(&mut self, cause: CycleCause, cost: u64) {
+        if cost == 0 {
+            return;
+        }
+        match self.costs.iter_mut().find(|(c, _)| *c == cause) {
+            Some((_, total)) => *total += cost,
+            None => self.costs.push((cause, cost)),
+        }
+    }
+
+    /// Charge and record one execution.
+    #[inline]
+    pub fn apply(&self, r: &mut Replay, facts: &BlockFacts, executed: u32, full: bool) {
+        if full {
+            for &(cause, cost) in &self.costs {
+                r.charge(cause, cost);
+            }
+            for planned in &self.recorded {
+                record(r, planned);
+            }
+            return;
+        }
+        let calls = facts.calls_and_returns.iter().filter(|&&i| i < executed).count() as u64;
+        r.charge(self.cause, self.instruction * u64::from(executed) + self.call_return * calls);
+        for planned in self.planned.iter().filter(|p| p.index < executed) {
+            for (cause, cost) in planned.costs {
+                r.charge(cause, cost);
+            }
+            record(r, planned);
+        }
+    }
+}
+
+fn record(r: &mut Replay, planned: &Planned) {
+    let address = r.site(planned.index);
+    match planned.effect {
+        Effect::Silent => {}
+        Effect::Trap(reason) => {
+            r.metrics.exit(reason, address);
+            r.metrics.emulated_instructions += 1;
+        }
+        Effect::Hole(kind) => r.metrics.hole(kind, address),
+        Effect::Detectable(kind) => r.metrics.detectable(kind, address),
+    }
+}
+
+/// Plans for every block of a trace, user and kernel.
+pub(crate) struct Plans {
+    user: Vec<BlockPlan>,
+    kernel: Vec<BlockPlan>,
+}
+
+impl Plans {
+    pub fn build(trace: &PreparedTrace, policy: &impl OpPolicy) -> Plans {
+        Plans {
+            user: trace.facts.iter().map(|f| BlockPlan::build(f, false, policy)).collect(),
+            kernel: trace.facts.iter().map(|f| BlockPlan::build(f, true, policy)).collect(),
+        }
+    }
+
+    #[inline]
+    pub fn apply(&self, r: &mut Replay, block: usize, executed: u32, full: bool) {
+        let plan = if r.kernel() { &self.kernel[block] } else { &self.user[block] };
+        plan.apply(r, &r.trace.facts[block], executed, full);
+    }
+}
+
+/// The exit reason hardware and software monitors give a trapping instruction.
+pub(crate) fn exit_reason_of(op: Op) -> ExitReason {
+    match op {
+        Op::Cli | Op::Sti | Op::Popf | Op::Pushf => ExitReason::InterruptFlag,
+        Op::MovToCr(_) | Op::MovFromCr(_) => ExitReason::CrAccess,
+        Op::MovDr => ExitReason::DrAccess,
+        Op::Lgdt | Op::Lidt | Op::Sgdt | Op::Sidt => ExitReason::GdtrIdtr,
+        Op::Lldt | Op::Ltr | Op::Sldt | Op::Str => ExitReason::LdtrTr,
+        Op::Smsw => ExitReason::CrAccess,
+        Op::Rdmsr => ExitReason::MsrRead,
+        Op::Wrmsr => ExitReason::MsrWrite,
+        Op::PortIn | Op::PortOut => ExitReason::IoInstruction,
+        Op::Hlt => ExitReason::Hlt,
+        Op::Invlpg => ExitReason::Invlpg,
+        Op::Cpuid => ExitReason::Cpuid,
+        Op::Rdtsc => ExitReason::Rdtsc,
+        Op::Rdpmc => ExitReason::Rdpmc,
+        Op::Swapgs => ExitReason::Swapgs,
+        Op::Syscall | Op::Sysret | Op::SoftwareInterrupt => ExitReason::SystemCall,
+        Op::Iret => ExitReason::Iret,
+        Op::CacheFlush => ExitReason::Wbinvd,
+        Op::Xsetbv => ExitReason::Xsetbv,
+        Op::Innocuous
+        | Op::Lar
+        | Op::Lsl
+        | Op::Verr
+        | Op::Verw
+        | Op::ReadCodeOrStackSelector
+        | Op::FarTransfer
+        | Op::OtherPrivileged => ExitReason::PrivilegedInstruction,
+    }
+}
+
+/// The hole a deprivileged kernel falls into when it runs a sensitive-unprivileged instruction directly.
+pub(crate) fn kernel_hole(op: Op) -> &'static str {
+    match op {
+        Op::Popf => "popf_ignores_if",
+        Op::Pushf => "pushf_reveals_real_if",
+        Op::Sgdt => "sgdt_reveals_monitor_gdt",
+        Op::Sidt => "sidt_reveals_monitor_idt",
+        Op::Sldt => "sldt_reveals_monitor_ldt",
+        Op::Str => "str_reveals_monitor_tr",
+        Op::Smsw => "smsw_reveals_monitor_cr0",
+        Op::Lar | Op::Lsl | Op::Verr | Op::Verw => "segment_check_sees_deprivileged_dpl",
+        Op::ReadCodeOrStackSelector => "selector_reveals_deprivileged_cpl",
+        _ => "far_transfer_sees_deprivileged_cpl",
+    }
+}
+
+/// What user mode can observe with a sensitive-unprivileged instruction when the monitor's own tables are loaded
+/// (the "red pill").
+pub(crate) fn user_detectable(op: Op) -> Option<&'static str> {
+    match op {
+        Op::Sgdt => Some("sgdt_reveals_monitor_gdt"),
+        Op::Sidt => Some("sidt_reveals_monitor_idt"),
+        Op::Sldt => Some("sldt_reveals_monitor_ldt"),
+        Op::Str => Some("str_reveals_monitor_tr"),
+        Op::Smsw => Some("smsw_reveals_monitor_cr0"),
+        Op::Lar | Op::Lsl | Op::Verr | Op::Verw => Some("segment_check_sees_deprivileged_dpl"),
+        _ => None,
+    }
+}

@@ -1,0 +1,279 @@
+//! `virtlab replay`: one trace through one or all engines, in parallel.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Map, Value};
+use virtlab_engines::{
+    engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace, Profile,
+};
+use virtlab_traces::TraceView;
+
+/// Exit status when at least one engine refused the trace (the others' results are still printed).
+pub const EXIT_REFUSED: u8 = 4;
+
+/// Replay a trace under virtualization strategies and report what each costs.
+///
+/// Each engine carries out its strategy's mechanism on the recorded execution: which instructions trap, what
+/// the translator emits, which hypercalls replace what, where the shadow page tables miss. It counts exits and
+/// traps by reason (KVM's names where KVM has one), translations, hypercalls, shadow faults, holes (wrong
+/// results the guest would silently get) and detectable events, and it attributes exits to guest addresses.
+/// Cycles are those counts times a profile's primitive costs.
+///
+/// Engines: native, trap-emulate, hybrid, bt, paravirt, hw-ept, hw-shadow (or `all`).
+/// Profiles: p4-2006 (default), core2-2006, sandybridge-2011, or a TOML file in the same form.
+///
+/// `--set` takes engine options and profile primitives. Options:
+///   bt.lmsle=false              the host has long-mode segment limits (bt refuses 64-bit traces without)
+///   bt.adaptive_threshold=4     tracing faults before adaptive BT retranslates the writing instruction
+///   bt.in_tc_ports=0x80         ports emulated inside the translation cache
+///   paravirt.guest_bits=auto    32 or 64: the paravirtualized kernel's width
+///   hw.tpr_shadow=true          CR8 accesses do not exit
+///   hw.msr_bitmap=true          FS_BASE, GS_BASE and KERNEL_GS_BASE accesses do not exit
+///   hw.user_space_devices=true  device exits continue to a user-space device model
+/// Profile primitives are `section.key` as in the profile files, for example `--set hw.exit=1000`.
+///
+/// Example: `virtlab replay syscall.vlt --engine all --set bt.lmsle=true`
+///
+/// Exit status: 0 when every engine ran; 4 when an engine refused the trace (its object says why); 1 for an
+/// invalid trace; 2 for a bad engine, profile or --set; 3 for an unreadable file.
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// The trace file.
+    trace: PathBuf,
+    /// An engine name, a comma-separated list, or `all`.
+    #[arg(long, default_value = "all")]
+    engine: String,
+    /// A built-in profile name or a profile TOML file.
+    #[arg(long, default_value = "p4-2006", value_name = "NAME|FILE")]
+    profile: String,
+    /// An engine option or profile primitive as key=value; repeat for several.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = super::parse_param)]
+    settings: Vec<(String, String)>,
+    /// Print a JSON array, one object per engine (keys: engine, profile, workload, instructions,
+    /// instructions_user, instructions_kernel, cycles, cycles_by_cause, exits, exits_total,
+    /// emulated_instructions, translations, hypercalls, page_table_updates_batched, page_table_update_batches,
+    /// shadow, holes, detectable, top_sites; a refusing engine gives engine and unsupported).
+    #[arg(long)]
+    json: bool,
+    /// Worker threads (default: one per core). Results do not depend on it.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// How many guest addresses to list under top_sites.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    top: usize,
+}
+
+/// Engines, profile and options from the command line's names and `--set` pairs.
+pub struct Setup {
+    pub engines: Vec<Box<dyn Engine>>,
+    pub profile: Profile,
+    pub options: Options,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> anyhow::Result<Setup> {
+    let engines: Vec<Box<dyn Engine>> = if engines == "all" {
+        engine::all()
+    } else {
+        engines
+            .split(',')
+            .map(|name| {
+                engine::by_name(name.trim()).ok_or_else(|| {
+                    UsageError(format!(
+                        "no engine named `{name}`; engines: native, trap-emulate, hybrid, bt, paravirt, hw-ept, \
+                         hw-shadow, or all"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut options = Options::default();
+    let mut overrides = Vec::new();
+    for (key, value) in settings {
+        if Options::has_key(key) {
+            options.set(key, value).map_err(|e| UsageError(e.to_string()))?;
+        } else if Profile::has_key(key) {
+            overrides.push((key.clone(), value.clone()));
+        } else {
+            return Err(UsageError(format!(
+                "--set {key}: neither an engine option nor a profile primitive; see `virtlab replay --help`"
+            ))
+            .into());
+        }
+    }
+    let profile = Profile::load_with(profile, &overrides).map_err(|e| match e {
+        virtlab_engines::ProfileError::Read { .. } => anyhow::Error::new(e),
+        other => UsageError(other.to_string()).into(),
+    })?;
+    Ok(Setup { engines, profile, options })
+}
+
+/// Open, check and prepare a trace held in memory.
+pub fn prepare<'a>(bytes: &'a [u8], name: &str) -> anyhow::Result<PreparedTrace<'a>> {
+    virtlab_traces::check(std::io::Cursor::new(bytes)).with_context(|| format!("{name} is not a valid trace"))?;
+    let view = TraceView::open(bytes).with_context(|| format!("{name} is not a readable trace"))?;
+    PreparedTrace::new(view).with_context(|| format!("{name}: a block does not decode"))
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let setup = setup(&args.engine, &args.profile, &args.settings)?;
+    let bytes = super::read_file(&args.trace)?;
+    let name = args.trace.display().to_string();
+    let progress = super::spinner(&format!("replaying {name}"));
+    let trace = prepare(&bytes, &name)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.unwrap_or(0)).build()?;
+    let results = pool.install(|| virtlab_engines::replay_many(&trace, &setup.engines, &setup.profile, &setup.options));
+    progress.finish_and_clear();
+    let workload = trace.view.metadata().workload.clone();
+    let mut refused = false;
+    let mut objects = Vec::new();
+    for (engine, result) in setup.engines.iter().zip(results) {
+        match result {
+            Ok(metrics) => objects.push(metrics_json(engine.name(), &setup.profile, &workload, &metrics, args.top)),
+            Err(EngineError::Unsupported(reason)) => {
+                refused = true;
+                objects.push(json!({ "engine": engine.name(), "unsupported": reason }));
+            }
+            Err(other) => bail!(anyhow::Error::new(other).context(format!("engine {} on {name}", engine.name()))),
+        }
+    }
+    let text =
+        if args.json { serde_json::to_string_pretty(&objects)? } else { render(&name, &setup.profile, &objects) };
+    super::finish_output(super::print_line(&text))?;
+    Ok(if refused { ExitCode::from(EXIT_REFUSED) } else { ExitCode::SUCCESS })
+}
+
+fn hex(address: u64) -> String {
+    format!("{address:#x}")
+}
+
+fn findings(list: &[Finding]) -> Value {
+    list.iter().map(|f| json!({ "kind": f.kind, "address": hex(f.address), "count": f.count })).collect()
+}
+
+/// The JSON object of one engine's result.
+pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics, top: usize) -> Value {
+    let exits: Map<String, Value> = ExitReason::ALL.iter().map(|r| (r.name().into(), json!(m.exits_by(*r)))).collect();
+    let hypercalls: Map<String, Value> =
+        Hypercall::ALL.iter().map(|h| (h.name().into(), json!(m.hypercalls_by(*h)))).collect();
+    let causes: Map<String, Value> =
+        CycleCause::ALL.iter().map(|c| (c.name().into(), json!(m.cycles_for(*c)))).collect();
+    let t = &m.translation;
+    let s = &m.shadow;
+    json!({
+        "engine": engine,
+        "profile": profile.name,
+        "workload": workload,
+        "instructions": m.instructions(),
+        "instructions_user": m.instructions_user,
+        "instructions_kernel": m.instructions_kernel,
+        "cycles": m.cycles(),
+        "cycles_by_cause": causes,
+        "exits": exits,
+        "exits_total": m.exits_total(),
+        "emulated_instructions": m.emulated_instructions,
+        "translations": {
+            "blocks": t.blocks, "instructions": t.instructions, "ident": t.ident, "non_ident": t.non_ident,
+            "tc_bytes": t.tc_bytes, "chain_links": t.chain_links, "indirect_lookups": t.indirect_lookups,
+            "callouts": t.callouts, "in_tc_emulations": t.in_tc_emulations, "retranslations": t.retranslations,
+        },
+        "hypercalls": hypercalls,
+        "page_table_updates_batched": m.page_table_updates_batched,
+        "page_table_update_batches": m.page_table_update_batches,
+        "shadow": {
+            "hidden_faults": s.hidden_faults, "true_faults": s.true_faults, "root_switches": s.root_switches,
+            "invalidations": s.invalidations, "traced_pages": s.traced_pages,
+        },
+        "holes": findings(&m.holes()),
+        "detectable": findings(&m.detectable_events()),
+        "top_sites": m.top_sites(top).iter()
+            .map(|site| json!({ "address": hex(site.address), "cause": site.cause.name(), "count": site.count }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn nonzero(object: &Value) -> Vec<(String, u64)> {
+    let mut pairs: Vec<(String, u64)> = object
+        .as_object()
+        .map(|map| map.iter().filter_map(|(k, v)| v.as_u64().filter(|n| *n > 0).map(|n| (k.clone(), n))).collect())
+        .unwrap_or_default();
+    pairs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    pairs
+}
+
+fn count_of(list: &Value) -> u64 {
+    list.as_array().map_or(0, |items| items.iter().filter_map(|i| i["count"].as_u64()).sum())
+}
+
+fn render(name: &str, profile: &Profile, objects: &[Value]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let native = objects.iter().find(|o| o["engine"] == "native").and_then(|o| o["cycles"].as_u64());
+    let _ = writeln!(out, "{name}: profile {} ({})", profile.name, profile.description);
+    let _ = writeln!(
+        out,
+        "{:<13} {:>15} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10}",
+        "engine", "cycles", "x native", "exits", "callouts", "hypercalls", "hidden pf", "holes", "detectable"
+    );
+    for o in objects {
+        if let Some(reason) = o["unsupported"].as_str() {
+            let _ = writeln!(out, "{:<13} refused: {reason}", o["engine"].as_str().unwrap_or(""));
+            continue;
+        }
+        let cycles = o["cycles"].as_u64().unwrap_or(0);
+        let ratio = native.filter(|n| *n > 0).map_or("-".to_string(), |n| format!("{:.2}", cycles as f64 / n as f64));
+        let hypercalls: u64 = nonzero(&o["hypercalls"]).iter().map(|(_, n)| n).sum();
+        let _ = writeln!(
+            out,
+            "{:<13} {:>15} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10}",
+            o["engine"].as_str().unwrap_or(""),
+            cycles,
+            ratio,
+            o["exits_total"].as_u64().unwrap_or(0),
+            o["translations"]["callouts"].as_u64().unwrap_or(0),
+            hypercalls,
+            o["shadow"]["hidden_faults"].as_u64().unwrap_or(0),
+            count_of(&o["holes"]),
+            count_of(&o["detectable"]),
+        );
+    }
+    for o in objects.iter().filter(|o| o["unsupported"].is_null()) {
+        let _ = writeln!(out, "\n{}:", o["engine"].as_str().unwrap_or(""));
+        let line = |label: &str, pairs: Vec<(String, u64)>| {
+            let items: Vec<String> = pairs.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
+            if items.is_empty() {
+                String::new()
+            } else {
+                format!("  {label:<11} {}\n", items.join(", "))
+            }
+        };
+        out += &line("cycles", nonzero(&o["cycles_by_cause"]));
+        out += &line("exits", nonzero(&o["exits"]));
+        out += &line("hypercalls", nonzero(&o["hypercalls"]));
+        if o["translations"]["blocks"].as_u64().unwrap_or(0) > 0 {
+            out += &line("translated", nonzero(&o["translations"]));
+        }
+        for (label, key) in [("holes", "holes"), ("detectable", "detectable"), ("top sites", "top_sites")] {
+            let items: Vec<String> = o[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(5)
+                .map(|i| {
+                    let what = i.get("kind").or_else(|| i.get("cause")).and_then(|v| v.as_str()).unwrap_or("");
+                    format!("{what} @{} x{}", i["address"].as_str().unwrap_or(""), i["count"])
+                })
+                .collect();
+            if !items.is_empty() {
+                let _ = writeln!(out, "  {label:<11} {}", items.join(", "));
+            }
+        }
+    }
+    out.trim_end().to_string()
+}
