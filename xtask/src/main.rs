@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <task>`. One module per task.
 
+mod bench_engines;
 mod bench_machine;
 mod bench_trace;
 mod synth_trace;
@@ -16,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Measure the engines: replay speed per engine on one thread and the speed-up of all engines on two,
+    /// on recorded catalog traces, with a correctness column. Prints a Markdown table for BENCHMARKS.md.
+    BenchEngines(bench_engines::Args),
     /// Measure the reference machine on the workload catalog: interpreting and recording speed, trace size,
     /// with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchMachine(bench_machine::Args),
@@ -30,6 +34,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
+        Task::BenchEngines(args) => bench_engines::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),

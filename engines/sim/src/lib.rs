@@ -11,6 +11,7 @@
 pub mod classify;
 pub mod engine;
 mod engines;
+mod fasthash;
 pub mod metrics;
 pub mod profile;
 mod replay;

@@ -3,7 +3,9 @@
 //! Cycles are kept in millicycles (1/1000 cycle) so that fractional primitive costs (a cycles-per-instruction of
 //! 0.25) add up exactly and identically on every run; [`Metrics::cycles`] converts at the end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::fasthash::FastMap;
 
 /// Why control left the guest (a VM exit, a trap into a software monitor, a fault into the hypervisor).
 ///
@@ -340,7 +342,7 @@ pub struct Metrics {
     pub millicycles: [u64; CycleCause::COUNT],
     holes: BTreeMap<(&'static str, u64), u64>,
     detectable: BTreeMap<(&'static str, u64), u64>,
-    sites: HashMap<(u64, SiteCause), u64>,
+    sites: FastMap<(u64, SiteCause), u64>,
 }
 
 impl Default for Metrics {
@@ -358,7 +360,7 @@ impl Default for Metrics {
             millicycles: [0; CycleCause::COUNT],
             holes: BTreeMap::new(),
             detectable: BTreeMap::new(),
-            sites: HashMap::new(),
+            sites: FastMap::default(),
         }
     }
 }
@@ -370,14 +372,24 @@ impl Metrics {
 
     /// Record one exit at a guest address.
     pub fn exit(&mut self, reason: ExitReason, address: u64) {
-        self.exits[reason as usize] += 1;
-        *self.sites.entry((address, SiteCause::Exit(reason))).or_insert(0) += 1;
+        self.exits_at(reason, address, 1);
+    }
+
+    /// Record `count` exits at a guest address.
+    pub fn exits_at(&mut self, reason: ExitReason, address: u64, count: u64) {
+        self.exits[reason as usize] += count;
+        *self.sites.entry((address, SiteCause::Exit(reason))).or_insert(0) += count;
     }
 
     /// Record one callout from translated code at a guest address.
     pub fn callout(&mut self, reason: ExitReason, address: u64) {
-        self.translation.callouts += 1;
-        *self.sites.entry((address, SiteCause::Callout(reason))).or_insert(0) += 1;
+        self.callouts_at(reason, address, 1);
+    }
+
+    /// Record `count` callouts at a guest address.
+    pub fn callouts_at(&mut self, reason: ExitReason, address: u64, count: u64) {
+        self.translation.callouts += count;
+        *self.sites.entry((address, SiteCause::Callout(reason))).or_insert(0) += count;
     }
 
     /// Attribute one hypercall (already counted with [`Metrics::hypercall`]) to a guest address.
@@ -405,12 +417,12 @@ impl Metrics {
         self.millicycles[cause as usize] += millicycles;
     }
 
-    pub fn hole(&mut self, kind: &'static str, address: u64) {
-        *self.holes.entry((kind, address)).or_insert(0) += 1;
+    pub fn hole(&mut self, kind: &'static str, address: u64, count: u64) {
+        *self.holes.entry((kind, address)).or_insert(0) += count;
     }
 
-    pub fn detectable(&mut self, kind: &'static str, address: u64) {
-        *self.detectable.entry((kind, address)).or_insert(0) += 1;
+    pub fn detectable(&mut self, kind: &'static str, address: u64, count: u64) {
+        *self.detectable.entry((kind, address)).or_insert(0) += count;
     }
 
     /// Cycles in total, rounded to the nearest cycle.

@@ -283,46 +283,52 @@ impl BlockPlan {
         }
     }
 
-    /// Charge and record one execution.
-    #[inline]
-    pub fn apply(&self, r: &mut Replay, facts: &BlockFacts, executed: u32, full: bool) {
-        if full {
-            for &(cause, cost) in &self.costs {
-                r.charge(cause, cost);
-            }
-            for planned in &self.recorded {
-                record(r, planned);
-            }
-            return;
+    /// Charge and record `count` full executions.
+    fn settle(&self, r: &mut Replay, block: usize, count: u64) {
+        for &(cause, cost) in &self.costs {
+            r.charge(cause, cost * count);
         }
+        for planned in &self.recorded {
+            record(r, block, planned, count);
+        }
+    }
+
+    /// Charge and record one partial execution.
+    fn apply_partial(&self, r: &mut Replay, block: usize, executed: u32) {
+        let facts = &r.trace.facts[block];
         let calls = facts.calls_and_returns.iter().filter(|&&i| i < executed).count() as u64;
         r.charge(self.cause, self.instruction * u64::from(executed) + self.call_return * calls);
         for planned in self.planned.iter().filter(|p| p.index < executed) {
             for (cause, cost) in planned.costs {
                 r.charge(cause, cost);
             }
-            record(r, planned);
+            record(r, block, planned, 1);
         }
     }
 }
 
-fn record(r: &mut Replay, planned: &Planned) {
-    let address = r.site(planned.index);
+fn record(r: &mut Replay, block: usize, planned: &Planned, count: u64) {
+    let address = r.trace.facts[block].address_of(planned.index);
     match planned.effect {
         Effect::Silent => {}
         Effect::Trap(reason) => {
-            r.metrics.exit(reason, address);
-            r.metrics.emulated_instructions += 1;
+            r.metrics.exits_at(reason, address, count);
+            r.metrics.emulated_instructions += count;
         }
-        Effect::Hole(kind) => r.metrics.hole(kind, address),
-        Effect::Detectable(kind) => r.metrics.detectable(kind, address),
+        Effect::Hole(kind) => r.metrics.hole(kind, address, count),
+        Effect::Detectable(kind) => r.metrics.detectable(kind, address, count),
     }
 }
 
-/// Plans for every block of a trace, user and kernel.
+/// Plans for every block of a trace, user and kernel, and how often each ran in full.
+///
+/// A full execution's cost and effects are the same every time, so the hot path only counts executions;
+/// [`Plans::settle`] charges and records them all at the end. Partial executions are charged as they come.
 pub(crate) struct Plans {
     user: Vec<BlockPlan>,
     kernel: Vec<BlockPlan>,
+    /// Full executions per block: [user, kernel].
+    counts: Vec<[u64; 2]>,
 }
 
 impl Plans {
@@ -330,13 +336,32 @@ impl Plans {
         Plans {
             user: trace.facts.iter().map(|f| BlockPlan::build(f, false, policy)).collect(),
             kernel: trace.facts.iter().map(|f| BlockPlan::build(f, true, policy)).collect(),
+            counts: vec![[0; 2]; trace.facts.len()],
         }
     }
 
     #[inline]
-    pub fn apply(&self, r: &mut Replay, block: usize, executed: u32, full: bool) {
-        let plan = if r.kernel() { &self.kernel[block] } else { &self.user[block] };
-        plan.apply(r, &r.trace.facts[block], executed, full);
+    pub fn apply(&mut self, r: &mut Replay, block: usize, executed: u32, full: bool) {
+        let kernel = r.kernel();
+        if full {
+            self.counts[block][usize::from(kernel)] += 1;
+        } else if kernel {
+            self.kernel[block].apply_partial(r, block, executed);
+        } else {
+            self.user[block].apply_partial(r, block, executed);
+        }
+    }
+
+    /// Charge and record the full executions counted so far.
+    pub fn settle(&mut self, r: &mut Replay) {
+        for (block, counts) in self.counts.iter_mut().enumerate() {
+            for (plan, count) in [(&self.user[block], counts[0]), (&self.kernel[block], counts[1])] {
+                if count > 0 {
+                    plan.settle(r, block, count);
+                }
+            }
+            *counts = [0; 2];
+        }
     }
 }
 

@@ -12,17 +12,17 @@
 //!   guest's next touch of that frame hits;
 //! - a CR0/CR4 write that changes paging bits drops every root.
 
-use std::collections::{HashMap, HashSet};
+use crate::fasthash::{FastMap, FastSet};
 
 const FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
 const PRESENT: u64 = 1;
 
 #[derive(Debug, Default)]
 struct Root {
-    entries: HashMap<u64, u64>,
-    pages_of_frame: HashMap<u64, Vec<u64>>,
+    entries: FastMap<u64, u64>,
+    pages_of_frame: FastMap<u64, Vec<u64>>,
     /// Frames a traced write made present; the next touch of each fills from the propagated entry.
-    propagated: HashSet<u64>,
+    propagated: FastSet<u64>,
 }
 
 impl Root {
@@ -75,14 +75,17 @@ pub struct Propagation {
 
 #[derive(Debug, Default)]
 pub struct ShadowMmu {
-    roots: HashMap<u64, Root>,
+    roots: FastMap<u64, Root>,
     current: u64,
-    traced_pages: HashSet<u64>,
+    traced_pages: FastSet<u64>,
 }
 
 impl ShadowMmu {
     /// Switch to the root of `cr3`; true when it was already cached.
     pub fn switch(&mut self, cr3: u64) -> bool {
+        if self.current == cr3 & FRAME_MASK && self.roots.contains_key(&self.current) {
+            return true;
+        }
         self.current = cr3 & FRAME_MASK;
         let cached = self.roots.contains_key(&self.current);
         self.roots.entry(self.current).or_default();

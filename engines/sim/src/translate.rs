@@ -7,9 +7,12 @@
 //! address (re-encoding an IDENT instruction at its new address is an identical copy). The engine charges its
 //! costs from the counts in [`Translation`].
 //!
-//! The TC runs deprivileged (CPL 1, IOPL 0) with the real IF set, and the monitor reserves `%gs` for its per-vCPU
-//! area, laid out in [`vcpu`]. Every way out of a CCF hands the monitor a guest address in [`vcpu::SCRATCH`]. Each
-//! guest instruction is translated by the first rule that applies:
+//! The CCFs assume that the TC runs deprivileged (CPL 1, IOPL 0: POPF cannot change the real IF or IOPL) with the
+//! real IF set, and that the monitor reserves `%gs` for its per-vCPU area, laid out in [`vcpu`]. Every way out of a
+//! CCF hands the monitor a guest address in [`vcpu::SCRATCH`]. Some sequences use the guest stack just below its
+//! pointer as scratch space (a callout's CALL, PUSH/POP copies, PUSHF/POPF around RDTSC), which a kernel stack
+//! allows: it has no red zone, since interrupts write there too. Each guest instruction is translated by the first
+//! rule that applies:
 //!
 //! - **Callout**: instructions in `forced_callouts` (adaptive BT, §3.2: innocuous instructions that keep taking
 //!   tracing faults), uses of `%gs` itself (MOV/PUSH/POP GS, LGS, SWAPGS, RD/WRGSBASE), and the sensitive
@@ -18,9 +21,10 @@
 //!   address in SCRATCH and calls through [`vcpu::CALLOUT`] (the monitor emulates it and returns), or jumps through
 //!   [`vcpu::CALLOUT_LEAVE`] when control does not come back to the next instruction (SYSCALL, SYSRET, IRET, INT n,
 //!   HLT, far transfers, UD2). A rewrite that cannot be expressed (see below) falls back to a callout.
-//! - **InTc** (§3.1's "vcpu.flags.IF := 0"): CLI/STI, PUSHF/POPF, MOV to/from CR8, MOV from CR0/CR2/CR3/CR4,
-//!   SGDT/SIDT/SLDT/STR/SMSW, MOV from and PUSH of CS/SS, RDTSC, and IN/OUT with an immediate port listed in
-//!   `in_tc_ports` are emulated by a few instructions against the vCPU area; [`vcpu`] gives each field's use.
+//! - **InTc** (§3.1: simple privileged operations run in the TC against the virtual CPU state): CLI/STI,
+//!   PUSHF/POPF, MOV to/from CR8, MOV from CR0/CR2/CR3/CR4, SGDT/SIDT/SLDT/STR/SMSW, MOV from and PUSH of CS/SS,
+//!   RDTSC, and IN/OUT with an immediate port listed in `in_tc_ports` (IN loads all ones, OUT is a NOP) are
+//!   emulated by a few instructions against the vCPU area; [`vcpu`] gives each field's use.
 //! - **DirectBranch** (JMP, Jcc, LOOP, JrCXZ) and **DirectCall** (CALL rel, which pushes the *guest* return
 //!   address): every exit is a continuation stub that stores the guest target in SCRATCH and jumps through
 //!   [`vcpu::CONTINUATION`]. The monitor later patches a stub into a direct jump to the target's CCF (chaining), so
@@ -56,7 +60,7 @@ use crate::classify::{classify, Op};
 /// noted; 16- and 32-bit code reads the low 2 or 4 bytes.
 pub mod vcpu {
     /// The guest address an exit hands the monitor: the continuation target, the indirect-branch target, or the
-    /// address of the instruction a callout emulates.
+    /// address of the instruction a callout emulates (2, 4 or 8 bytes as the code size).
     pub const SCRATCH: u32 = 0x00;
     /// Save slot for AL in the PUSHF and POPF sequences.
     pub const SPILL: u32 = 0x08;
@@ -102,6 +106,7 @@ pub mod vcpu {
     pub const SIZE: u32 = 0xb8;
 }
 
+/// What the engine tells the translator beyond the block itself.
 pub struct TranslateOptions<'a> {
     /// Ports with no device side effects that the translator emulates inside the TC (the POST port 0x80: reads
     /// give 0xff, writes are dropped). IN/OUT with an immediate port in this list are in-TC; all other port I/O is
@@ -135,6 +140,7 @@ pub struct Site {
     pub emitted: u16,
 }
 
+/// The CCF of one block, in the numbers the engine charges costs by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Translation {
     pub guest_instructions: u32,
@@ -331,7 +337,7 @@ enum Placement {
 }
 
 /// A RIP-relative operand is left to BlockEncoder when its guest address is this close to the CCF's start: 2 GiB
-/// less far more than the largest CCF a block can produce.
+/// minus a margin (16 MiB) far larger than any CCF a block produces.
 const RIP_REACH: u64 = (1 << 31) - (1 << 24);
 
 const GPRS: [Register; 16] = [
@@ -509,7 +515,7 @@ impl Emitter {
         let pops = [Code::Pop_rm16, Code::Pop_rm32, Code::Pop_rm64];
         if instruction.flow_control() == FlowControl::Return {
             let release = if instruction.op_count() == 1 { instruction.immediate16() } else { 0 };
-            let size = self.stack_size(instruction) - usize::from(release);
+            let size = self.stack_size(instruction).saturating_sub(usize::from(release));
             self.emit(Instruction::with1(by_size(size, pops), self.vcpu(vcpu::SCRATCH))?);
             if release != 0 {
                 let (sp, lea) = match self.bitness {
@@ -1094,23 +1100,22 @@ mod tests {
             [&[0x05, 0x10, 0, 0, 0], &[0x44, 0x98, 0x08], &[0xc0], &[0x00], &[0x04, 0x25, 0x28, 0, 0, 0]];
         let mut sites = 0;
         for mode in CodeMode::ALL {
-            for (prefix, escape, opcode, operand) in prefixes.iter().flat_map(|&prefix| {
-                [&[][..], &[0x0f][..]].into_iter().flat_map(move |escape| {
-                    (0..=255u8)
-                        .flat_map(move |opcode| operands.iter().map(move |&operand| (prefix, escape, opcode, operand)))
-                })
-            }) {
-                let mut bytes = [prefix, escape, &[opcode], operand, &[0x11; 8]].concat();
-                let first = Decoder::with_ip(mode.bitness(), &bytes, 0, DecoderOptions::NONE).decode();
-                if first.is_invalid() {
-                    continue;
-                }
-                bytes.truncate(first.len());
-                for address in [KERNEL, 0x101000, 0xffff_8881_0000_0000] {
-                    let forced = [u32::from(opcode % 2)];
-                    let options = TranslateOptions { in_tc_ports: &[0x80, 0x11], forced_callouts: &forced };
-                    let (translation, _) = translate_checked(&block(mode, address, &bytes), TC, &options);
-                    sites += translation.sites.len();
+            for prefix in prefixes {
+                for opcode in (0..=255u8).flat_map(|op| [vec![op], vec![0x0f, op]]) {
+                    for operand in operands {
+                        let mut bytes = [prefix, &opcode, operand, &[0x11; 8]].concat();
+                        let first = Decoder::with_ip(mode.bitness(), &bytes, 0, DecoderOptions::NONE).decode();
+                        if first.is_invalid() {
+                            continue;
+                        }
+                        bytes.truncate(first.len());
+                        for address in [KERNEL, 0x101000, 0xffff_8881_0000_0000] {
+                            let forced = [u32::from(opcode[opcode.len() - 1] % 2)];
+                            let options = TranslateOptions { in_tc_ports: &[0x80, 0x11], forced_callouts: &forced };
+                            let (translation, _) = translate_checked(&block(mode, address, &bytes), TC, &options);
+                            sites += translation.sites.len();
+                        }
+                    }
                 }
             }
         }

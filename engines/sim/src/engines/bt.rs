@@ -9,14 +9,13 @@
 //! unless the host has long-mode segment limits (`--set bt.lmsle=true`, as on the later Opteron/Athlon 64
 //! revisions VMware required) — shared refs §8.
 
-use std::collections::HashMap;
-
 use virtlab_traces::Event;
 
 use super::trap_emulate::Deprivileged;
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
 use crate::classify::{Exit, Op};
 use crate::engine::{Engine, EngineError, Options};
+use crate::fasthash::FastMap;
 use crate::metrics::{CycleCause, ExitReason, Metrics};
 use crate::profile::{mc, Profile};
 use crate::replay::{exit_reason_of, run, NativeCosts, Plans, Replay, Strategy};
@@ -65,6 +64,7 @@ impl Engine for BinaryTranslation {
         let plans = Plans::build(trace, &Deprivileged { native: &native, monitor: &monitor });
         let mut engine = BtRun {
             ccfs: (0..trace.facts.len()).map(|_| None).collect(),
+            runs: vec![0; trace.facts.len()],
             native,
             monitor,
             costs,
@@ -74,7 +74,7 @@ impl Engine for BinaryTranslation {
             tc_next: TC_BASES,
             previous: None,
             current: None,
-            guilt: HashMap::new(),
+            guilt: FastMap::default(),
             error: None,
         };
         let metrics = run(trace, &mut engine)?;
@@ -118,6 +118,8 @@ struct SiteCost {
 
 struct BtRun {
     ccfs: Vec<Option<Ccf>>,
+    /// Full executions of each block's current CCF not yet charged (see [`BtRun::settle`]).
+    runs: Vec<u64>,
     native: NativeCosts,
     monitor: MonitorCosts,
     costs: BtCosts,
@@ -131,7 +133,7 @@ struct BtRun {
     /// The kernel CCF running now, which the events that follow a block execution belong to.
     current: Option<usize>,
     /// Tracing faults per (block, instruction index).
-    guilt: HashMap<(usize, u32), u32>,
+    guilt: FastMap<(usize, u32), u32>,
     /// The first translation failure; replay stops charging once there is one.
     error: Option<crate::translate::TranslateError>,
 }
@@ -244,25 +246,36 @@ impl BtRun {
         }
         self.chain(r, block);
         let Some(ccf) = self.ccfs[block].as_ref() else { return };
-        if ccf.indirect_exit && full {
-            r.metrics.translation.indirect_lookups += 1;
-        }
         if full {
-            for &(cause, cost) in &ccf.costs {
-                r.charge(cause, cost);
-            }
-            r.metrics.translation.in_tc_emulations += ccf.in_tc;
+            self.runs[block] += 1;
         } else {
             for site in ccf.sites.iter().filter(|s| s.index < executed) {
                 r.charge(site.cause, site.cost);
             }
-        }
-        for &(index, reason) in ccf.callouts.iter().filter(|(i, _)| *i < executed) {
-            let address = r.site(index);
-            r.metrics.callout(reason, address);
+            for &(index, reason) in ccf.callouts.iter().filter(|(i, _)| *i < executed) {
+                let address = r.site(index);
+                r.metrics.callout(reason, address);
+            }
         }
         self.previous = if full { Some(block) } else { None };
         self.current = Some(block);
+    }
+
+    /// Charge the full executions of `block`'s current CCF counted so far: a CCF costs the same every run.
+    fn settle(&mut self, r: &mut Replay, block: usize) {
+        let count = std::mem::take(&mut self.runs[block]);
+        let Some(ccf) = self.ccfs[block].as_ref().filter(|_| count > 0) else { return };
+        for &(cause, cost) in &ccf.costs {
+            r.charge(cause, cost * count);
+        }
+        r.metrics.translation.in_tc_emulations += ccf.in_tc * count;
+        if ccf.indirect_exit {
+            r.metrics.translation.indirect_lookups += count;
+        }
+        let facts = &r.trace.facts[block];
+        for &(index, reason) in &ccf.callouts {
+            r.metrics.callouts_at(reason, facts.address_of(index), count);
+        }
     }
 
     /// A privileged operation the translation turned into a callout.
@@ -314,6 +327,7 @@ impl BtRun {
             forced.push(at);
             forced.sort_unstable();
             let chained = self.ccfs[block].as_ref().map(|c| c.chained.clone()).unwrap_or_default();
+            self.settle(r, block);
             if let Some(mut ccf) = self.translate(r, block, forced) {
                 ccf.chained = chained;
                 r.metrics.translation.retranslations += 1;
@@ -337,6 +351,8 @@ impl Strategy for BtRun {
         }
     }
 
+    // Out of line: the block path, which runs for most events, stays a tight loop.
+    #[inline(never)]
     fn event(&mut self, r: &mut Replay, event: &Event) {
         if self.error.is_some() {
             return;
@@ -397,11 +413,7 @@ impl Strategy for BtRun {
                 r.charge(CycleCause::DeviceEmulation, m.device);
             }
             Event::Cpuid { at, .. } if kernel => self.callout(r, ExitReason::Cpuid, at),
-            Event::Cpuid { at, .. } => {
-                r.charge(CycleCause::NativeTransitions, self.native.cpuid);
-                let site = r.site(at);
-                r.metrics.detectable("cpuid_reports_host", site);
-            }
+            Event::Cpuid { at, .. } => super::host_cpuid(r, self.native.cpuid, at),
             Event::Invlpg { at, address } => {
                 self.privileged(r, ExitReason::Invlpg, at);
                 self.shadow.invlpg(r, m, address);
@@ -420,6 +432,13 @@ impl Strategy for BtRun {
                     r.charge(CycleCause::Exits, m.trap);
                 }
             }
+        }
+    }
+
+    fn finish(&mut self, r: &mut Replay) {
+        self.plans.settle(r);
+        for block in 0..self.ccfs.len() {
+            self.settle(r, block);
         }
     }
 }

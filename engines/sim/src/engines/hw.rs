@@ -6,13 +6,12 @@
 //! keeps shadow page tables: CR3 writes, INVLPG, hidden faults, true page faults and traced page-table writes all
 //! exit. Each exit costs the hardware's exit and entry plus the VMCS reads of a typical handler (profile `hw`).
 
-use std::collections::HashSet;
-
 use virtlab_traces::Event;
 
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
 use crate::classify::Op;
 use crate::engine::{Engine, EngineError, Options};
+use crate::fasthash::FastSet;
 use crate::metrics::{CycleCause, ExitReason, Metrics};
 use crate::profile::{mc, Costs, Profile};
 use crate::replay::{exit_reason_of, run, Effect, NativeCosts, OpPolicy, Plans, Replay, Strategy};
@@ -64,7 +63,7 @@ impl Engine for HardwareAssist {
             ept: self.nested_paging,
             options: options.clone(),
             shadow: Shadowing::default(),
-            mapped_frames: HashSet::new(),
+            mapped_frames: FastSet::default(),
         };
         Ok(run(trace, &mut engine)?)
     }
@@ -123,7 +122,7 @@ struct HwRun {
     options: Options,
     shadow: Shadowing,
     /// Guest-physical frames the host has mapped in the EPT.
-    mapped_frames: HashSet<u64>,
+    mapped_frames: FastSet<u64>,
 }
 
 /// CR0 and CR4 bits the host owns (guest/host mask): a change exits.
@@ -174,6 +173,8 @@ impl Strategy for HwRun {
         self.plans.apply(r, block, executed, full);
     }
 
+    // Out of line: the block path, which runs for most events, stays a tight loop.
+    #[inline(never)]
     fn event(&mut self, r: &mut Replay, event: &Event) {
         let m = &self.monitor;
         match *event {
@@ -263,5 +264,9 @@ impl Strategy for HwRun {
                 }
             }
         }
+    }
+
+    fn finish(&mut self, r: &mut Replay) {
+        self.plans.settle(r);
     }
 }

@@ -80,6 +80,8 @@ impl Strategy for HybridRun {
         self.plans.apply(r, block, executed, full);
     }
 
+    // Out of line: the block path, which runs for most events, stays a tight loop.
+    #[inline(never)]
     fn event(&mut self, r: &mut Replay, event: &Event) {
         let m = &self.monitor;
         let user = !r.kernel();
@@ -109,11 +111,7 @@ impl Strategy for HybridRun {
             }
             Event::Sysret { .. } | Event::Iret { .. } => {}
             Event::CrWrite { cr, old, new, .. } => self.shadow.cr_write(r, m, cr, old, new),
-            Event::Cpuid { at, .. } if user => {
-                r.charge(CycleCause::NativeTransitions, self.native.cpuid);
-                let site = r.site(at);
-                r.metrics.detectable("cpuid_reports_host", site);
-            }
+            Event::Cpuid { at, .. } if user => super::host_cpuid(r, self.native.cpuid, at),
             Event::MsrRead { .. } | Event::MsrWrite { .. } | Event::Cpuid { .. } | Event::DescriptorLoad { .. } => {
                 r.charge(CycleCause::Emulation, m.emulate)
             }
@@ -146,5 +144,9 @@ impl Strategy for HybridRun {
             }
             Event::PageTouch { .. } => {}
         }
+    }
+
+    fn finish(&mut self, r: &mut Replay) {
+        self.plans.settle(r);
     }
 }

@@ -129,5 +129,12 @@ pub(crate) fn descriptor_reason(load: &virtlab_traces::DescriptorLoad) -> ExitRe
     }
 }
 
+/// CPUID run directly: the guest sees the host processor's identity.
+pub(crate) fn host_cpuid(r: &mut Replay, native_cost: u64, at: u32) {
+    r.charge(CycleCause::NativeTransitions, native_cost);
+    let site = r.site(at);
+    r.metrics.detectable("cpuid_reports_host", site, 1);
+}
+
 /// Page faults are vector 14.
 pub(crate) const PAGE_FAULT: u8 = 14;

@@ -59,4 +59,8 @@ impl Strategy for NativeRun {
     fn event(&mut self, r: &mut Replay, event: &Event) {
         r.charge(NativeCosts::event_cause(event), self.native.event(event));
     }
+
+    fn finish(&mut self, r: &mut Replay) {
+        self.plans.settle(r);
+    }
 }

@@ -151,6 +151,8 @@ impl Strategy for ParavirtRun {
         self.plans.apply(r, block, executed, full);
     }
 
+    // Out of line: the block path, which runs for most events, stays a tight loop.
+    #[inline(never)]
     fn event(&mut self, r: &mut Replay, event: &Event) {
         match *event {
             Event::Block(_) | Event::PartialBlock { .. } => {}
@@ -225,11 +227,7 @@ impl Strategy for ParavirtRun {
                 self.emulated(r, ExitReason::Mmio, at);
                 r.charge(CycleCause::DeviceEmulation, self.monitor.device);
             }
-            Event::Cpuid { at, .. } => {
-                r.charge(CycleCause::NativeTransitions, self.native.cpuid);
-                let site = r.site(at);
-                r.metrics.detectable("cpuid_reports_host", site);
-            }
+            Event::Cpuid { at, .. } => super::host_cpuid(r, self.native.cpuid, at),
             Event::Invlpg { at, .. } => {
                 self.flush(r, at);
                 self.hypercall(r, Hypercall::MmuextOp, at);
@@ -259,6 +257,7 @@ impl Strategy for ParavirtRun {
     }
 
     fn finish(&mut self, r: &mut Replay) {
+        self.plans.settle(r);
         self.flush(r, 0);
     }
 }

@@ -85,6 +85,8 @@ impl Strategy for TrapRun {
         self.plans.apply(r, block, executed, full);
     }
 
+    // Out of line: the block path, which runs for most events, stays a tight loop.
+    #[inline(never)]
     fn event(&mut self, r: &mut Replay, event: &Event) {
         let m = &self.monitor;
         let trap = m.trap;
@@ -117,11 +119,7 @@ impl Strategy for TrapRun {
                 m.emulate(r, ExitReason::Mmio, at, trap);
                 r.charge(CycleCause::DeviceEmulation, m.device);
             }
-            Event::Cpuid { at, .. } => {
-                r.charge(CycleCause::NativeTransitions, self.native.cpuid);
-                let site = r.site(at);
-                r.metrics.detectable("cpuid_reports_host", site);
-            }
+            Event::Cpuid { at, .. } => super::host_cpuid(r, self.native.cpuid, at),
             Event::Invlpg { at, address } => {
                 m.emulate(r, ExitReason::Invlpg, at, trap);
                 self.shadow.invlpg(r, m, address);
@@ -142,5 +140,9 @@ impl Strategy for TrapRun {
                 }
             }
         }
+    }
+
+    fn finish(&mut self, r: &mut Replay) {
+        self.plans.settle(r);
     }
 }
