@@ -54,7 +54,7 @@ pub use check::{check, check_with_progress, CheckError, CheckReport, Rule, Site,
 pub use codec::{BlockShape, Header};
 pub use error::{TraceError, WriteError};
 pub use model::*;
-pub use reader::{ChunkInfo, EventCursor, TraceReader, TraceView};
+pub use reader::{ChunkInfo, DecodeScratch, EventCursor, TraceReader, TraceView};
 pub use writer::{TraceFile, TraceWriter, MAX_SERIAL_BYTES};
 
 /// The repository README's Rust examples, compiled and run as doctests so they stay true.

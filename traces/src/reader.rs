@@ -133,6 +133,13 @@ fn decode_event_chunk(
 
 // ---------------------------------------------------------------------------------------------------------------
 
+/// Buffers reused across the chunks one consumer decodes: the decompressed payload and the block dictionary.
+#[derive(Debug, Default)]
+pub struct DecodeScratch {
+    payload: Vec<u8>,
+    dictionary: Vec<u32>,
+}
+
 /// An events chunk and the number of blocks defined before it (the ids it may use).
 #[derive(Debug, Clone, Copy)]
 struct EventChunkRef {
@@ -243,20 +250,37 @@ impl<'a> TraceView<'a> {
     /// Calls `visit` with every event in order. This is the fast path: events are decoded in a tight loop, one
     /// chunk at a time, into a buffer reused across chunks.
     pub fn for_each_event(&self, mut visit: impl FnMut(Event)) -> Result<(), TraceError> {
-        let mut scratch = Vec::new();
-        let mut dictionary = Vec::new();
-        for chunk in &self.event_chunks {
-            let payload = self.event_payload(chunk, &mut scratch)?;
-            decode_event_chunk(
-                payload,
-                &chunk.info,
-                self.blocks.shapes(),
-                chunk.blocks_defined,
-                &mut dictionary,
-                &mut visit,
-            )?;
+        let mut scratch = DecodeScratch::default();
+        for index in 0..self.event_chunks.len() {
+            self.for_each_event_in_chunk(index, &mut scratch, &mut visit)?;
         }
         Ok(())
+    }
+
+    /// How many events chunks the trace has: the units [`TraceView::for_each_event_in_chunk`] decodes.
+    pub fn event_chunk_count(&self) -> usize {
+        self.event_chunks.len()
+    }
+
+    /// Calls `visit` with every event of events chunk `index` (0-based, in stream order), so that a consumer can
+    /// replay a trace a chunk at a time and be scheduled between chunks. Visiting chunks 0, 1, … in order gives
+    /// exactly [`TraceView::for_each_event`]'s sequence.
+    pub fn for_each_event_in_chunk(
+        &self,
+        index: usize,
+        scratch: &mut DecodeScratch,
+        visit: impl FnMut(Event),
+    ) -> Result<(), TraceError> {
+        let Some(chunk) = self.event_chunks.get(index) else { return Ok(()) };
+        let payload = self.event_payload(chunk, &mut scratch.payload)?;
+        decode_event_chunk(
+            payload,
+            &chunk.info,
+            self.blocks.shapes(),
+            chunk.blocks_defined,
+            &mut scratch.dictionary,
+            visit,
+        )
     }
 
     /// A pull iterator over the events, for consumers that stop early or interleave passes.

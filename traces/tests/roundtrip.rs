@@ -140,6 +140,15 @@ fn a_multi_chunk_synthetic_trace_reads_back_exactly_and_passes_the_checker() {
     .unwrap();
     assert_eq!(count, summary.events);
     assert_eq!(hasher.finish(), summary.event_hash);
+
+    // Chunk by chunk, with one scratch reused, gives the same sequence.
+    assert_eq!(view.event_chunk_count(), event_chunks);
+    let mut by_chunk = EventHasher::default();
+    let mut scratch = DecodeScratch::default();
+    for index in 0..view.event_chunk_count() {
+        view.for_each_event_in_chunk(index, &mut scratch, |event| by_chunk.add(&event)).unwrap();
+    }
+    assert_eq!(by_chunk.finish(), summary.event_hash);
     assert_eq!(view.footer().totals.instructions, summary.instructions);
     assert_eq!(view.header().instructions, summary.instructions);
     let totals = &view.footer().totals;

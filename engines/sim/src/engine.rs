@@ -13,9 +13,32 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// One line on the strategy, for `--help` and reports.
     fn summary(&self) -> &'static str;
-    /// Replay `trace` with `profile`'s costs. An engine that cannot model this trace with these options returns
-    /// [`EngineError::Unsupported`] with the reason.
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, options: &Options) -> Result<Metrics, EngineError>;
+    /// Begin replaying `trace` with `profile`'s costs. An engine that cannot model this trace with these options
+    /// returns [`EngineError::Unsupported`] with the reason.
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError>;
+
+    /// Replay the whole trace.
+    fn replay(&self, trace: &PreparedTrace, profile: &Profile, options: &Options) -> Result<Metrics, EngineError> {
+        let mut run = self.start(trace, profile, options)?;
+        for chunk in 0..trace.view.event_chunk_count() {
+            run.feed(chunk)?;
+        }
+        run.finish()
+    }
+}
+
+/// A replay in progress, fed one events chunk at a time so that a scheduler can interleave engines at chunk
+/// granularity ([`crate::replay_many`]).
+pub trait Run: Send {
+    /// Replay events chunk `chunk`; chunks must come in order, each once.
+    fn feed(&mut self, chunk: usize) -> Result<(), EngineError>;
+    /// The results, after the last chunk.
+    fn finish(self: Box<Self>) -> Result<Metrics, EngineError>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -19,22 +19,60 @@ pub mod shadow;
 mod trace;
 pub mod translate;
 
-pub use engine::{Engine, EngineError, GuestBits, OptionError, Options, OPTION_KEYS};
+pub use engine::{Engine, EngineError, GuestBits, OptionError, Options, Run, OPTION_KEYS};
 pub use engines::bt::NEEDS_LMSLE;
 pub use engines::paravirt::MAX_BATCH;
 pub use metrics::{CycleCause, ExitReason, Finding, Hypercall, Metrics, Site, SiteCause};
 pub use profile::{Profile, ProfileError};
 pub use trace::PreparedTrace;
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
-/// Replay `trace` on every engine in `engines`, in parallel on the current rayon pool. Results come back in the
-/// order of `engines` and do not depend on the number of threads.
+type Outcome = Result<Metrics, EngineError>;
+
+/// Replay `trace` on every engine in `engines`, in parallel on the current rayon pool. Each engine's replay is
+/// split into one task per events chunk, chained in order; tasks run first-in first-out, so a thread that finishes
+/// a chunk moves on to the engine that has waited longest. The engines advance round-robin across the threads and
+/// the threads finish within about one chunk of each other, even when seven engines do not divide evenly between
+/// two threads. Results come back in the order of `engines` and do not depend on the number of threads.
 pub fn replay_many(
     trace: &PreparedTrace,
     engines: &[Box<dyn Engine>],
     profile: &Profile,
     options: &Options,
-) -> Vec<Result<Metrics, EngineError>> {
-    engines.par_iter().map(|engine| engine.replay(trace, profile, options)).collect()
+) -> Vec<Outcome> {
+    let chunks = trace.view.event_chunk_count();
+    let slots: Vec<Mutex<Option<Outcome>>> = engines.iter().map(|_| Mutex::new(None)).collect();
+    rayon::scope_fifo(|scope| {
+        for (engine, slot) in engines.iter().zip(&slots) {
+            scope.spawn_fifo(move |scope| match engine.start(trace, profile, options) {
+                Ok(run) => step(scope, run, 0, chunks, slot),
+                Err(error) => deliver(slot, Err(error)),
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| slot.into_inner().expect("no task panicked").expect("every engine delivered"))
+        .collect()
+}
+
+fn deliver(slot: &Mutex<Option<Outcome>>, outcome: Outcome) {
+    *slot.lock().expect("no task panicked") = Some(outcome);
+}
+
+fn step<'s>(
+    scope: &rayon::ScopeFifo<'s>,
+    mut run: Box<dyn Run + 's>,
+    chunk: usize,
+    chunks: usize,
+    slot: &'s Mutex<Option<Outcome>>,
+) {
+    if chunk == chunks {
+        return deliver(slot, run.finish());
+    }
+    match run.feed(chunk) {
+        Ok(()) => scope.spawn_fifo(move |scope| step(scope, run, chunk + 1, chunks, slot)),
+        Err(error) => deliver(slot, Err(error)),
+    }
 }

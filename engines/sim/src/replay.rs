@@ -2,9 +2,10 @@
 //! user/kernel instruction split (exactly as the trace's footer counts them), and hands each block execution and
 //! each event to the engine's strategy.
 
-use virtlab_traces::{Context, Event, PagingMode, TraceError};
+use virtlab_traces::{Context, DecodeScratch, Event, PagingMode};
 
 use crate::classify::{BlockFacts, Op};
+use crate::engine::{EngineError, Run};
 use crate::metrics::{CycleCause, ExitReason, Metrics};
 use crate::profile::{mc, Profile};
 use crate::trace::PreparedTrace;
@@ -16,8 +17,8 @@ pub(crate) trait Strategy {
     fn block(&mut self, r: &mut Replay, block: usize, executed: u32, full: bool);
     /// Any other event. A `Context` event reaches the strategy before the driver updates `r.context`.
     fn event(&mut self, r: &mut Replay, event: &Event);
-    /// After the last event.
-    fn finish(&mut self, _r: &mut Replay) {}
+    /// After the last event: charge what was only counted, report what went wrong.
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError>;
 }
 
 pub(crate) struct Replay<'t, 'a> {
@@ -53,20 +54,47 @@ impl<'t, 'a> Replay<'t, 'a> {
     }
 }
 
-/// Replay the whole trace through `strategy`.
-pub(crate) fn run<S: Strategy>(trace: &PreparedTrace, strategy: &mut S) -> Result<Metrics, TraceError> {
-    let initial = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 };
-    let mut r = Replay { trace, metrics: Metrics::default(), context: initial, current: 0, retired: 0 };
-    trace.view.for_each_event(|event| match event {
+/// One engine's replay of one trace in progress: the driver's state, the strategy's, and the decoder's buffers.
+pub(crate) struct Session<'t, 'a, S> {
+    replay: Replay<'t, 'a>,
+    strategy: S,
+    scratch: DecodeScratch,
+}
+
+impl<'t, 'a, S: Strategy> Session<'t, 'a, S> {
+    pub fn new(trace: &'t PreparedTrace<'a>, strategy: S) -> Self {
+        let initial = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 };
+        let replay = Replay { trace, metrics: Metrics::default(), context: initial, current: 0, retired: 0 };
+        Session { replay, strategy, scratch: DecodeScratch::default() }
+    }
+}
+
+impl<S: Strategy + Send> Run for Session<'_, '_, S> {
+    fn feed(&mut self, chunk: usize) -> Result<(), EngineError> {
+        let Session { replay: r, strategy, scratch } = self;
+        let trace = r.trace;
+        trace.view.for_each_event_in_chunk(chunk, scratch, |event| dispatch(r, strategy, event))?;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Metrics, EngineError> {
+        self.strategy.finish(&mut self.replay)?;
+        Ok(self.replay.metrics)
+    }
+}
+
+#[inline(always)]
+fn dispatch<S: Strategy>(r: &mut Replay, strategy: &mut S, event: Event) {
+    match event {
         Event::Block(id) => {
             let block = id.index();
-            let executed = trace.facts[block].instructions;
+            let executed = r.trace.facts[block].instructions;
             r.retire(block, executed);
-            strategy.block(&mut r, block, executed, true);
+            strategy.block(r, block, executed, true);
         }
         Event::PartialBlock { block, executed } => {
             r.retire(block.index(), executed);
-            strategy.block(&mut r, block.index(), executed, false);
+            strategy.block(r, block.index(), executed, false);
         }
         Event::Context { at, context } => {
             if context.is_user() != r.context.is_user() {
@@ -81,13 +109,11 @@ pub(crate) fn run<S: Strategy>(trace: &PreparedTrace, strategy: &mut S) -> Resul
                 *from -= moved;
                 *to += moved;
             }
-            strategy.event(&mut r, &event);
+            strategy.event(r, &event);
             r.context = context;
         }
-        other => strategy.event(&mut r, &other),
-    })?;
-    strategy.finish(&mut r);
-    Ok(r.metrics)
+        other => strategy.event(r, &other),
+    }
 }
 
 impl Replay<'_, '_> {

@@ -14,11 +14,11 @@ use virtlab_traces::Event;
 use super::trap_emulate::Deprivileged;
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
 use crate::classify::{Exit, Op};
-use crate::engine::{Engine, EngineError, Options};
+use crate::engine::{Engine, EngineError, Options, Run};
 use crate::fasthash::FastMap;
-use crate::metrics::{CycleCause, ExitReason, Metrics};
+use crate::metrics::{CycleCause, ExitReason};
 use crate::profile::{mc, Profile};
-use crate::replay::{exit_reason_of, run, NativeCosts, Plans, Replay, Strategy};
+use crate::replay::{exit_reason_of, NativeCosts, Plans, Replay, Session, Strategy};
 use crate::trace::PreparedTrace;
 use crate::translate::{translate, SiteKind, TranslateOptions, Translation};
 
@@ -45,7 +45,12 @@ impl Engine for BinaryTranslation {
         "VMware-style binary translation of kernel code (iced-x86), direct user code, shadow paging"
     }
 
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, options: &Options) -> Result<Metrics, EngineError> {
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError> {
         if trace.has_64_bit_code() && !options.bt_lmsle {
             return Err(EngineError::Unsupported(NEEDS_LMSLE.to_string()));
         }
@@ -62,7 +67,7 @@ impl Engine for BinaryTranslation {
         };
         // User code runs directly, exactly as under trap-and-emulate.
         let plans = Plans::build(trace, &Deprivileged { native: &native, monitor: &monitor });
-        let mut engine = BtRun {
+        let engine = BtRun {
             ccfs: (0..trace.facts.len()).map(|_| None).collect(),
             runs: vec![0; trace.facts.len()],
             native,
@@ -77,11 +82,7 @@ impl Engine for BinaryTranslation {
             guilt: FastMap::default(),
             error: None,
         };
-        let metrics = run(trace, &mut engine)?;
-        match engine.error {
-            Some(error) => Err(error.into()),
-            None => Ok(metrics),
-        }
+        Ok(Box::new(Session::new(trace, engine)))
     }
 }
 
@@ -435,10 +436,14 @@ impl Strategy for BtRun {
         }
     }
 
-    fn finish(&mut self, r: &mut Replay) {
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
+        if let Some(error) = self.error.take() {
+            return Err(error.into());
+        }
         self.plans.settle(r);
         for block in 0..self.ccfs.len() {
             self.settle(r, block);
         }
+        Ok(())
     }
 }

@@ -10,11 +10,11 @@ use virtlab_traces::Event;
 
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
 use crate::classify::Op;
-use crate::engine::{Engine, EngineError, Options};
+use crate::engine::{Engine, EngineError, Options, Run};
 use crate::fasthash::FastSet;
-use crate::metrics::{CycleCause, ExitReason, Metrics};
+use crate::metrics::{CycleCause, ExitReason};
 use crate::profile::{mc, Costs, Profile};
-use crate::replay::{exit_reason_of, run, Effect, NativeCosts, OpPolicy, Plans, Replay, Strategy};
+use crate::replay::{exit_reason_of, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
 use crate::trace::PreparedTrace;
 
 const MSR_FS_BASE: u32 = 0xc000_0100;
@@ -42,7 +42,12 @@ impl Engine for HardwareAssist {
         }
     }
 
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, options: &Options) -> Result<Metrics, EngineError> {
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError> {
         let costs = Costs::new(profile);
         let native = NativeCosts::new(profile);
         let monitor = MonitorCosts::new(profile);
@@ -55,7 +60,7 @@ impl Engine for HardwareAssist {
         let policy =
             GuestMode { monitor: &monitor, native: &native, vmexit: &vmexit, options, ept: self.nested_paging };
         let plans = Plans::build(trace, &policy);
-        let mut engine = HwRun {
+        let engine = HwRun {
             native,
             monitor,
             vmexit,
@@ -65,7 +70,7 @@ impl Engine for HardwareAssist {
             shadow: Shadowing::default(),
             mapped_frames: FastSet::default(),
         };
-        Ok(run(trace, &mut engine)?)
+        Ok(Box::new(Session::new(trace, engine)))
     }
 }
 
@@ -266,7 +271,8 @@ impl Strategy for HwRun {
         }
     }
 
-    fn finish(&mut self, r: &mut Replay) {
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
         self.plans.settle(r);
+        Ok(())
     }
 }

@@ -8,10 +8,10 @@ use virtlab_traces::Event;
 
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
 use crate::classify::Op;
-use crate::engine::{Engine, EngineError, Options};
-use crate::metrics::{CycleCause, ExitReason, Metrics};
+use crate::engine::{Engine, EngineError, Options, Run};
+use crate::metrics::{CycleCause, ExitReason};
 use crate::profile::Profile;
-use crate::replay::{run, user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Strategy};
+use crate::replay::{user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
 use crate::trace::PreparedTrace;
 
 pub struct Hybrid;
@@ -25,11 +25,16 @@ impl Engine for Hybrid {
         "Popek & Goldberg's hybrid VMM: kernel interpreted, user direct, shadow paging (KVM's PVM)"
     }
 
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, _options: &Options) -> Result<Metrics, EngineError> {
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        _options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError> {
         let native = NativeCosts::new(profile);
         let monitor = MonitorCosts::new(profile);
         let plans = Plans::build(trace, &Interpreted { native: &native, monitor: &monitor });
-        Ok(run(trace, &mut HybridRun { native, monitor, plans, shadow: Shadowing::default() })?)
+        Ok(Box::new(Session::new(trace, HybridRun { native, monitor, plans, shadow: Shadowing::default() })))
     }
 }
 
@@ -146,7 +151,8 @@ impl Strategy for HybridRun {
         }
     }
 
-    fn finish(&mut self, r: &mut Replay) {
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
         self.plans.settle(r);
+        Ok(())
     }
 }

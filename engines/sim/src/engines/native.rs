@@ -4,10 +4,10 @@
 use virtlab_traces::Event;
 
 use crate::classify::Op;
-use crate::engine::{Engine, EngineError, Options};
-use crate::metrics::{CycleCause, Metrics};
+use crate::engine::{Engine, EngineError, Options, Run};
+use crate::metrics::CycleCause;
 use crate::profile::Profile;
-use crate::replay::{run, Effect, NativeCosts, OpPolicy, Plans, Replay, Strategy};
+use crate::replay::{Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
 use crate::trace::PreparedTrace;
 
 pub struct Native;
@@ -21,10 +21,15 @@ impl Engine for Native {
         "the bare processor: every instruction direct, no monitor"
     }
 
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, _options: &Options) -> Result<Metrics, EngineError> {
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        _options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError> {
         let native = NativeCosts::new(profile);
         let plans = Plans::build(trace, &NativePolicy(&native));
-        Ok(run(trace, &mut NativeRun { native, plans })?)
+        Ok(Box::new(Session::new(trace, NativeRun { native, plans })))
     }
 }
 
@@ -60,7 +65,8 @@ impl Strategy for NativeRun {
         r.charge(NativeCosts::event_cause(event), self.native.event(event));
     }
 
-    fn finish(&mut self, r: &mut Replay) {
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
         self.plans.settle(r);
+        Ok(())
     }
 }

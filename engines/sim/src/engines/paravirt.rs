@@ -10,10 +10,10 @@ use virtlab_traces::{DescriptorLoad, Event};
 
 use super::{MonitorCosts, PAGE_FAULT};
 use crate::classify::Op;
-use crate::engine::{Engine, EngineError, GuestBits, Options};
-use crate::metrics::{CycleCause, ExitReason, Hypercall, Metrics};
+use crate::engine::{Engine, EngineError, GuestBits, Options, Run};
+use crate::metrics::{CycleCause, ExitReason, Hypercall};
 use crate::profile::{mc, Profile};
-use crate::replay::{exit_reason_of, run, user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Strategy};
+use crate::replay::{exit_reason_of, user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
 use crate::trace::PreparedTrace;
 
 /// Xen's limit on updates in one `mmu_update` call when building an address space.
@@ -40,7 +40,12 @@ impl Engine for Paravirt {
         "Xen-style paravirtualized kernel: hypercalls, batched page-table updates, event channels"
     }
 
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, options: &Options) -> Result<Metrics, EngineError> {
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError> {
         let bits64 = match options.paravirt_guest_bits {
             GuestBits::Auto => trace.has_64_bit_code(),
             GuestBits::Bits32 => false,
@@ -56,8 +61,8 @@ impl Engine for Paravirt {
             upcall: mc(p.upcall),
         };
         let plans = Plans::build(trace, &Aware { native: &native, monitor: &monitor });
-        let mut engine = ParavirtRun { native, monitor, costs, plans, bits64, pending: 0 };
-        Ok(run(trace, &mut engine)?)
+        let engine = ParavirtRun { native, monitor, costs, plans, bits64, pending: 0 };
+        Ok(Box::new(Session::new(trace, engine)))
     }
 }
 
@@ -256,8 +261,9 @@ impl Strategy for ParavirtRun {
         }
     }
 
-    fn finish(&mut self, r: &mut Replay) {
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
         self.plans.settle(r);
         self.flush(r, 0);
+        Ok(())
     }
 }

@@ -8,11 +8,11 @@ use virtlab_traces::Event;
 
 use super::{descriptor_reason, MonitorCosts, Shadowing, PAGE_FAULT};
 use crate::classify::Op;
-use crate::engine::{Engine, EngineError, Options};
-use crate::metrics::{CycleCause, ExitReason, Metrics};
+use crate::engine::{Engine, EngineError, Options, Run};
+use crate::metrics::{CycleCause, ExitReason};
 use crate::profile::Profile;
 use crate::replay::{
-    exit_reason_of, kernel_hole, run, user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Strategy,
+    exit_reason_of, kernel_hole, user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy,
 };
 use crate::trace::PreparedTrace;
 
@@ -27,12 +27,17 @@ impl Engine for TrapEmulate {
         "deprivileged kernel run directly; privileged instructions trap; POPF, SGDT and friends are holes"
     }
 
-    fn replay(&self, trace: &PreparedTrace, profile: &Profile, _options: &Options) -> Result<Metrics, EngineError> {
+    fn start<'t>(
+        &self,
+        trace: &'t PreparedTrace<'t>,
+        profile: &Profile,
+        _options: &Options,
+    ) -> Result<Box<dyn Run + 't>, EngineError> {
         let native = NativeCosts::new(profile);
         let monitor = MonitorCosts::new(profile);
         let plans = Plans::build(trace, &Deprivileged { native: &native, monitor: &monitor });
-        let mut engine = TrapRun { native, monitor, plans, shadow: Shadowing::default() };
-        Ok(run(trace, &mut engine)?)
+        let engine = TrapRun { native, monitor, plans, shadow: Shadowing::default() };
+        Ok(Box::new(Session::new(trace, engine)))
     }
 }
 
@@ -142,7 +147,8 @@ impl Strategy for TrapRun {
         }
     }
 
-    fn finish(&mut self, r: &mut Replay) {
+    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
         self.plans.settle(r);
+        Ok(())
     }
 }
