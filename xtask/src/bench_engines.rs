@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, default_value_t = 50_000_000)]
     target_instructions: u64,
     /// Workloads to record and replay.
-    #[arg(long, value_delimiter = ',', default_values_t = ["compute", "memtouch", "ctxswitch", "syscall-mix"].map(String::from))]
+    #[arg(long, value_delimiter = ',', default_values_t = ["compute", "memtouch", "forkwait", "mmap", "ctxswitch", "syscall-mix"].map(String::from))]
     workloads: Vec<String>,
     /// Timed repetitions of each replay; the fastest is reported.
     #[arg(long, default_value_t = 3)]

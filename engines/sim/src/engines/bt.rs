@@ -209,7 +209,13 @@ impl BtRun {
                 }
                 // Operations with an event are charged at the event, which carries their values.
                 SiteKind::InTc | SiteKind::Callout if op.has_event() => {}
-                SiteKind::Callout if ccf.forced.contains(&site.index) => {}
+                // Adaptive BT's retranslation: every execution calls the monitor's page-table write helper from
+                // the TC (the paper's 391-cycle ptemod is far below a full callout), whether or not this execution
+                // writes a page table; the shadow update is charged at the write's event.
+                SiteKind::Callout if ccf.forced.contains(&site.index) => {
+                    ccf.callouts.push((site.index, ExitReason::TracingFault));
+                    add(&mut ccf, site.index, CycleCause::Callouts, self.costs.in_tc_helper);
+                }
                 SiteKind::InTc => {
                     let helper = if op == Op::Rdtsc { self.costs.in_tc_helper } else { 0 };
                     let check = if matches!(op, Op::Sti | Op::Popf) { self.costs.pending_interrupt_check } else { 0 };
@@ -312,9 +318,6 @@ impl BtRun {
         let current = if r.kernel() { self.current } else { None };
         let forced = current.and_then(|b| self.ccfs[b].as_ref()).is_some_and(|ccf| ccf.forced.contains(&at));
         if forced {
-            let address = r.site(at);
-            r.metrics.callout(ExitReason::TracingFault, address);
-            r.charge(CycleCause::Callouts, self.costs.in_tc_helper);
             self.shadow.write(r, m, gpa, level, old, new);
             return;
         }

@@ -61,7 +61,7 @@ impl Engine for Paravirt {
             upcall: mc(p.upcall),
         };
         let plans = Plans::build(trace, &Aware { native: &native, monitor: &monitor });
-        let engine = ParavirtRun { native, monitor, costs, plans, bits64, pending: 0 };
+        let engine = ParavirtRun { native, monitor, costs, plans, bits64, pending: 0, last_update: 0 };
         Ok(Box::new(Session::new(trace, engine)))
     }
 }
@@ -122,19 +122,31 @@ struct ParavirtRun {
     bits64: bool,
     /// Page-table updates queued for the next `mmu_update`.
     pending: u64,
+    /// Guest address of the last queued update, which the batch flushed at the end of the trace is charged to.
+    last_update: u64,
 }
 
 impl ParavirtRun {
     fn hypercall(&self, r: &mut Replay, kind: Hypercall, at: u32) {
-        r.metrics.hypercall(kind);
         let site = r.site(at);
+        self.hypercall_at(r, kind, site);
+    }
+
+    fn hypercall_at(&self, r: &mut Replay, kind: Hypercall, site: u64) {
+        r.metrics.hypercall(kind);
         r.metrics.hypercall_site(kind, site);
         r.charge(CycleCause::Hypercalls, self.costs.hypercall);
     }
 
     fn flush(&mut self, r: &mut Replay, at: u32) {
+        let site = r.site(at);
+        self.flush_at(r, site);
+    }
+
+    /// Issue the queued updates as one `mmu_update`, charged to the guest instruction at `site`.
+    fn flush_at(&mut self, r: &mut Replay, site: u64) {
         if self.pending > 0 {
-            self.hypercall(r, Hypercall::MmuUpdate, at);
+            self.hypercall_at(r, Hypercall::MmuUpdate, site);
             r.charge(CycleCause::Hypercalls, self.pending * self.costs.update_validation);
             r.metrics.page_table_update_batches += 1;
             self.pending = 0;
@@ -250,6 +262,7 @@ impl Strategy for ParavirtRun {
             Event::PageTableWrite { at, .. } => {
                 if r.paging() {
                     self.pending += 1;
+                    self.last_update = r.site(at);
                     r.metrics.page_table_updates_batched += 1;
                     if self.pending == MAX_BATCH {
                         self.flush(r, at);
@@ -263,7 +276,7 @@ impl Strategy for ParavirtRun {
 
     fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
         self.plans.settle(r);
-        self.flush(r, 0);
+        self.flush_at(r, self.last_update);
         Ok(())
     }
 }
