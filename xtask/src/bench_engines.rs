@@ -29,7 +29,7 @@ pub struct Args {
 }
 
 fn record_scaled(name: &str, target: u64) -> anyhow::Result<Vec<u8>> {
-    let spec = virtlab_workloads::catalog().into_iter().find(|s| s.name == name).context("no such workload")?;
+    let spec = virtlab_workloads::catalog().iter().find(|s| s.name == name).context("no such workload")?;
     let param = spec.param("iterations").context("every workload takes iterations")?;
     let mut machine = Machine::from_multiboot(&virtlab_workloads::build(name, &[])?.bytes, MachineConfig::default())?;
     machine.run(&mut NullObserver, RunLimits { max_instructions: 4_000_000_000 })?;

@@ -113,8 +113,8 @@ pub enum ProfileError {
     Read { path: String, source: std::io::Error },
     #[error("profile {origin}: {message}")]
     Invalid { origin: String, message: String },
-    #[error("profile {origin}: `{key}` = {value} is not a finite number >= 0")]
-    BadValue { origin: String, key: String, value: f64 },
+    #[error("profile {origin}: `{key}` = {value} is out of range: expected {expected}")]
+    BadValue { origin: String, key: String, value: f64, expected: &'static str },
     #[error("--set {key}: {message}")]
     BadOverride { key: String, message: String },
 }
@@ -131,7 +131,7 @@ impl Profile {
             return Profile::parse(text, name_or_path, overrides);
         }
         let path = Path::new(name_or_path);
-        if path.extension().is_none_or(|ext| ext != "toml") && !path.exists() {
+        if !path.extension().is_some_and(|ext| ext == "toml") && !path.exists() {
             return Err(ProfileError::UnknownName(name_or_path.to_string()));
         }
         let text = std::fs::read_to_string(path)
@@ -160,15 +160,21 @@ impl Profile {
 
     fn validate(&self, origin: &str) -> Result<(), ProfileError> {
         for (key, value) in self.primitives() {
-            if !value.is_finite() || value < 0.0 {
-                return Err(ProfileError::BadValue { origin: origin.to_string(), key: key.to_string(), value });
+            if !(0.0..=MAX_PRIMITIVE).contains(&value) {
+                return Err(ProfileError::BadValue {
+                    origin: origin.to_string(),
+                    key: key.to_string(),
+                    value,
+                    expected: "cycles from 0 to 1e9",
+                });
             }
         }
-        if self.clock_ghz <= 0.0 || !self.clock_ghz.is_finite() {
+        if !(self.clock_ghz > 0.0 && self.clock_ghz <= 1e3) {
             return Err(ProfileError::BadValue {
                 origin: origin.to_string(),
                 key: "clock_ghz".into(),
                 value: self.clock_ghz,
+                expected: "a clock above 0 and at most 1000 GHz",
             });
         }
         Ok(())
@@ -250,32 +256,13 @@ fn apply_override(table: &mut toml::Table, key: &str, value: &str) -> Result<(),
     Ok(())
 }
 
-/// A profile's primitives in millicycles, the unit engines add up.
-#[derive(Debug, Clone)]
-pub(crate) struct Costs {
-    pub profile: Profile,
-}
+/// The largest primitive the loader accepts, in cycles: far above any real cost, and small enough that no sum of
+/// millicycles over a trace's events can overflow.
+const MAX_PRIMITIVE: f64 = 1e9;
 
-/// Millicycles of a cycle count, rounded.
+/// Millicycles of a cycle count, rounded: the unit engines add up.
 pub(crate) fn mc(cycles: f64) -> u64 {
     (cycles * 1000.0).round() as u64
-}
-
-impl Costs {
-    pub fn new(profile: &Profile) -> Costs {
-        Costs { profile: profile.clone() }
-    }
-
-    /// One VM exit and the entry back, with the VMCS reads a typical exit handler makes.
-    pub fn hw_round_trip(&self) -> u64 {
-        let h = &self.profile.hw;
-        mc(h.exit + h.entry + h.vmread * h.vmreads_per_exit)
-    }
-
-    pub fn hw_injection(&self) -> u64 {
-        let h = &self.profile.hw;
-        mc(h.vmwrite * h.vmwrites_per_injection)
-    }
 }
 
 #[cfg(test)]
@@ -317,6 +304,22 @@ mod tests {
         let err = Profile::load_with("p4-2006", &set("bt.callout", "fast")).unwrap_err().to_string();
         assert!(err.contains("not a number"), "{err}");
         assert!(Profile::has_key("hw.exit") && !Profile::has_key("bt.lmsle"));
+        let err = Profile::load_with("p4-2006", &set("hw.exit", "1e300")).unwrap_err().to_string();
+        assert!(err.contains("hw.exit") && err.contains("0 to 1e9"), "{err}");
+    }
+
+    #[test]
+    fn a_profile_file_loads_by_path_and_a_missing_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("virtlab-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mine.toml");
+        std::fs::write(&path, BUILT_IN[2].1.replace("name = \"sandybridge-2011\"", "name = \"mine\"")).unwrap();
+        let profile = Profile::load(path.to_str().unwrap()).unwrap();
+        assert_eq!((profile.name.as_str(), profile.hw.exit), ("mine", 438.0));
+        let missing = dir.join("gone.toml");
+        let err = Profile::load(missing.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, ProfileError::Read { .. }) && err.to_string().contains("gone.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -106,7 +106,7 @@ fn dispatch<S: Strategy>(r: &mut Replay, strategy: &mut S, event: Event) {
                 } else {
                     (&mut m.instructions_kernel, &mut m.instructions_user)
                 };
-                *from -= moved;
+                *from = from.saturating_sub(moved);
                 *to += moved;
             }
             strategy.event(r, &event);

@@ -13,7 +13,7 @@ use crate::classify::Op;
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::fasthash::FastSet;
 use crate::metrics::{CycleCause, ExitReason};
-use crate::profile::{mc, Costs, Profile};
+use crate::profile::{mc, Profile};
 use crate::replay::{exit_reason_of, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
 use crate::trace::PreparedTrace;
 
@@ -48,14 +48,15 @@ impl Engine for HardwareAssist {
         profile: &Profile,
         options: &Options,
     ) -> Result<Box<dyn Run + 't>, EngineError> {
-        let costs = Costs::new(profile);
+        let h = &profile.hw;
         let native = NativeCosts::new(profile);
         let monitor = MonitorCosts::new(profile);
         let vmexit = VmExit {
-            round_trip: costs.hw_round_trip(),
-            injection: costs.hw_injection(),
-            ept_violation: mc(profile.hw.ept_violation),
-            user_space_exit: if options.hw_user_space_devices { mc(profile.hw.user_space_exit) } else { 0 },
+            // An exit and the entry back, with the VMCS reads a typical handler makes.
+            round_trip: mc(h.exit + h.entry + h.vmread * h.vmreads_per_exit),
+            injection: mc(h.vmwrite * h.vmwrites_per_injection),
+            ept_violation: mc(h.ept_violation),
+            user_space_exit: if options.hw_user_space_devices { mc(h.user_space_exit) } else { 0 },
         };
         let policy =
             GuestMode { monitor: &monitor, native: &native, vmexit: &vmexit, options, ept: self.nested_paging };
