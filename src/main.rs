@@ -9,13 +9,14 @@ use clap::{Parser, Subcommand};
 const EXIT_CODES: &str = "\
 Exit status:
   0  success (for `check`: the trace is valid)
-  1  the trace is malformed or breaks an invariant (the message names the rule and the byte offset)
+  1  the trace is malformed or breaks an invariant
+     (the message names the rule and the byte offset)
   2  bad command line (including an unknown workload or parameter)
   3  a file could not be read or written
   4  `replay`: an engine refused the trace (the others ran; its result says why)
   5  `validate`: a cell or an ordering missed the published result
-  `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit) and 125 (the
-  guest could not run): see their --help.";
+  `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit)
+  and 125 (the guest could not run): see their --help.";
 
 #[derive(Parser)]
 #[command(

@@ -15,29 +15,32 @@ pub const EXIT_REFUSED: u8 = 4;
 
 /// Replay a trace under virtualization strategies and report what each costs.
 ///
-/// Each engine carries out its strategy's mechanism on the recorded execution: which instructions trap, what
-/// the translator emits, which hypercalls replace what, where the shadow page tables miss. It counts exits and
-/// traps by reason (KVM's names where KVM has one), translations, hypercalls, shadow faults, holes (wrong
-/// results the guest would silently get) and detectable events, and it attributes exits to guest addresses.
-/// Cycles are those counts times a profile's primitive costs.
+/// Each engine carries out its strategy's mechanism on the recorded execution: which
+/// instructions trap, what the translator emits, which hypercalls replace what, where the
+/// shadow page tables miss. It counts exits and traps by reason (KVM's names where KVM has
+/// one), translations, hypercalls, shadow faults, holes (wrong results the guest would
+/// silently get) and detectable events, and it attributes them to guest addresses. Cycles
+/// are those counts times a profile's primitive costs.
 ///
 /// Engines: native, trap-emulate, hybrid, bt, paravirt, hw-ept, hw-shadow (or `all`).
-/// Profiles: p4-2006 (default), core2-2006, sandybridge-2011, or a TOML file in the same form.
+/// Profiles: p4-2006 (default), core2-2006, sandybridge-2011, or a TOML file in their form.
 ///
 /// `--set` takes engine options and profile primitives. Options:
-///   bt.lmsle=false              the host has long-mode segment limits (bt refuses 64-bit traces without)
-///   bt.adaptive_threshold=4     tracing faults before adaptive BT retranslates the writing instruction
+///   bt.lmsle=false              the host has long-mode segment limits
+///                               (without them bt refuses 64-bit traces)
+///   bt.adaptive_threshold=4     tracing faults before adaptive BT retranslates the writer
 ///   bt.in_tc_ports=0x80         ports emulated inside the translation cache
 ///   paravirt.guest_bits=auto    32 or 64: the paravirtualized kernel's width
 ///   hw.tpr_shadow=true          CR8 accesses do not exit
-///   hw.msr_bitmap=true          FS_BASE, GS_BASE and KERNEL_GS_BASE accesses do not exit
+///   hw.msr_bitmap=true          FS_BASE, GS_BASE and KERNEL_GS_BASE do not exit
 ///   hw.user_space_devices=true  device exits continue to a user-space device model
-/// Profile primitives are `section.key` as in the profile files, for example `--set hw.exit=1000`.
+/// Profile primitives are `section.key` as in the profile files: `--set hw.exit=1000`.
 ///
 /// Example: `virtlab replay syscall.vlt --engine all --set bt.lmsle=true`
 ///
-/// Exit status: 0 when every engine ran; 4 when an engine refused the trace (its object says why); 1 for an
-/// invalid trace; 2 for a bad engine, profile or --set; 3 for an unreadable file.
+/// Exit status: 0 when every engine ran; 4 when an engine refused the trace (its result
+/// says why); 1 for an invalid trace; 2 for a bad engine, profile or --set; 3 for an
+/// unreadable file.
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
