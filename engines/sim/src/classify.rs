@@ -386,9 +386,12 @@ impl BlockFacts {
         Ok(facts)
     }
 
-    /// Guest address of instruction `index`, or the address after the block for `index == instructions`.
+    /// Guest address of instruction `index`. An event after the block's last instruction (`index ==
+    /// instructions`) is that instruction's doing (a SYSRET's context change, an interrupt taken after it), so it
+    /// gets the last instruction's address.
     pub fn address_of(&self, index: u32) -> u64 {
-        self.addresses.get(index as usize).copied().unwrap_or(self.address)
+        let last = self.addresses.last().copied().unwrap_or(self.address);
+        self.addresses.get(index as usize).copied().unwrap_or(last)
     }
 }
 
@@ -456,6 +459,7 @@ mod tests {
         let facts = BlockFacts::decode(&block).unwrap();
         assert_eq!(facts.ops, vec![(0, Op::Cli), (1, Op::MovToCr(3))]);
         assert_eq!(facts.addresses, vec![0x2000, 0x2001, 0x2004]);
+        assert_eq!(facts.address_of(3), 0x2004, "after the block: the last instruction");
         assert_eq!(facts.exit, Exit::DirectCall);
         assert_eq!(facts.calls_and_returns, vec![2]);
     }
