@@ -188,6 +188,15 @@ fn replay_prints_one_json_object_per_engine_and_says_which_refused() {
     }
     let out = virtlab(&["replay", dir.join("missing.vlt").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
+    // A damaged trace is refused by the checker before any engine sees it.
+    let mut damaged = std::fs::read(&path).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    let broken = dir.join("damaged.vlt");
+    std::fs::write(&broken, &damaged).unwrap();
+    let out = virtlab(&["replay", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged.vlt is not a valid trace"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
