@@ -188,7 +188,7 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
         },
         "hypercalls": hypercalls,
         "page_table_updates_batched": m.page_table_updates_batched,
-        "page_table_update_batches": m.page_table_update_batches,
+        "page_table_update_batches": m.hypercalls_by(Hypercall::MmuUpdate),
         "shadow": {
             "hidden_faults": s.hidden_faults, "true_faults": s.true_faults, "root_switches": s.root_switches,
             "invalidations": s.invalidations, "traced_pages": s.traced_pages,

@@ -335,9 +335,8 @@ pub struct Metrics {
     pub emulated_instructions: u64,
     pub translation: TranslationStats,
     pub hypercalls: [u64; Hypercall::COUNT],
-    /// Page-table updates that travelled in `mmu_update` batches, and the number of batches.
+    /// Page-table updates that travelled in `mmu_update` batches (one batch per `mmu_update` hypercall).
     pub page_table_updates_batched: u64,
-    pub page_table_update_batches: u64,
     pub shadow: ShadowStats,
     pub millicycles: [u64; CycleCause::COUNT],
     holes: BTreeMap<(&'static str, u64), u64>,
@@ -355,7 +354,6 @@ impl Default for Metrics {
             translation: TranslationStats::default(),
             hypercalls: [0; Hypercall::COUNT],
             page_table_updates_batched: 0,
-            page_table_update_batches: 0,
             shadow: ShadowStats::default(),
             millicycles: [0; CycleCause::COUNT],
             holes: BTreeMap::new(),

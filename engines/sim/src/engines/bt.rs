@@ -170,23 +170,16 @@ impl BtRun {
     fn plan(&self, r: &Replay, block: usize, translation: Translation, forced: Vec<u32>) -> Ccf {
         let facts = &r.trace.facts[block];
         let per_instruction = self.native.instruction;
-        let mut ccf = Ccf {
-            costs: Vec::new(),
-            sites: Vec::new(),
-            indirect_exit: false,
-            in_tc: 0,
-            callouts: Vec::new(),
-            chained: Vec::new(),
-            forced,
-            translation: translation.clone(),
-        };
-        let add = |ccf: &mut Ccf, index: u32, cause: CycleCause, cost: u64| {
-            ccf.sites.push(SiteCost { index, cause, cost });
-            match ccf.costs.iter_mut().find(|(c, _)| *c == cause) {
+        let mut costs: Vec<(CycleCause, u64)> = Vec::new();
+        let mut sites = Vec::new();
+        let mut add = |index: u32, cause: CycleCause, cost: u64| {
+            sites.push(SiteCost { index, cause, cost });
+            match costs.iter_mut().find(|(c, _)| *c == cause) {
                 Some((_, total)) => *total += cost,
-                None => ccf.costs.push((cause, cost)),
+                None => costs.push((cause, cost)),
             }
         };
+        let (mut indirect_exit, mut in_tc, mut callouts) = (false, 0, Vec::new());
         let op_at = |index: u32| facts.ops.iter().find(|(i, _)| *i == index).map_or(Op::Innocuous, |&(_, op)| op);
         let mut site_indices = translation.sites.iter().map(|s| s.index).peekable();
         for index in 0..facts.instructions {
@@ -194,42 +187,42 @@ impl BtRun {
                 site_indices.next();
                 continue;
             }
-            add(&mut ccf, index, CycleCause::GuestInstructions, per_instruction);
+            add(index, CycleCause::GuestInstructions, per_instruction);
         }
         for site in &translation.sites {
             let op = op_at(site.index);
             let emitted = per_instruction * u64::from(site.emitted);
             match site.kind {
                 SiteKind::PcRelative | SiteKind::SegmentRewrite | SiteKind::DirectBranch | SiteKind::DirectCall => {
-                    add(&mut ccf, site.index, CycleCause::TranslatedCode, emitted)
+                    add(site.index, CycleCause::TranslatedCode, emitted)
                 }
                 SiteKind::IndirectBranch => {
-                    ccf.indirect_exit = true;
-                    add(&mut ccf, site.index, CycleCause::TranslatedCode, emitted + self.costs.indirect_lookup);
+                    indirect_exit = true;
+                    add(site.index, CycleCause::TranslatedCode, emitted + self.costs.indirect_lookup);
                 }
                 // Operations with an event are charged at the event, which carries their values.
                 SiteKind::InTc | SiteKind::Callout if op.has_event() => {}
                 // Adaptive BT's retranslation: every execution calls the monitor's page-table write helper from
                 // the TC (the paper's 391-cycle ptemod is far below a full callout), whether or not this execution
                 // writes a page table; the shadow update is charged at the write's event.
-                SiteKind::Callout if ccf.forced.contains(&site.index) => {
-                    ccf.callouts.push((site.index, ExitReason::TracingFault));
-                    add(&mut ccf, site.index, CycleCause::Callouts, self.costs.in_tc_helper);
+                SiteKind::Callout if forced.contains(&site.index) => {
+                    callouts.push((site.index, ExitReason::TracingFault));
+                    add(site.index, CycleCause::Callouts, self.costs.in_tc_helper);
                 }
                 SiteKind::InTc => {
                     let helper = if op == Op::Rdtsc { self.costs.in_tc_helper } else { 0 };
                     let check = if matches!(op, Op::Sti | Op::Popf) { self.costs.pending_interrupt_check } else { 0 };
-                    ccf.in_tc += 1;
-                    add(&mut ccf, site.index, CycleCause::TranslatedCode, emitted + helper + check);
+                    in_tc += 1;
+                    add(site.index, CycleCause::TranslatedCode, emitted + helper + check);
                 }
                 SiteKind::Callout => {
-                    ccf.callouts.push((site.index, exit_reason_of(op)));
-                    add(&mut ccf, site.index, CycleCause::Callouts, self.costs.callout);
-                    add(&mut ccf, site.index, CycleCause::Emulation, self.monitor.emulate);
+                    callouts.push((site.index, exit_reason_of(op)));
+                    add(site.index, CycleCause::Callouts, self.costs.callout);
+                    add(site.index, CycleCause::Emulation, self.monitor.emulate);
                 }
             }
         }
-        ccf
+        Ccf { translation, costs, sites, indirect_exit, in_tc, callouts, chained: Vec::new(), forced }
     }
 
     /// A direct exit from the previous CCF into `block`: the first time through the translator, then chained.

@@ -148,7 +148,6 @@ impl ParavirtRun {
         if self.pending > 0 {
             self.hypercall_at(r, Hypercall::MmuUpdate, site);
             r.charge(CycleCause::Hypercalls, self.pending * self.costs.update_validation);
-            r.metrics.page_table_update_batches += 1;
             self.pending = 0;
         }
     }
