@@ -119,6 +119,8 @@ differential! {
     forkwait => "forkwait" [];
     ctxswitch => "ctxswitch" [];
     mmap => "mmap" [];
+    demandzero => "demandzero" [];
+    cow => "cow" [];
     compute => "compute" [];
     memtouch => "memtouch" [];
     syscall_mix => "syscall-mix" [];

@@ -2,30 +2,17 @@
 //! with the trace's own events, no exit hides in a catch-all reason, and results do not depend on the thread count.
 //! Then `virtlab replay` and `virtlab validate` as a user runs them.
 
+mod common;
+
 use std::io::Cursor;
 use std::process::{Command, Output};
 
+use common::record_workload;
 use serde_json::Value;
 use virtlab_engines::{
     engine, replay_many, EngineError, ExitReason, Hypercall, Metrics, Options, PreparedTrace, Profile,
 };
-use virtlab_machine::MachineConfig;
-use virtlab_record::{record, RecordRequest};
-use virtlab_traces::{check, EventKind, Metadata, TraceView};
-
-fn record_workload(name: &str, params: &[(&str, &str)]) -> Vec<u8> {
-    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let image = virtlab_workloads::build(name, &params).unwrap();
-    let request = RecordRequest {
-        image: &image.bytes,
-        metadata: Metadata { workload: name.into(), params, recorder: "tests".into(), ..Metadata::default() },
-        machine: MachineConfig::default(),
-        max_instructions: 100_000_000,
-        timeout: None,
-    };
-    let (out, _) = record(Cursor::new(Vec::new()), request).unwrap();
-    out.into_inner()
-}
+use virtlab_traces::{check, EventKind, TraceView};
 
 fn lmsle() -> Options {
     let mut options = Options::default();

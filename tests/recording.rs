@@ -79,6 +79,8 @@ const EVENTS_PER_ITERATION: &[(&str, &str, u64)] = &[
     ("outl", "out 0x1234", 1),
     ("cr8wr", "cr8 write", 1),
     ("pgfault", "exception 14", 1),
+    ("demandzero", "exception 14", 1),
+    ("cow", "exception 14", 16),
     ("divzero", "exception 0", 1),
     ("ptemod", "page_table_write", 1),
     ("cpuid", "cpuid", 1),

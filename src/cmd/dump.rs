@@ -183,5 +183,6 @@ fn describe(event: &Event) -> String {
         Event::Mmio { gpa, size, direction: dir, value, .. } => {
             format!("{} gpa={gpa:#x} size={size} value={value:#x}", direction(dir, "load", "store"))
         }
+        Event::RepString { elements, .. } => format!("elements={elements}"),
     }
 }

@@ -35,6 +35,8 @@ pub enum Rule {
     FooterTotals,
     /// The header's totals equal the footer's.
     HeaderTotals,
+    /// A `rep_string` event names a REP-prefixed string instruction.
+    RepOnStringInstruction,
 }
 
 impl Rule {
@@ -49,6 +51,7 @@ impl Rule {
             Rule::ImageInRam => "image-in-ram",
             Rule::FooterTotals => "footer-totals",
             Rule::HeaderTotals => "header-totals",
+            Rule::RepOnStringInstruction => "rep-on-string-instruction",
         }
     }
 }
@@ -122,14 +125,12 @@ pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> R
     let header = reader.header().clone();
     check_image(reader.image(), &header)?;
     let mut stream = StreamRules::default();
-    let mut blocks_checked = 0;
     let mut index = 0u64;
     let mut last_chunk = 0;
     while let Some(event) = reader.next_event()? {
-        while blocks_checked < reader.blocks().len() {
-            let id = BlockId(blocks_checked as u32);
-            check_block_decodes(id, reader.blocks().get(id))?;
-            blocks_checked += 1;
+        while stream.rep_sites.len() < reader.blocks().len() {
+            let id = BlockId(stream.rep_sites.len() as u32);
+            stream.rep_sites.push(check_block_decodes(id, reader.blocks().get(id))?);
         }
         let chunk_offset = reader.chunks().last().map_or(0, |c| c.offset);
         if chunk_offset != last_chunk {
@@ -141,7 +142,7 @@ pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> R
             .map_err(|(rule, message)| violation(rule, Site::Event { index, chunk_offset }, message))?;
         index += 1;
     }
-    for (id, block) in reader.blocks().iter().skip(blocks_checked) {
+    for (id, block) in reader.blocks().iter().skip(stream.rep_sites.len()) {
         check_block_decodes(id, block)?;
     }
     let footer = reader.footer().expect("the stream ended at the footer").clone();
@@ -167,6 +168,8 @@ struct StreamRules {
     /// Instructions the current block execution retired (its limit for positions), and the last position seen.
     current: Option<(BlockId, u32)>,
     last_at: u32,
+    /// Per block checked so far, the indices of its REP-prefixed string instructions.
+    rep_sites: Vec<Vec<u32>>,
 }
 
 impl StreamRules {
@@ -237,6 +240,18 @@ impl StreamRules {
                     ));
                 }
                 self.last_at = at;
+                if matches!(event, Event::RepString { .. })
+                    && !self.rep_sites.get(id.index()).is_some_and(|s| s.contains(&at))
+                {
+                    return Err((
+                        Rule::RepOnStringInstruction,
+                        format!(
+                            "rep_string event at instruction {at} of block {id} ({:#x}), which is not a REP-prefixed \
+                             string instruction",
+                            blocks.get(id).address
+                        ),
+                    ));
+                }
                 if let Event::Context { context: new, .. } = *event {
                     if new == context {
                         return Err((
@@ -253,11 +268,16 @@ impl StreamRules {
     }
 }
 
-fn check_block_decodes(id: BlockId, block: &Block) -> Result<(), CheckError> {
+/// Checks that a block decodes; returns the indices of its REP-prefixed string instructions.
+fn check_block_decodes(id: BlockId, block: &Block) -> Result<Vec<u32>, CheckError> {
     let mut decoder = Decoder::with_ip(block.mode.bitness(), &block.bytes, block.address, DecoderOptions::NONE);
     let mut count = 0u32;
+    let mut rep_sites = Vec::new();
     while decoder.can_decode() {
         let instruction = decoder.decode();
+        if instruction.is_string_instruction() && (instruction.has_rep_prefix() || instruction.has_repne_prefix()) {
+            rep_sites.push(count);
+        }
         if instruction.code() == Code::INVALID {
             return Err(violation(
                 Rule::BlockDecodes,
@@ -283,7 +303,7 @@ fn check_block_decodes(id: BlockId, block: &Block) -> Result<(), CheckError> {
             ),
         ));
     }
-    Ok(())
+    Ok(rep_sites)
 }
 
 fn check_image(image: &[Segment], header: &Header) -> Result<(), CheckError> {

@@ -476,6 +476,7 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(Bloc
             out.push(size_direction_byte(size, direction));
             put_varint(out, value);
         }
+        Event::RepString { elements, .. } => put_varint(out, elements),
     }
 }
 
@@ -503,9 +504,10 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
         PayloadError::new(
             start,
             format!(
-                "unknown event head {head_byte:#04x} (format 1.x uses {:#04x} to {:#04x})",
+                "unknown event head {head_byte:#04x} (format {}.x uses {:#04x} to {:#04x})",
+                crate::format::VERSION_MAJOR,
                 SHORT_BLOCK_HEADS,
-                head(EventKind::Mmio)
+                head(EventKind::RepString)
             ),
         )
     })?;
@@ -637,6 +639,7 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
             let value = r.varint("MMIO value")?;
             Event::Mmio { at, gpa, size, direction, value }
         }
+        EventKind::RepString => Event::RepString { at, elements: r.varint("REP element count")? },
     })
 }
 

@@ -6,7 +6,7 @@ use std::io::Read;
 use crate::error::TraceError;
 
 pub const MAGIC: [u8; 8] = *b"VLTRC\r\n\x1a";
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 pub const VERSION_MINOR: u16 = 0;
 pub const PREAMBLE_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 24;
@@ -132,7 +132,7 @@ impl ChunkHeader {
             bad(
                 "kind",
                 bytes[0].into(),
-                "not a chunk kind of format 1.x (1–5 are required kinds, 0x80 and above optional ones): \
+                "not a chunk kind of format 2.x (1–5 are required kinds, 0x80 and above optional ones): \
                  the trace was written by a newer virtlab or is corrupt"
                     .into(),
             )

@@ -267,9 +267,15 @@ pub enum Event {
         direction: Direction,
         value: u64,
     },
+    /// One execution of a REP-prefixed string instruction (MOVS, STOS, LODS, SCAS, CMPS, INS, OUTS) and the
+    /// elements it processed: the work a single instruction stands for, which the processor pays per element.
+    RepString {
+        at: u32,
+        elements: u64,
+    },
 }
 
-/// The kinds of event, in their fixed v1 order (the footer counts them in this order).
+/// The kinds of event, in their fixed order (the footer counts them in this order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventKind {
     Block,
@@ -292,10 +298,11 @@ pub enum EventKind {
     PageTableWrite,
     PageTouch,
     Mmio,
+    RepString,
 }
 
 impl EventKind {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 21;
     pub const ALL: [EventKind; EventKind::COUNT] = [
         EventKind::Block,
         EventKind::PartialBlock,
@@ -317,6 +324,7 @@ impl EventKind {
         EventKind::PageTableWrite,
         EventKind::PageTouch,
         EventKind::Mmio,
+        EventKind::RepString,
     ];
 
     /// Stable snake_case name, used in JSON output and dumps.
@@ -342,6 +350,7 @@ impl EventKind {
             EventKind::PageTableWrite => "page_table_write",
             EventKind::PageTouch => "page_touch",
             EventKind::Mmio => "mmio",
+            EventKind::RepString => "rep_string",
         }
     }
 
@@ -373,6 +382,7 @@ impl Event {
             Event::PageTableWrite { .. } => EventKind::PageTableWrite,
             Event::PageTouch { .. } => EventKind::PageTouch,
             Event::Mmio { .. } => EventKind::Mmio,
+            Event::RepString { .. } => EventKind::RepString,
         }
     }
 
@@ -397,7 +407,8 @@ impl Event {
             | Event::Hlt { at, .. }
             | Event::PageTableWrite { at, .. }
             | Event::PageTouch { at, .. }
-            | Event::Mmio { at, .. } => Some(at),
+            | Event::Mmio { at, .. }
+            | Event::RepString { at, .. } => Some(at),
         }
     }
 }

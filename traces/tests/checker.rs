@@ -132,3 +132,27 @@ fn user_and_kernel_instructions_split_at_the_context_change() {
     let totals = &view.footer().totals;
     assert_eq!((totals.instructions_kernel, totals.instructions_user), (2, 4));
 }
+
+#[test]
+fn a_rep_string_event_must_name_a_rep_string_instruction() {
+    // nop; rep stosd; rep movsb (32-bit code).
+    let block = Block {
+        address: 0x1000,
+        mode: CodeMode::Bits32,
+        tag: 0,
+        instructions: 3,
+        bytes: vec![0x90, 0xf3, 0xab, 0xf3, 0xa4],
+    };
+    let good = [
+        start(),
+        Event::Block(BlockId(0)),
+        Event::RepString { at: 1, elements: 1024 },
+        Event::RepString { at: 2, elements: 0 },
+    ];
+    check(Cursor::new(write(std::slice::from_ref(&block), &good))).unwrap();
+    let bad = [start(), Event::Block(BlockId(0)), Event::RepString { at: 0, elements: 4 }];
+    let v = violation(&write(&[block], &bad));
+    assert_eq!(v.rule, Rule::RepOnStringInstruction);
+    assert!(matches!(v.site, Site::Event { index: 2, .. }));
+    assert!(v.message.contains("instruction 0 of block #0 (0x1000), which is not a REP-prefixed string"), "{v}");
+}

@@ -38,10 +38,20 @@ fn wrong_magic_is_refused_at_offset_zero() {
 #[test]
 fn unknown_major_version_is_refused_by_name() {
     let mut trace = small_trace();
-    trace[8] = 2;
+    trace[8] = 3;
     let err = read_error(&trace);
-    assert!(matches!(err, TraceError::UnsupportedVersion { major: 2, minor: 0, supported_major: 1 }), "{err}");
-    assert!(err.to_string().contains("version 2.0"), "{err}");
+    assert!(matches!(err, TraceError::UnsupportedVersion { major: 3, minor: 0, supported_major: 2 }), "{err}");
+    assert!(err.to_string().contains("version 3.0"), "{err}");
+}
+
+#[test]
+fn a_version_1_trace_is_refused_with_the_advice_to_re_record() {
+    let mut trace = small_trace();
+    trace[8] = 1;
+    let err = read_error(&trace);
+    assert!(matches!(err, TraceError::UnsupportedVersion { major: 1, minor: 0, supported_major: 2 }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("version 1.0") && text.contains("re-record"), "{text}");
 }
 
 #[test]
@@ -247,9 +257,9 @@ fn invalid_enumerations_inside_events_are_named_with_their_position() {
     let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 2, &payload));
     assert!(matches!(err, TraceError::Malformed { position: 7, .. }), "{err}");
     assert!(err.to_string().contains("I/O size and direction 0x03 is not valid"), "{err}");
-    // A head beyond the v1 kinds (0xe0 + 20).
-    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[0, 0xf4]));
-    assert!(err.to_string().contains("unknown event head 0xf4"), "{err}");
+    // A head beyond the 2.x kinds (0xe0 + 21).
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[0, 0xf5]));
+    assert!(err.to_string().contains("unknown event head 0xf5"), "{err}");
 }
 
 /// CRC-32 (IEEE), bitwise: the tests check the format's checksum independently of the crate's implementation.

@@ -60,6 +60,16 @@ const fn iterations(default: u64, max: u64) -> ParamSpec {
     ParamSpec { name: "iterations", description: "repetitions of the measured operation", default, min: 1, max }
 }
 
+/// Every user-mode workload's switch for the kernel's memory-management counters. Off by default: timer
+/// preemption may shift them between machines, and every machine must print the same serial output.
+const COUNTERS: ParamSpec = ParamSpec {
+    name: "counters",
+    description: "1: print the kernel's counters (page-table pages, PTEs shared by fork, copy-on-write faults, pages copied, zero-fills) before `ok`",
+    default: 0,
+    min: 0,
+    max: 1,
+};
+
 macro_rules! workload {
     ($name:literal, $privilege:ident, $description:literal, [$($param:expr),* $(,)?]) => {
         WorkloadSpec {
@@ -72,12 +82,12 @@ macro_rules! workload {
 }
 
 static CATALOG: &[WorkloadSpec] = &[
-    workload!("syscall", User, "Adams & Agesen: user-level null system call (getpid) round trip", [iterations(2000, 1_000_000)]),
+    workload!("syscall", User, "Adams & Agesen: user-level null system call (getpid) round trip", [iterations(2000, 1_000_000), COUNTERS]),
     workload!("in", Kernel, "Adams & Agesen: kernel-mode IN from the POST port 0x80", [iterations(2000, 1_000_000)]),
     workload!("cr8wr", Kernel, "Adams & Agesen: kernel-mode write of CR8 (task priority)", [iterations(2000, 1_000_000)]),
     workload!("callret", Kernel, "Adams & Agesen: kernel-mode call and return of an empty function", [iterations(10000, 2_000_000)]),
-    workload!("pgfault", User, "Adams & Agesen: user-level true page fault on fresh demand-zero memory, handled by the kernel", [iterations(512, 100_000)]),
-    workload!("divzero", User, "Adams & Agesen: user-level divide by zero, #DE delivered to the kernel and back to a user handler", [iterations(1000, 1_000_000)]),
+    workload!("pgfault", User, "Adams & Agesen: user-level true page fault on an unmapped address, delivered by the kernel to a user handler that skips the access", [iterations(1000, 1_000_000), COUNTERS]),
+    workload!("divzero", User, "Adams & Agesen: user-level divide by zero, #DE delivered to the kernel and back to a user handler", [iterations(1000, 1_000_000), COUNTERS]),
     workload!("ptemod", Kernel, "Adams & Agesen: kernel-mode write of an unchanged value to a live page-table entry", [iterations(10000, 2_000_000)]),
     workload!("cpuid", Kernel, "vmexit: CPUID leaf 0 in kernel mode", [iterations(2000, 1_000_000)]),
     workload!("cr8rd", Kernel, "vmexit: kernel-mode read of CR8", [iterations(2000, 1_000_000)]),
@@ -97,16 +107,23 @@ static CATALOG: &[WorkloadSpec] = &[
             max: 1,
         },
     ]),
-    workload!("redpill", User, "sensitive unprivileged instructions from user mode, checked against the guest's own tables", [iterations(500, 200_000)]),
-    workload!("forkwait", User, "fork a child that exits with a known status, wait for it and check the status", [iterations(20, 2000)]),
-    workload!("ctxswitch", User, "two processes ping-pong through yield", [iterations(1000, 200_000)]),
-    workload!("mmap", User, "map four anonymous pages, touch them, unmap them", [iterations(256, 100_000)]),
-    workload!("compute", User, "user-mode integer work (xorshift and multiply-accumulate), no system calls", [iterations(50_000, 1_000_000)]),
+    workload!("redpill", User, "sensitive unprivileged instructions from user mode, checked against the guest's own tables", [iterations(500, 200_000), COUNTERS]),
+    workload!("forkwait", User, "fork a child that exits with a known status, wait for it and check the status", [iterations(20, 2000), COUNTERS]),
+    workload!("ctxswitch", User, "two processes ping-pong through yield", [iterations(1000, 200_000), COUNTERS]),
+    workload!("mmap", User, "map four anonymous pages, touch them, unmap them", [iterations(256, 100_000), COUNTERS]),
+    workload!("demandzero", User, "map 64 pages at a time, fault each in as a fresh zeroed page, unmap them", [iterations(512, 100_000), COUNTERS]),
+    workload!("cow", User, "fork; the child writes every shared page (copy-on-write copies), the parent writes them after the child exits (last sharer: no copy)", [
+        iterations(20, 2000),
+        ParamSpec { name: "pages", description: "pages the parent fills before forking", default: 8, min: 1, max: 256 },
+        COUNTERS,
+    ]),
+    workload!("compute", User, "user-mode integer work (xorshift and multiply-accumulate), no system calls", [iterations(50_000, 1_000_000), COUNTERS]),
     workload!("memtouch", User, "stream over many demand-zero pages, one read-modify-write per page per pass", [
         iterations(16, 10_000),
         ParamSpec { name: "pages", description: "pages in the streamed region", default: 256, min: 1, max: 4096 },
+        COUNTERS,
     ]),
-    workload!("syscall-mix", User, "null, write and mmap/munmap system calls mixed; writes one '.' per iteration", [iterations(64, 4096)]),
+    workload!("syscall-mix", User, "null, write and mmap/munmap system calls mixed; writes one '.' per iteration", [iterations(64, 4096), COUNTERS]),
     workload!("boot", Kernel, "kernel start-up only: descriptor tables, system calls, PIC, PIT, page-frame pool", [iterations(1, 100)]),
 ];
 

@@ -41,21 +41,29 @@ pub const VAR_CURRENT_PROCESS: u64 = KERNEL_VARIABLES;
 pub const VAR_KERNEL_STACK_TOP: u64 = KERNEL_VARIABLES + 8;
 /// The user RSP, parked by the SYSCALL entry while it switches stacks.
 pub const VAR_USER_RSP_SCRATCH: u64 = KERNEL_VARIABLES + 16;
-/// Head of the free page-frame list (each free frame holds the address of the next one).
-pub const VAR_FREE_FRAME_LIST: u64 = KERNEL_VARIABLES + 24;
+/// Free page frames: how many entries of `FRAME_STACK` hold one.
+pub const VAR_FREE_FRAMES: u64 = KERNEL_VARIABLES + 24;
 /// Timer interrupts taken since start-up.
 pub const VAR_TIMER_TICKS: u64 = KERNEL_VARIABLES + 32;
 /// Process id the next fork hands out.
 pub const VAR_NEXT_PID: u64 = KERNEL_VARIABLES + 40;
 /// IDTR image (limit, base) for LIDT.
 pub const VAR_IDT_POINTER: u64 = KERNEL_VARIABLES + 48;
+/// The kernel's own memory-management counters (`counters=1` prints them when the run ends):
+/// page-table pages allocated, present entries shared by fork, copy-on-write faults, pages those faults copied,
+/// and pages zero-filled on demand.
+pub const VAR_COUNT_PAGE_TABLES: u64 = KERNEL_VARIABLES + 64;
+pub const VAR_COUNT_PTES_SHARED: u64 = KERNEL_VARIABLES + 72;
+pub const VAR_COUNT_COW_FAULTS: u64 = KERNEL_VARIABLES + 80;
+pub const VAR_COUNT_PAGES_COPIED: u64 = KERNEL_VARIABLES + 88;
+pub const VAR_COUNT_ZERO_FILLS: u64 = KERNEL_VARIABLES + 96;
 /// System-call table: one handler address per call number.
 pub const SYSCALL_TABLE: u64 = 0x20_5C00;
 
 /// Process table.
 pub const PROCESS_TABLE: u64 = 0x20_6000;
 pub const PROCESS_SLOTS: u64 = 8;
-pub const PROCESS_SLOT_BYTES: u64 = 128;
+pub const PROCESS_SLOT_BYTES: u64 = 256;
 pub const PROCESS_TABLE_END: u64 = PROCESS_TABLE + PROCESS_SLOTS * PROCESS_SLOT_BYTES;
 
 /// Stack the kernel starts on and the kernel-mode workloads run on.
@@ -63,12 +71,18 @@ pub const BOOT_STACK_TOP: u64 = 0x20_C000;
 /// One kernel stack per process slot.
 pub const KERNEL_STACKS: u64 = 0x21_0000;
 pub const KERNEL_STACK_BYTES: u64 = 0x4000;
+/// The stack of free page frames: one 32-bit frame address per pool frame, like the free lists a real kernel keeps
+/// outside the pages themselves (a free page is never written until it is handed out again).
+pub const FRAME_STACK: u64 = KERNEL_STACKS + PROCESS_SLOTS * KERNEL_STACK_BYTES;
+/// One 32-bit reference count per pool frame: the address spaces that map it (copy-on-write sharing).
+pub const FRAME_REFCOUNTS: u64 = FRAME_STACK + FRAME_POOL_FRAMES * 4;
 /// Everything from the end of the loaded image up to here is zeroed by the Multiboot loader.
-pub const BSS_END: u64 = KERNEL_STACKS + PROCESS_SLOTS * KERNEL_STACK_BYTES;
+pub const BSS_END: u64 = FRAME_REFCOUNTS + FRAME_POOL_FRAMES * 4;
 
 /// Page frames handed out for process page tables and user pages.
 pub const FRAME_POOL_START: u64 = 0x40_0000;
 pub const FRAME_POOL_END: u64 = 0x240_0000;
+pub const FRAME_POOL_FRAMES: u64 = (FRAME_POOL_END - FRAME_POOL_START) / 4096;
 
 /// User address space: one GiB reached through PML4 slot 1, so the kernel's slot 0 is shared by all.
 pub const USER_BASE: u64 = 0x80_0000_0000;
@@ -80,6 +94,8 @@ pub const USER_STACK_TOP: u64 = USER_BASE + 0x40_0000;
 pub const USER_STACK_PAGES: u64 = 16;
 /// Anonymous mappings are placed upward from here.
 pub const USER_MMAP_BASE: u64 = USER_BASE + 0x1000_0000;
+/// Anonymous mappings a process can hold at once (its region table).
+pub const MAX_REGIONS: u64 = 8;
 /// Largest single mmap, in bytes.
 pub const MMAP_MAX_BYTES: u64 = 16 << 20;
 /// Largest single write, in bytes.
@@ -89,9 +105,9 @@ pub const WRITE_MAX_BYTES: u64 = 4096;
 pub const PTE_PRESENT: u64 = 1;
 pub const PTE_WRITABLE: u64 = 2;
 pub const PTE_USER: u64 = 4;
-/// A non-present entry with this value marks a reserved, demand-zero page (bit 9 is free for
-/// software, and the hardware ignores every bit of a non-present entry).
-pub const PTE_DEMAND_ZERO: u64 = 0x200;
+/// Software bit (ignored by the hardware) of a present entry that fork write-protected: a write fault on it
+/// copies the page, or makes it writable again for its last sharer.
+pub const PTE_COPY_ON_WRITE: u64 = 1 << 9;
 
 /// Process slot fields (byte offsets).
 pub const PROC_STATE: i32 = 0;
@@ -104,6 +120,9 @@ pub const PROC_EXIT_STATUS: i32 = 48;
 pub const PROC_MMAP_NEXT: i32 = 56;
 pub const PROC_TRAP_HANDLER: i32 = 64;
 pub const PROC_KERNEL_STACK_TOP: i32 = 72;
+/// The region table: `MAX_REGIONS` pairs of (start, end) user addresses of anonymous mappings; start 0 is a free
+/// slot. The stack's range is fixed and not in the table.
+pub const PROC_REGIONS: i32 = 128;
 
 /// Process states.
 pub const STATE_FREE: i32 = 0;

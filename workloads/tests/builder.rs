@@ -26,7 +26,7 @@ fn unknown_parameter_lists_the_accepted_ones_with_ranges() {
     let error = build("memtouch", &params(&[("size", "3")])).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "workload `memtouch` has no parameter `size`; accepted: iterations (1..=10000, default 16), pages (1..=4096, default 256)"
+        "workload `memtouch` has no parameter `size`; accepted: iterations (1..=10000, default 16), pages (1..=4096, default 256), counters (0..=1, default 0)"
     );
 }
 
@@ -95,7 +95,7 @@ fn parameters_change_the_image() {
     let small = build("compute", &params(&[("iterations", "10")])).unwrap();
     let large = build("compute", &params(&[("iterations", "11")])).unwrap();
     assert_ne!(small.bytes, large.bytes);
-    assert_eq!(small.params, vec![("iterations", 10)]);
+    assert_eq!(small.params, vec![("iterations", 10), ("counters", 0)]);
 }
 
 #[test]
@@ -127,7 +127,7 @@ fn multiboot_header_is_consistent() {
 fn describe_summarises_the_image() {
     let image = build("memtouch", &params(&[("pages", "8")])).unwrap();
     let text = image.describe();
-    assert!(text.starts_with("workload:     memtouch iterations=16 pages=8\n"), "{text}");
+    assert!(text.starts_with("workload:     memtouch iterations=16 pages=8 counters=0\n"), "{text}");
     assert!(text.contains("entry:        0x100070 (32-bit protected mode)"), "{text}");
     assert!(text.contains(&format!("size:         {} bytes", image.bytes.len())), "{text}");
 }
@@ -146,7 +146,7 @@ fn kernel_code_never_uses_32_bit_iret_or_rdtscp() {
 }
 
 #[test]
-fn catalog_holds_the_issue_4_workloads() {
+fn catalog_holds_the_issue_4_and_issue_9_workloads() {
     let names: Vec<&str> = catalog().iter().map(|spec| spec.name).collect();
     assert_eq!(
         names,
@@ -171,6 +171,8 @@ fn catalog_holds_the_issue_4_workloads() {
             "forkwait",
             "ctxswitch",
             "mmap",
+            "demandzero",
+            "cow",
             "compute",
             "memtouch",
             "syscall-mix",

@@ -8,7 +8,7 @@ use crate::cpu::rflags::{self, AF, CF, DF, OF, PF, SF, STATUS, ZF};
 use crate::cpu::{CodeMode, SegmentRegister, RAX, RCX, RDI, RDX, RSI, RSP};
 use crate::error::MachineError;
 use crate::interp::{Fault, Interp};
-use crate::observer::ExecutionObserver;
+use crate::observer::{ExecutionObserver, SideEvent};
 
 pub(crate) fn ud() -> Fault {
     Fault::Exception { vector: crate::interrupts::UD, error_code: None, address: None }
@@ -942,7 +942,23 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         Ok((selector, offset))
     }
 
+    /// A string instruction; a REP-prefixed one is reported with the elements it processed, also when a fault
+    /// stops it part-way (RCX then says how far it got).
     fn string(&mut self, instruction: &Instruction, operation: StringOp) -> Result<(), Fault> {
+        let repeated = instruction.has_rep_prefix() || instruction.has_repne_prefix();
+        if !(O::ENABLED && repeated) {
+            return self.string_elements(instruction, operation);
+        }
+        let address_mask = mask(string_address_bytes(instruction));
+        let count_before = self.cpu.gpr[RCX] & address_mask;
+        let result = self.string_elements(instruction, operation);
+        let elements = count_before.wrapping_sub(self.cpu.gpr[RCX]) & address_mask;
+        let index = self.index_in_block;
+        self.obs.side_event(index, &SideEvent::RepString { elements });
+        result
+    }
+
+    fn string_elements(&mut self, instruction: &Instruction, operation: StringOp) -> Result<(), Fault> {
         let element = string_element_bytes(instruction.mnemonic());
         let address_bytes = string_address_bytes(instruction);
         let address_mask = mask(address_bytes);

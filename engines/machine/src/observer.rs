@@ -130,6 +130,10 @@ pub enum SideEvent {
         direction: IoDirection,
         value: u64,
     },
+    /// A REP-prefixed string instruction ran (completely, or until a fault stopped it) over `elements` elements.
+    RepString {
+        elements: u64,
+    },
 }
 
 /// Receives everything a trace recorder needs. Every method defaults to doing nothing.

@@ -211,6 +211,7 @@ impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
             SideEvent::Mmio { gpa, size, direction: dir, value } => {
                 Event::Mmio { at, gpa, size, direction: direction(dir), value }
             }
+            SideEvent::RepString { elements } => Event::RepString { at, elements },
         });
     }
 }

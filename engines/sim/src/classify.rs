@@ -330,6 +330,62 @@ pub enum Exit {
     System,
 }
 
+/// Instructions whose native cost is well above a simple ALU operation's, priced apart by the cost model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priced {
+    /// A near CALL or RET (not a sensitive one).
+    CallReturn,
+    /// DIV or IDIV.
+    Divide,
+    /// MUL or IMUL.
+    Multiply,
+}
+
+impl Priced {
+    /// Every class, in discriminant order (plans index per-class costs by `class as usize`).
+    pub const ALL: [Priced; 3] = [Priced::CallReturn, Priced::Divide, Priced::Multiply];
+}
+
+/// What a REP-prefixed string instruction does with each element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StringWork {
+    /// MOVS: a load and a store per element.
+    Copy,
+    /// STOS: a store per element.
+    Fill,
+    /// LODS, SCAS, CMPS, INS, OUTS.
+    Other,
+}
+
+/// A REP-prefixed string instruction: the trace's `rep_string` events say how many elements each execution did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepString {
+    pub work: StringWork,
+    pub element_bytes: u32,
+}
+
+impl RepString {
+    fn of(instruction: &Instruction) -> Option<RepString> {
+        if !(instruction.is_string_instruction() && (instruction.has_rep_prefix() || instruction.has_repne_prefix())) {
+            return None;
+        }
+        let work = match instruction.mnemonic() {
+            Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => StringWork::Copy,
+            Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => StringWork::Fill,
+            _ => StringWork::Other,
+        };
+        let element_bytes = match instruction.mnemonic() {
+            Mnemonic::Movsb | Mnemonic::Stosb | Mnemonic::Lodsb | Mnemonic::Scasb | Mnemonic::Cmpsb => 1,
+            Mnemonic::Insb | Mnemonic::Outsb => 1,
+            Mnemonic::Movsw | Mnemonic::Stosw | Mnemonic::Lodsw | Mnemonic::Scasw | Mnemonic::Cmpsw => 2,
+            Mnemonic::Insw | Mnemonic::Outsw => 2,
+            Mnemonic::Movsq | Mnemonic::Stosq | Mnemonic::Lodsq | Mnemonic::Scasq | Mnemonic::Cmpsq => 8,
+            _ => 4,
+        };
+        Some(RepString { work, element_bytes })
+    }
+}
+
 /// The static facts about one block that every engine needs, computed once per trace.
 #[derive(Debug, Clone)]
 pub struct BlockFacts {
@@ -340,8 +396,10 @@ pub struct BlockFacts {
     pub addresses: Vec<u64>,
     /// Every instruction that is not innocuous, with its index in the block.
     pub ops: Vec<(u32, Op)>,
-    /// Indices of the near CALL and RET instructions (the native cost model charges them apart).
-    pub calls_and_returns: Vec<u32>,
+    /// Instructions the native cost model prices apart (near CALL and RET, DIV, MUL), with their indices.
+    pub priced: Vec<(u32, Priced)>,
+    /// The REP-prefixed string instructions, with their indices.
+    pub rep_strings: Vec<(u32, RepString)>,
     pub exit: Exit,
 }
 
@@ -356,7 +414,8 @@ impl BlockFacts {
             instructions: block.instructions,
             addresses: Vec::with_capacity(block.instructions as usize),
             ops: Vec::new(),
-            calls_and_returns: Vec::new(),
+            priced: Vec::new(),
+            rep_strings: Vec::new(),
             exit: Exit::FallThrough,
         };
         let mut instruction = Instruction::default();
@@ -374,10 +433,11 @@ impl BlockFacts {
                 facts.ops.push((index, op));
             }
             let flow = instruction.flow_control();
-            if matches!(flow, FlowControl::Call | FlowControl::Return | FlowControl::IndirectCall)
-                && op == Op::Innocuous
-            {
-                facts.calls_and_returns.push(index);
+            if let Some(priced) = priced(&instruction, op, flow) {
+                facts.priced.push((index, priced));
+            }
+            if let Some(rep) = RepString::of(&instruction) {
+                facts.rep_strings.push((index, rep));
             }
             if index + 1 == block.instructions {
                 facts.exit = exit_of(op, flow);
@@ -386,12 +446,32 @@ impl BlockFacts {
         Ok(facts)
     }
 
+    /// The REP string instruction at `index`, which the trace checker's `rep-on-string-instruction` rule promises
+    /// for every `rep_string` event.
+    pub fn rep_string_at(&self, index: u32) -> Option<RepString> {
+        self.rep_strings.iter().find(|(i, _)| *i == index).map(|&(_, rep)| rep)
+    }
+
     /// Guest address of instruction `index`. An event after the block's last instruction (`index ==
     /// instructions`) is that instruction's doing (a SYSRET's context change, an interrupt taken after it), so it
     /// gets the last instruction's address.
     pub fn address_of(&self, index: u32) -> u64 {
         let last = self.addresses.last().copied().unwrap_or(self.address);
         self.addresses.get(index as usize).copied().unwrap_or(last)
+    }
+}
+
+fn priced(instruction: &Instruction, op: Op, flow: FlowControl) -> Option<Priced> {
+    if op != Op::Innocuous {
+        return None;
+    }
+    if matches!(flow, FlowControl::Call | FlowControl::Return | FlowControl::IndirectCall) {
+        return Some(Priced::CallReturn);
+    }
+    match instruction.mnemonic() {
+        Mnemonic::Div | Mnemonic::Idiv => Some(Priced::Divide),
+        Mnemonic::Mul | Mnemonic::Imul => Some(Priced::Multiply),
+        _ => None,
     }
 }
 
@@ -452,6 +532,22 @@ mod tests {
     }
 
     #[test]
+    fn divisions_multiplications_and_rep_strings_are_found_with_their_sizes() {
+        // div rcx; imul rbx, rbx, 31; rep stosq; rep movsb; repne scasb; movsq (no REP); ret
+        let bytes =
+            vec![0x48, 0xf7, 0xf1, 0x48, 0x6b, 0xdb, 0x1f, 0xf3, 0x48, 0xab, 0xf3, 0xa4, 0xf2, 0xae, 0x48, 0xa5, 0xc3];
+        let block = Block { address: 0x3000, mode: CodeMode::Bits64, tag: 0, instructions: 7, bytes };
+        let facts = BlockFacts::decode(&block).unwrap();
+        assert_eq!(facts.priced, vec![(0, Priced::Divide), (1, Priced::Multiply), (6, Priced::CallReturn)]);
+        let fill = RepString { work: StringWork::Fill, element_bytes: 8 };
+        let copy = RepString { work: StringWork::Copy, element_bytes: 1 };
+        let scan = RepString { work: StringWork::Other, element_bytes: 1 };
+        assert_eq!(facts.rep_strings, vec![(2, fill), (3, copy), (4, scan)]);
+        assert_eq!(facts.rep_string_at(3), Some(copy));
+        assert_eq!(facts.rep_string_at(5), None, "a MOVSQ without REP is one element, no event");
+    }
+
+    #[test]
     fn block_facts_list_the_sensitive_instructions_and_the_exit() {
         // cli; mov cr3, rax; call rel32 0; ... in 64-bit; the call is the last instruction.
         let bytes = vec![0xfa, 0x0f, 0x22, 0xd8, 0xe8, 0, 0, 0, 0];
@@ -461,6 +557,7 @@ mod tests {
         assert_eq!(facts.addresses, vec![0x2000, 0x2001, 0x2004]);
         assert_eq!(facts.address_of(3), 0x2004, "after the block: the last instruction");
         assert_eq!(facts.exit, Exit::DirectCall);
-        assert_eq!(facts.calls_and_returns, vec![2]);
+        assert_eq!(facts.priced, vec![(2, Priced::CallReturn)]);
+        assert!(facts.rep_strings.is_empty());
     }
 }

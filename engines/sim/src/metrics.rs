@@ -149,10 +149,14 @@ pub enum CycleCause {
     Hypercalls,
     /// Paravirtual page-table switches between the guest's user and kernel tables (x86-64).
     PageTableSwitches,
+    /// The per-element work of REP string instructions (page copies and clears).
+    StringOperations,
+    /// Page walks that refill the TLB after a first touch in a TLB epoch.
+    TlbFills,
 }
 
 impl CycleCause {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
     pub const ALL: [CycleCause; CycleCause::COUNT] = [
         CycleCause::GuestInstructions,
         CycleCause::NativeTransitions,
@@ -169,6 +173,8 @@ impl CycleCause {
         CycleCause::NestedPaging,
         CycleCause::Hypercalls,
         CycleCause::PageTableSwitches,
+        CycleCause::StringOperations,
+        CycleCause::TlbFills,
     ];
 
     pub fn name(self) -> &'static str {
@@ -188,6 +194,8 @@ impl CycleCause {
             CycleCause::NestedPaging => "nested_paging",
             CycleCause::Hypercalls => "hypercalls",
             CycleCause::PageTableSwitches => "page_table_switches",
+            CycleCause::StringOperations => "string_operations",
+            CycleCause::TlbFills => "tlb_fills",
         }
     }
 }

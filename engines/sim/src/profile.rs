@@ -35,6 +35,12 @@ pub struct Profile {
 pub struct Native {
     pub cycles_per_instruction: f64,
     pub call_return: f64,
+    pub divide: f64,
+    pub multiply: f64,
+    pub rep_startup: f64,
+    pub rep_movs_bytes_per_cycle: f64,
+    pub rep_stos_bytes_per_cycle: f64,
+    pub rep_element: f64,
     pub syscall: f64,
     pub sysret: f64,
     pub exception: f64,
@@ -169,6 +175,21 @@ impl Profile {
                 });
             }
         }
+        let rates = [
+            ("native.rep_movs_bytes_per_cycle", self.native.rep_movs_bytes_per_cycle),
+            ("native.rep_stos_bytes_per_cycle", self.native.rep_stos_bytes_per_cycle),
+        ];
+        for (key, value) in rates {
+            // A rate divides: zero would make a copy infinitely slow.
+            if value < MIN_RATE {
+                return Err(ProfileError::BadValue {
+                    origin: origin.to_string(),
+                    key: key.to_string(),
+                    value,
+                    expected: "a rate of at least 0.001 bytes per cycle",
+                });
+            }
+        }
         if !(self.clock_ghz > 0.0 && self.clock_ghz <= 1e3) {
             return Err(ProfileError::BadValue {
                 origin: origin.to_string(),
@@ -190,6 +211,12 @@ impl Profile {
         vec![
             ("native.cycles_per_instruction", n.cycles_per_instruction),
             ("native.call_return", n.call_return),
+            ("native.divide", n.divide),
+            ("native.multiply", n.multiply),
+            ("native.rep_startup", n.rep_startup),
+            ("native.rep_movs_bytes_per_cycle", n.rep_movs_bytes_per_cycle),
+            ("native.rep_stos_bytes_per_cycle", n.rep_stos_bytes_per_cycle),
+            ("native.rep_element", n.rep_element),
             ("native.syscall", n.syscall),
             ("native.sysret", n.sysret),
             ("native.exception", n.exception),
@@ -260,6 +287,9 @@ fn apply_override(table: &mut toml::Table, key: &str, value: &str) -> Result<(),
 /// millicycles over a trace's events can overflow.
 const MAX_PRIMITIVE: f64 = 1e9;
 
+/// The slowest string bandwidth the loader accepts, in bytes per cycle.
+const MIN_RATE: f64 = 0.001;
+
 /// Millicycles of a cycle count, rounded: the unit engines add up.
 pub(crate) fn mc(cycles: f64) -> u64 {
     (cycles * 1000.0).round() as u64
@@ -274,7 +304,7 @@ mod tests {
         for (name, _) in BUILT_IN {
             let profile = Profile::load(name).unwrap();
             assert_eq!(profile.name, name);
-            assert_eq!(profile.primitives().len(), 49);
+            assert_eq!(profile.primitives().len(), 55);
         }
     }
 
@@ -292,6 +322,10 @@ mod tests {
         let negative = text.replace("swapgs = ", "swapgs = -");
         let err = Profile::parse(&negative, "z.toml", &[]).unwrap_err().to_string();
         assert!(err.contains("native.swapgs"), "{err}");
+
+        let stalled = Profile::load_with("p4-2006", &[("native.rep_movs_bytes_per_cycle".into(), "0".into())]);
+        let err = stalled.unwrap_err().to_string();
+        assert!(err.contains("native.rep_movs_bytes_per_cycle") && err.contains("at least"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use virtlab_traces::{Context, DecodeScratch, Event, PagingMode};
 
-use crate::classify::{BlockFacts, Op};
+use crate::classify::{BlockFacts, Op, Priced, RepString, StringWork};
 use crate::engine::{EngineError, Run};
 use crate::metrics::{CycleCause, ExitReason, Metrics};
 use crate::profile::{mc, Profile};
@@ -51,6 +51,11 @@ impl<'t, 'a> Replay<'t, 'a> {
     pub fn exit(&mut self, reason: ExitReason, at: u32) {
         let site = self.site(at);
         self.metrics.exit(reason, site);
+    }
+
+    /// The REP string instruction at `at` of the current block.
+    pub fn rep_string(&self, at: u32) -> Option<RepString> {
+        self.trace.facts.get(self.current).and_then(|f| f.rep_string_at(at))
     }
 }
 
@@ -134,6 +139,14 @@ impl Replay<'_, '_> {
 pub(crate) struct NativeCosts {
     pub instruction: u64,
     pub call_return: u64,
+    pub divide: u64,
+    pub multiply: u64,
+    rep_startup: u64,
+    /// Millicycles per byte of a REP MOVS or REP STOS of doublewords or quadwords.
+    rep_copy_per_byte: u64,
+    rep_fill_per_byte: u64,
+    /// Millicycles per element of every other REP string instruction.
+    rep_element: u64,
     pub syscall: u64,
     pub sysret: u64,
     pub exception: u64,
@@ -161,6 +174,12 @@ impl NativeCosts {
         NativeCosts {
             instruction: mc(n.cycles_per_instruction),
             call_return: mc(n.call_return),
+            divide: mc(n.divide),
+            multiply: mc(n.multiply),
+            rep_startup: mc(n.rep_startup),
+            rep_copy_per_byte: mc(1.0 / n.rep_movs_bytes_per_cycle),
+            rep_fill_per_byte: mc(1.0 / n.rep_stos_bytes_per_cycle),
+            rep_element: mc(n.rep_element),
             syscall: mc(n.syscall),
             sysret: mc(n.sysret),
             exception: mc(n.exception),
@@ -199,6 +218,34 @@ impl NativeCosts {
         }
     }
 
+    /// Extra cost of an instruction the model prices apart.
+    pub fn priced(&self, priced: Priced) -> u64 {
+        match priced {
+            Priced::CallReturn => self.call_return,
+            Priced::Divide => self.divide,
+            Priced::Multiply => self.multiply,
+        }
+    }
+
+    /// One execution of a REP string instruction over `elements` elements: a start-up, then the elements at the
+    /// processor's string bandwidth (doubleword and quadword MOVS and STOS) or one by one (everything else).
+    pub fn rep_string(&self, rep: RepString, elements: u64) -> u64 {
+        let bytes = elements.saturating_mul(u64::from(rep.element_bytes));
+        let work = match rep.work {
+            StringWork::Copy if rep.element_bytes >= 4 => bytes.saturating_mul(self.rep_copy_per_byte),
+            StringWork::Fill if rep.element_bytes >= 4 => bytes.saturating_mul(self.rep_fill_per_byte),
+            _ => elements.saturating_mul(self.rep_element),
+        };
+        self.rep_startup.saturating_add(work)
+    }
+
+    /// Charge the REP string instruction behind a `rep_string` event as the bare processor runs it.
+    pub fn charge_rep_string(&self, r: &mut Replay, at: u32, elements: u64) {
+        if let Some(rep) = r.rep_string(at) {
+            r.charge(CycleCause::StringOperations, self.rep_string(rep, elements));
+        }
+    }
+
     /// The native cost of the operation behind an event (its own hardware cost, the instruction aside).
     pub fn event(&self, event: &Event) -> u64 {
         match *event {
@@ -215,7 +262,11 @@ impl NativeCosts {
             Event::Hlt { .. } => self.hlt,
             Event::PageTouch { .. } => self.tlb_fill,
             Event::Mmio { .. } => self.mmio,
-            Event::Block(_) | Event::PartialBlock { .. } | Event::Context { .. } | Event::PageTableWrite { .. } => 0,
+            Event::Block(_)
+            | Event::PartialBlock { .. }
+            | Event::Context { .. }
+            | Event::PageTableWrite { .. }
+            | Event::RepString { .. } => 0,
         }
     }
 
@@ -223,6 +274,8 @@ impl NativeCosts {
     pub fn event_cause(event: &Event) -> CycleCause {
         match event {
             Event::Io { .. } | Event::Mmio { .. } => CycleCause::Devices,
+            Event::PageTouch { .. } => CycleCause::TlbFills,
+            Event::RepString { .. } => CycleCause::StringOperations,
             _ => CycleCause::NativeTransitions,
         }
     }
@@ -256,9 +309,9 @@ pub(crate) struct BlockPlan {
     pub costs: Vec<(CycleCause, u64)>,
     /// Operations that record something on each execution.
     pub recorded: Vec<Planned>,
-    /// Cost of one plain instruction in this plan, and of a near call or return beyond it.
+    /// Cost of one plain instruction in this plan, and of each priced class beyond it.
     instruction: u64,
-    call_return: u64,
+    priced: [u64; 3],
     cause: CycleCause,
     /// Every non-innocuous operation without an event, for partial executions.
     planned: Vec<Planned>,
@@ -268,8 +321,8 @@ pub(crate) struct BlockPlan {
 pub(crate) trait OpPolicy {
     /// Cost of one plain instruction, and the cause it is charged to.
     fn instruction(&self, kernel: bool) -> (u64, CycleCause);
-    /// Extra cost of a near CALL or RET.
-    fn call_return(&self, kernel: bool) -> u64;
+    /// Extra cost of an instruction the native model prices apart (near CALL and RET, DIV, MUL).
+    fn priced(&self, priced: Priced, kernel: bool) -> u64;
     /// Costs (beyond a plain instruction's) and effect of one execution of an event-less operation.
     fn static_op(&self, op: Op, kernel: bool) -> ([(CycleCause, u64); 2], Effect);
 }
@@ -277,11 +330,13 @@ pub(crate) trait OpPolicy {
 impl BlockPlan {
     pub fn build(facts: &BlockFacts, kernel: bool, policy: &impl OpPolicy) -> BlockPlan {
         let (instruction, cause) = policy.instruction(kernel);
-        let call_return = policy.call_return(kernel);
+        let priced = Priced::ALL.map(|p| policy.priced(p, kernel));
         let mut plan =
-            BlockPlan { costs: Vec::new(), recorded: Vec::new(), instruction, call_return, cause, planned: Vec::new() };
+            BlockPlan { costs: Vec::new(), recorded: Vec::new(), instruction, priced, cause, planned: Vec::new() };
         plan.add(cause, instruction * u64::from(facts.instructions));
-        plan.add(cause, call_return * facts.calls_and_returns.len() as u64);
+        for &(_, class) in &facts.priced {
+            plan.add(cause, plan.priced[class as usize]);
+        }
         for &(index, op) in &facts.ops {
             if op.has_event() {
                 continue;
@@ -322,8 +377,9 @@ impl BlockPlan {
     /// Charge and record one partial execution.
     fn apply_partial(&self, r: &mut Replay, block: usize, executed: u32) {
         let facts = &r.trace.facts[block];
-        let calls = facts.calls_and_returns.iter().filter(|&&i| i < executed).count() as u64;
-        r.charge(self.cause, self.instruction * u64::from(executed) + self.call_return * calls);
+        let priced: u64 =
+            facts.priced.iter().filter(|&&(i, _)| i < executed).map(|&(_, class)| self.priced[class as usize]).sum();
+        r.charge(self.cause, self.instruction * u64::from(executed) + priced);
         for planned in self.planned.iter().filter(|p| p.index < executed) {
             for (cause, cost) in planned.costs {
                 r.charge(cause, cost);

@@ -37,6 +37,12 @@ clock_ghz = 1.0
 [native]
 cycles_per_instruction = 1
 call_return = 0
+divide = 20
+multiply = 3
+rep_startup = 10
+rep_movs_bytes_per_cycle = 4
+rep_stos_bytes_per_cycle = 8
+rep_element = 2
 syscall = 10
 sysret = 10
 exception = 20
@@ -167,9 +173,12 @@ fn golden_trace() -> Vec<u8> {
 }
 
 fn replay(name: &str, options: &Options) -> Result<Metrics, EngineError> {
-    let bytes = golden_trace();
-    check(Cursor::new(&bytes)).expect("the golden trace is a valid trace");
-    let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
+    replay_trace(&golden_trace(), name, options)
+}
+
+fn replay_trace(bytes: &[u8], name: &str, options: &Options) -> Result<Metrics, EngineError> {
+    check(Cursor::new(bytes)).expect("the golden trace is a valid trace");
+    let trace = PreparedTrace::new(TraceView::open(bytes).unwrap()).unwrap();
     let profile = Profile::parse(UNIT, "unit", &[]).unwrap();
     let engine: Box<dyn Engine> = engine::by_name(name).unwrap();
     engine.replay(&trace, &profile, options)
@@ -367,4 +376,81 @@ fn every_engine_counts_the_same_instructions() {
         let m = replay(engine.name(), &options).unwrap();
         assert_eq!(m.instructions(), 25, "{}", engine.name());
     }
+}
+
+/// A second trace for the bare processor's memory work: one kernel block, run twice in full,
+///
+/// ```text
+/// K3 @0x100200 (kernel, 5 instructions)
+///   0 0x100200 rep stosq        (512 elements: a page cleared)
+///   1 0x100203 rep movsq        (512 elements: a page copied)
+///   2 0x100206 div rcx
+///   3 0x100209 rep movsb        (10 elements, byte-sized: one by one)
+///   4 0x10020b imul rbx, rbx, 31
+/// ```
+///
+/// then once cut short after 2 instructions (the copy faulted after 100 elements and did not retire).
+fn memory_work_trace() -> Vec<u8> {
+    let boot = BootState {
+        rip: 0x10_0200,
+        rax: 0,
+        rbx: 0,
+        rsp: 0,
+        rflags: 2,
+        cr0: 0x8000_0011,
+        mode: CodeMode::Bits64,
+        ram_bytes: 64 << 20,
+    };
+    let meta = Metadata { workload: "golden-memory".into(), recorder: "test".into(), ..Metadata::default() };
+    let mut w = TraceWriter::new(Cursor::new(Vec::new()), meta, boot, &[]).unwrap();
+    let bytes = [0xf3, 0x48, 0xab, 0xf3, 0x48, 0xa5, 0x48, 0xf7, 0xf1, 0xf3, 0xa4, 0x48, 0x6b, 0xdb, 0x1f];
+    let k3 = w
+        .add_block(&Block {
+            address: 0x10_0200,
+            mode: CodeMode::Bits64,
+            tag: 0,
+            instructions: 5,
+            bytes: bytes.to_vec(),
+        })
+        .unwrap();
+    w.push(&Event::Context { at: 0, context: context(0, false, 0x1000) }).unwrap();
+    for _ in 0..2 {
+        w.push(&Event::Block(k3)).unwrap();
+        w.push(&Event::RepString { at: 0, elements: 512 }).unwrap();
+        w.push(&Event::RepString { at: 1, elements: 512 }).unwrap();
+        w.push(&Event::RepString { at: 3, elements: 10 }).unwrap();
+    }
+    w.push(&Event::PartialBlock { block: k3, executed: 1 }).unwrap();
+    w.push(&Event::RepString { at: 0, elements: 512 }).unwrap();
+    w.push(&Event::RepString { at: 1, elements: 100 }).unwrap();
+    w.push(&Event::Exception { at: 1, vector: 14, error_code: Some(2), cr2: Some(0x5000) }).unwrap();
+    let ending = Ending {
+        reason: EndReason::GuestExit,
+        exit_status: 0,
+        detail: String::new(),
+        serial: Vec::new(),
+        state_digest: [0; 32],
+    };
+    w.finish(ending).unwrap().into_inner()
+}
+
+#[test]
+fn rep_string_work_is_priced_per_element_and_divides_and_multiplies_apart() {
+    let bytes = memory_work_trace();
+    let m = replay_trace(&bytes, "native", &Options::default()).unwrap();
+    assert_eq!((m.instructions_user, m.instructions_kernel), (0, 11));
+    // Per full execution: 5 instructions; DIV 20 and IMUL 3 beyond them; REP STOSQ 10 + 4096 bytes / 8 = 522;
+    // REP MOVSQ 10 + 4096 / 4 = 1034; REP MOVSB (byte elements, one by one) 10 + 10 × 2 = 30.
+    // 5 + 23 + 522 + 1034 + 30 = 1614, twice = 3228. The cut-short execution retired 1 instruction (1); its
+    // STOSQ 522 and the 100 quadwords the MOVSQ moved before it faulted, 10 + 800 / 4 = 210; the #PF 20.
+    // 3228 + 1 + 522 + 210 + 20 = 3981.
+    assert_eq!(m.cycles(), 3_981);
+    assert_eq!(m.cycles_for(CycleCause::StringOperations), 2 * (522 + 1034 + 30) + 522 + 210);
+
+    // The hybrid monitor interprets the kernel: 5 per instruction, and each string element is a step of the
+    // interpreter (5); DIV and IMUL still cost the host's own. Full: 25 + 23 + (512 + 512 + 10) × 5 = 5218,
+    // twice 10436; cut short: 5 + (512 + 100) × 5 = 3065; the fault is reflected inside the interpreter (20).
+    let h = replay_trace(&bytes, "hybrid", &Options::default()).unwrap();
+    assert_eq!(h.cycles(), 10_436 + 3_065 + 20);
+    assert_eq!(h.cycles_for(CycleCause::StringOperations), 0);
 }

@@ -13,7 +13,7 @@ const VECTORS_WITH_ERROR_CODE: [u64; 8] = [8, 10, 11, 12, 13, 17, 21, 29];
 pub const KILLED_STATUS_BASE: i32 = 128;
 const END_OF_INTERRUPT: u32 = 0x20;
 /// Caller-saved registers an interrupt handler saves before calling kernel routines.
-const SCRATCH_REGISTERS: [AsmRegister64; 9] = [rax, rcx, rdx, rsi, rdi, r8, r9, r10, r11];
+pub(crate) const SCRATCH_REGISTERS: [AsmRegister64; 9] = [rax, rcx, rdx, rsi, rdi, r8, r9, r10, r11];
 
 pub(crate) fn emit(k: &mut Kernel) -> AsmResult {
     emit_exception_stubs(k)?;

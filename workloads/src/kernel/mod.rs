@@ -39,12 +39,16 @@ pub(crate) struct Routines {
     pub syscall_init: CodeLabel,
     pub frame_pool_init: CodeLabel,
     pub alloc_frame: CodeLabel,
+    pub alloc_frame_raw: CodeLabel,
+    pub alloc_page_table: CodeLabel,
     pub free_frame: CodeLabel,
+    pub put_frame: CodeLabel,
     pub out_of_memory: CodeLabel,
     pub user_pte_address: CodeLabel,
     pub create_address_space: CodeLabel,
     pub free_address_space: CodeLabel,
-    pub copy_user_pages: CodeLabel,
+    pub share_user_pages: CodeLabel,
+    pub user_region_lookup: CodeLabel,
     pub page_fault_handler: CodeLabel,
     pub divide_error_handler: CodeLabel,
     pub timer_handler: CodeLabel,
@@ -73,6 +77,8 @@ pub(crate) struct Routines {
 pub(crate) struct Kernel {
     pub a: CodeAssembler,
     pub r: Routines,
+    /// Print the memory-management counters before `ok` (the `counters` parameter of user workloads).
+    pub print_counters: bool,
     strings: Vec<(CodeLabel, Vec<u8>)>,
     failure_paths: Vec<(CodeLabel, String)>,
     user_program: Option<(CodeLabel, Vec<u8>)>,
@@ -96,12 +102,16 @@ impl Kernel {
             syscall_init: l(),
             frame_pool_init: l(),
             alloc_frame: l(),
+            alloc_frame_raw: l(),
+            alloc_page_table: l(),
             free_frame: l(),
+            put_frame: l(),
             out_of_memory: l(),
             user_pte_address: l(),
             create_address_space: l(),
             free_address_space: l(),
-            copy_user_pages: l(),
+            share_user_pages: l(),
+            user_region_lookup: l(),
             page_fault_handler: l(),
             divide_error_handler: l(),
             timer_handler: l(),
@@ -125,7 +135,7 @@ impl Kernel {
             fork_child_return: l(),
             start_first_process: l(),
         };
-        Ok(Kernel { a, r, strings: Vec::new(), failure_paths: Vec::new(), user_program: None })
+        Ok(Kernel { a, r, print_counters: false, strings: Vec::new(), failure_paths: Vec::new(), user_program: None })
     }
 
     pub fn label(&mut self) -> CodeLabel {

@@ -100,8 +100,7 @@ fn emit_exit(k: &mut Kernel) -> AsmResult {
     k.a.mov(qword_ptr(rbx + PROC_EXIT_STATUS), rdi)?;
     k.a.cmp(qword_ptr(rbx + PROC_PID), 1)?;
     k.a.je(first_process)?;
-    k.a.mov(eax, KERNEL_PML4 as u32)?;
-    k.a.mov(cr3, rax)?;
+    // Still running on the tables it frees: freeing writes none of them, and the switch away comes next.
     k.a.mov(rdi, qword_ptr(rbx + PROC_PML4))?;
     k.a.call(k.r.free_address_space)?;
     k.a.mov(qword_ptr(rbx + PROC_STATE), STATE_ZOMBIE)?;
@@ -125,8 +124,9 @@ fn emit_exit(k: &mut Kernel) -> AsmResult {
 }
 
 /// fork -> child pid in the parent, 0 in the child, -1 when the process table is full. The child
-/// gets an eager copy of the user pages and a copy of the parent's system-call frame, and starts
-/// in `fork_child_return`.
+/// shares the parent's user pages copy-on-write, gets a copy of its region table and system-call frame, and
+/// starts in `fork_child_return`. The parent's TLB may still hold writable translations of pages fork just
+/// write-protected: a CR3 reload flushes them (Linux's flush_tlb_mm after copying the page tables).
 fn emit_fork(k: &mut Kernel) -> AsmResult {
     let mut entry = k.r.sys_fork;
     let mut next_slot = k.label();
@@ -149,7 +149,9 @@ fn emit_fork(k: &mut Kernel) -> AsmResult {
     k.a.mov(qword_ptr(rbx + PROC_USER_PD), rdx)?;
     k.a.mov(rdi, qword_ptr(r12 + PROC_USER_PD))?;
     k.a.mov(rsi, rdx)?;
-    k.a.call(k.r.copy_user_pages)?;
+    k.a.call(k.r.share_user_pages)?;
+    k.a.mov(rax, cr3)?;
+    k.a.mov(cr3, rax)?;
     k.a.mov(rax, qword_ptr(VAR_NEXT_PID))?;
     k.a.mov(qword_ptr(rbx + PROC_PID), rax)?;
     k.a.inc(qword_ptr(VAR_NEXT_PID))?;
@@ -159,6 +161,10 @@ fn emit_fork(k: &mut Kernel) -> AsmResult {
         k.a.mov(rax, qword_ptr(r12 + field))?;
         k.a.mov(qword_ptr(rbx + field), rax)?;
     }
+    k.a.lea(rsi, ptr(r12 + PROC_REGIONS))?;
+    k.a.lea(rdi, ptr(rbx + PROC_REGIONS))?;
+    k.a.mov(ecx, (MAX_REGIONS * 2) as u32)?;
+    k.a.rep().movsq()?;
     // The parent's frame, copied to the top of the child's kernel stack.
     k.a.mov(rsi, qword_ptr(r12 + PROC_KERNEL_STACK_TOP))?;
     k.a.sub(rsi, SYSCALL_FRAME_BYTES)?;
@@ -233,12 +239,11 @@ fn emit_wait_and_yield(k: &mut Kernel) -> AsmResult {
 }
 
 /// start_first_process(RSI = program, RDX = program bytes, a multiple of the page size): builds
-/// pid 1 in slot 0 with the program copied to `USER_CODE` (read-only) and a demand-zero stack,
-/// then enters user mode through the system-call return path.
+/// pid 1 in slot 0 with the program copied to `USER_CODE` (read-only); its stack is faulted in page by page as
+/// it is used. Enters user mode through the system-call return path.
 fn emit_start_first_process(k: &mut Kernel) -> AsmResult {
     let mut entry = k.r.start_first_process;
     let mut copy_next = k.label();
-    let mut reserve_next = k.label();
     k.bind(&mut entry)?;
     k.a.mov(r12, rsi)?;
     k.a.mov(r13, rdx)?;
@@ -248,7 +253,7 @@ fn emit_start_first_process(k: &mut Kernel) -> AsmResult {
     k.a.mov(qword_ptr(rbx + PROC_USER_PD), rdx)?;
     k.a.xor(r14d, r14d)?;
     k.bind(&mut copy_next)?;
-    k.a.call(k.r.alloc_frame)?;
+    k.a.call(k.r.alloc_frame_raw)?;
     k.a.mov(r15, rax)?;
     k.a.mov(rdi, rax)?;
     k.a.lea(rsi, ptr(r12 + r14))?;
@@ -264,18 +269,6 @@ fn emit_start_first_process(k: &mut Kernel) -> AsmResult {
     k.a.add(r14, 4096)?;
     k.a.cmp(r14, r13)?;
     k.a.jb(copy_next)?;
-
-    k.a.mov(r14, USER_STACK_TOP - USER_STACK_PAGES * 4096)?;
-    k.a.mov(r15, USER_STACK_TOP)?;
-    k.bind(&mut reserve_next)?;
-    k.a.mov(rdi, qword_ptr(rbx + PROC_USER_PD))?;
-    k.a.mov(rsi, r14)?;
-    k.a.mov(edx, 1)?;
-    k.a.call(k.r.user_pte_address)?;
-    k.a.mov(qword_ptr(rax), PTE_DEMAND_ZERO as i32)?;
-    k.a.add(r14, 4096)?;
-    k.a.cmp(r14, r15)?;
-    k.a.jb(reserve_next)?;
 
     k.a.mov(qword_ptr(rbx + PROC_STATE), STATE_RUNNABLE)?;
     k.a.mov(qword_ptr(rbx + PROC_PID), 1)?;

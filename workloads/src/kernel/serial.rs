@@ -3,6 +3,9 @@
 use iced_x86::code_asm::*;
 
 use super::{AsmResult, Kernel};
+use crate::layout::{
+    VAR_COUNT_COW_FAULTS, VAR_COUNT_PAGES_COPIED, VAR_COUNT_PAGE_TABLES, VAR_COUNT_PTES_SHARED, VAR_COUNT_ZERO_FILLS,
+};
 use crate::machine::{exit_code, MACHINE};
 
 pub(crate) fn emit(k: &mut Kernel) -> AsmResult {
@@ -100,6 +103,21 @@ fn emit_run_endings(k: &mut Kernel) -> AsmResult {
 
     let mut success = k.r.report_success;
     k.bind(&mut success)?;
+    if k.print_counters {
+        let counters = [
+            ("counters: page-tables=", VAR_COUNT_PAGE_TABLES),
+            (" ptes-shared=", VAR_COUNT_PTES_SHARED),
+            (" cow-faults=", VAR_COUNT_COW_FAULTS),
+            (" pages-copied=", VAR_COUNT_PAGES_COPIED),
+            (" zero-fills=", VAR_COUNT_ZERO_FILLS),
+        ];
+        for (label, variable) in counters {
+            k.print(label)?;
+            k.a.mov(rdi, qword_ptr(variable))?;
+            k.print_number(10)?;
+        }
+        k.print("\n")?;
+    }
     k.print("ok\n")?;
     k.a.mov(edi, exit_code::SUCCESS)?;
     k.a.jmp(k.r.exit_machine)?;

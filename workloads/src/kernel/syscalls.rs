@@ -145,13 +145,16 @@ fn emit_simple_calls(k: &mut Kernel) -> AsmResult {
     k.a.ret()
 }
 
-/// mmap(RDI = length) -> address of fresh demand-zero pages, or -1.
-/// munmap(RDI = address, RSI = length) -> 0 or -1; unmapping the topmost mapping returns its
+/// mmap(RDI = length) -> address of fresh demand-zero pages, or -1 (bad length, address space or region table
+/// full). It only records the region: no page-table entry is written until a page is touched.
+/// munmap(RDI = address, RSI = length) -> 0, or -1 unless the range is exactly one region. Clears the present
+/// entries of the range (with an INVLPG each) and drops their frames; unmapping the topmost region returns its
 /// address range for reuse.
 fn emit_memory_calls(k: &mut Kernel) -> AsmResult {
     let mut mmap = k.r.sys_mmap;
     let mut mmap_invalid = k.label();
-    let mut reserve_next = k.label();
+    let mut find_slot = k.label();
+    let mut slot_found = k.label();
     k.bind(&mut mmap)?;
     k.a.test(rdi, rdi)?;
     k.a.jz(mmap_invalid)?;
@@ -165,16 +168,17 @@ fn emit_memory_calls(k: &mut Kernel) -> AsmResult {
     k.a.mov(rax, USER_END)?;
     k.a.cmp(r13, rax)?;
     k.a.ja(mmap_invalid)?;
-    k.a.mov(r14, rbx)?;
-    k.bind(&mut reserve_next)?;
-    k.a.mov(rdi, qword_ptr(r12 + PROC_USER_PD))?;
-    k.a.mov(rsi, r14)?;
-    k.a.mov(edx, 1)?;
-    k.a.call(k.r.user_pte_address)?;
-    k.a.mov(qword_ptr(rax), PTE_DEMAND_ZERO as i32)?;
-    k.a.add(r14, 4096)?;
-    k.a.cmp(r14, r13)?;
-    k.a.jb(reserve_next)?;
+    k.a.xor(ecx, ecx)?;
+    k.bind(&mut find_slot)?;
+    k.a.cmp(qword_ptr(r12 + rcx * 8 + PROC_REGIONS), 0)?;
+    k.a.je(slot_found)?;
+    k.a.add(ecx, 2)?;
+    k.a.cmp(ecx, (MAX_REGIONS * 2) as i32)?;
+    k.a.jb(find_slot)?;
+    k.a.jmp(mmap_invalid)?;
+    k.bind(&mut slot_found)?;
+    k.a.mov(qword_ptr(r12 + rcx * 8 + PROC_REGIONS), rbx)?;
+    k.a.mov(qword_ptr(r12 + rcx * 8 + (PROC_REGIONS + 8)), r13)?;
     k.a.mov(qword_ptr(r12 + PROC_MMAP_NEXT), r13)?;
     k.a.mov(rax, rbx)?;
     k.a.ret()?;
@@ -184,24 +188,33 @@ fn emit_memory_calls(k: &mut Kernel) -> AsmResult {
 
     let mut munmap = k.r.sys_munmap;
     let mut munmap_invalid = k.label();
+    let mut find_region = k.label();
+    let mut next_region = k.label();
+    let mut region_found = k.label();
     let mut release_next = k.label();
     let mut page_done = k.label();
     let mut done = k.label();
     k.bind(&mut munmap)?;
-    k.a.test(edi, 4095)?;
-    k.a.jnz(munmap_invalid)?;
-    k.a.mov(rax, USER_MMAP_BASE)?;
-    k.a.cmp(rdi, rax)?;
-    k.a.jb(munmap_invalid)?;
+    k.a.test(rdi, rdi)?;
+    k.a.jz(munmap_invalid)?;
     k.a.add(rsi, 4095)?;
     k.a.and(rsi, -4096)?;
-    k.a.jz(munmap_invalid)?;
     k.a.lea(r13, ptr(rdi + rsi))?;
-    k.a.cmp(r13, rdi)?;
-    k.a.jb(munmap_invalid)?;
     k.a.mov(r12, qword_ptr(VAR_CURRENT_PROCESS))?;
-    k.a.cmp(r13, qword_ptr(r12 + PROC_MMAP_NEXT))?;
-    k.a.ja(munmap_invalid)?;
+    k.a.xor(ecx, ecx)?;
+    k.bind(&mut find_region)?;
+    k.a.cmp(qword_ptr(r12 + rcx * 8 + PROC_REGIONS), rdi)?;
+    k.a.jne(next_region)?;
+    k.a.cmp(qword_ptr(r12 + rcx * 8 + (PROC_REGIONS + 8)), r13)?;
+    k.a.je(region_found)?;
+    k.bind(&mut next_region)?;
+    k.a.add(ecx, 2)?;
+    k.a.cmp(ecx, (MAX_REGIONS * 2) as i32)?;
+    k.a.jb(find_region)?;
+    k.a.jmp(munmap_invalid)?;
+    k.bind(&mut region_found)?;
+    k.a.mov(qword_ptr(r12 + rcx * 8 + PROC_REGIONS), 0)?;
+    k.a.mov(qword_ptr(r12 + rcx * 8 + (PROC_REGIONS + 8)), 0)?;
     k.a.mov(rbx, rdi)?;
     k.a.mov(r14, rdi)?;
     k.bind(&mut release_next)?;
@@ -212,12 +225,12 @@ fn emit_memory_calls(k: &mut Kernel) -> AsmResult {
     k.a.test(rax, rax)?;
     k.a.jz(page_done)?;
     k.a.mov(rdi, qword_ptr(rax))?;
-    k.a.mov(qword_ptr(rax), 0)?;
     k.a.test(dil, PTE_PRESENT as u32)?;
     k.a.jz(page_done)?;
-    k.a.and(rdi, -4096)?;
-    k.a.call(k.r.free_frame)?;
+    k.a.mov(qword_ptr(rax), 0)?;
     k.a.invlpg(ptr(r14))?;
+    k.a.and(rdi, -4096)?;
+    k.a.call(k.r.put_frame)?;
     k.bind(&mut page_done)?;
     k.a.add(r14, 4096)?;
     k.a.cmp(r14, r13)?;

@@ -295,7 +295,9 @@ fn boot(k: &mut Kernel, iterations: u64) -> AsmResult {
     k.a.str(eax)?;
     k.a.cmp(ax, TSS_SELECTOR as u32)?;
     k.a.jne(wrong_tr)?;
-    k.a.cmp(qword_ptr(VAR_FREE_FRAME_LIST), (FRAME_POOL_END - 4096) as i32)?;
+    k.a.cmp(qword_ptr(VAR_FREE_FRAMES), FRAME_POOL_FRAMES as i32)?;
+    k.a.jne(wrong_pool)?;
+    k.a.cmp(dword_ptr((FRAME_POOL_FRAMES - 1) * 4 + FRAME_STACK), (FRAME_POOL_END - 4096) as i32)?;
     k.a.jne(wrong_pool)?;
     k.a.jmp(k.r.report_success)
 }

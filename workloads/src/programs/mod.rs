@@ -18,7 +18,10 @@ pub(crate) fn assemble(spec: &WorkloadSpec, params: &ResolvedParams) -> AsmResul
         Privilege::Kernel => assemble_with_driver(&banner, |k| kernel_mode::emit(k, spec.name, params)),
         Privilege::User => {
             let program = user_mode::assemble(spec.name, params)?;
-            assemble_with_driver(&banner, |k| start_user_program(k, program))
+            assemble_with_driver(&banner, |k| {
+                k.print_counters = params.get("counters") == 1;
+                start_user_program(k, program)
+            })
         }
     }
 }

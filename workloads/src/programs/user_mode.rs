@@ -13,8 +13,13 @@ use crate::kernel::AsmResult;
 use crate::layout::*;
 
 const ERROR: i32 = -1;
-/// `pgfault` maps this many pages at a time, touches each once, then unmaps them.
-const PGFAULT_CHUNK_PAGES: i32 = 64;
+/// `demandzero` maps this many pages at a time, touches each once, then unmaps them.
+const DEMANDZERO_CHUNK_PAGES: i32 = 64;
+/// `pgfault` reads here: user space that no region, the stack or the program covers.
+const PGFAULT_ADDRESS: u64 = USER_BASE + 0x2000_0000;
+/// What `cow`'s child writes over each shared page.
+const COW_CHILD_VALUE: i32 = 0x0C0F_FEE0;
+const COW_CHILD_STATUS: i32 = 9;
 /// `mmap` maps this many pages per iteration.
 const MMAP_PAGES: i32 = 4;
 /// `forkwait` children exit with (index mod this) + 1, so a status of 0 is never expected.
@@ -100,6 +105,8 @@ pub(crate) fn assemble(name: &str, params: &ResolvedParams) -> Result<Vec<u8>, I
     match name {
         "syscall" => null_syscall(&mut p, iterations)?,
         "pgfault" => page_fault(&mut p, iterations)?,
+        "demandzero" => demand_zero(&mut p, iterations)?,
+        "cow" => copy_on_write(&mut p, iterations, params.get("pages"))?,
         "divzero" => divide_by_zero(&mut p, iterations)?,
         "redpill" => red_pill(&mut p, iterations)?,
         "forkwait" => fork_wait(&mut p, iterations)?,
@@ -123,9 +130,136 @@ fn null_syscall(p: &mut UserProgram, iterations: u64) -> AsmResult {
     })
 }
 
-/// Maps pages in chunks; the first access to each page (a read that must see zeroes) is a true
-/// page fault the kernel resolves with a fresh zeroed frame.
+/// Adams & Agesen's pgfault: each iteration reads a user address nothing maps; the kernel finds no page to give
+/// and delivers the fault to the program's trap handler (as a #DE is), which skips the read. No page-table
+/// entry is written.
 fn page_fault(p: &mut UserProgram, iterations: u64) -> AsmResult {
+    let wrong_address = p.failure("the trap handler got the wrong faulting address");
+    let wrong_count = p.failure("not every read faulted");
+    emit_trapping_loop(
+        p,
+        iterations,
+        wrong_address,
+        wrong_count,
+        |p| p.a.mov(rcx, PGFAULT_ADDRESS),
+        |p| p.a.mov(rax, qword_ptr(rcx)),
+    )
+}
+
+/// A loop whose faulting instruction (`fault`, after `setup`) traps on every iteration; the registered handler
+/// checks the faulting address, counts the trap in R13 and resumes after it. Checks every iteration trapped.
+fn emit_trapping_loop(
+    p: &mut UserProgram,
+    iterations: u64,
+    wrong_address: CodeLabel,
+    wrong_count: CodeLabel,
+    setup: impl FnOnce(&mut UserProgram) -> AsmResult,
+    fault: impl FnOnce(&mut UserProgram) -> AsmResult,
+) -> AsmResult {
+    let mut handler = p.label();
+    let mut faulting = p.label();
+    let mut resume = p.label();
+    let mut done = p.label();
+    let mut top = p.label();
+    p.a.lea(rdi, ptr(handler))?;
+    p.syscall(SYS_SET_TRAP_HANDLER)?;
+    p.a.xor(r13d, r13d)?;
+    p.a.mov(r12, iterations)?;
+    p.bind(&mut top)?;
+    setup(p)?;
+    p.bind(&mut faulting)?;
+    fault(p)?;
+    p.bind(&mut resume)?;
+    p.a.dec(r12)?;
+    p.a.jnz(top)?;
+    p.a.mov(rax, iterations)?;
+    p.a.cmp(r13, rax)?;
+    p.a.jne(wrong_count)?;
+    p.a.jmp(done)?;
+    p.bind(&mut handler)?;
+    p.a.lea(rax, ptr(faulting))?;
+    p.a.cmp(rdi, rax)?;
+    p.a.jne(wrong_address)?;
+    p.a.inc(r13)?;
+    p.a.jmp(resume)?;
+    p.bind(&mut done)?;
+    p.a.xor(edi, edi)?;
+    p.syscall(SYS_SET_TRAP_HANDLER)
+}
+
+/// Copy-on-write after fork: the parent fills `pages` pages; each iteration forks a child that checks it sees
+/// the parent's values and writes every page (a copy-on-write fault that copies: the parent still shares it)
+/// and exits; the parent waits, checks its own values survived, and writes every page again (a copy-on-write
+/// fault that copies nothing: the parent is the last sharer).
+fn copy_on_write(p: &mut UserProgram, iterations: u64, pages: u64) -> AsmResult {
+    let mmap_failed = p.failure("mmap failed");
+    let fork_failed = p.failure("fork failed");
+    let child_saw_wrong = p.failure("the child did not see the parent's values");
+    let parent_saw_wrong = p.failure("the child's writes reached the parent");
+    let wrong_status = p.failure("the child's exit status was wrong");
+    let mut top = p.label();
+    let mut child = p.label();
+    let mut done = p.label();
+    p.a.mov(rdi, pages * 4096)?;
+    p.syscall(SYS_MMAP)?;
+    p.a.cmp(rax, ERROR)?;
+    p.a.je(mmap_failed)?;
+    p.a.mov(rbx, rax)?;
+    // Page i holds R13 + i, where R13 counts the iterations the parent has begun.
+    p.a.xor(r13d, r13d)?;
+    emit_page_loop(p, pages, |p| {
+        p.a.lea(rax, ptr(r13 + rcx))?;
+        p.a.mov(qword_ptr(rdx), rax)
+    })?;
+    p.a.mov(r12, iterations)?;
+    p.bind(&mut top)?;
+    p.syscall(SYS_FORK)?;
+    p.a.cmp(rax, ERROR)?;
+    p.a.je(fork_failed)?;
+    p.a.test(rax, rax)?;
+    p.a.jz(child)?;
+    p.syscall(SYS_WAIT)?;
+    p.a.cmp(rax, COW_CHILD_STATUS)?;
+    p.a.jne(wrong_status)?;
+    emit_page_loop(p, pages, |p| {
+        p.a.lea(rax, ptr(r13 + rcx))?;
+        p.a.cmp(qword_ptr(rdx), rax)?;
+        p.a.jne(parent_saw_wrong)?;
+        p.a.inc(rax)?;
+        p.a.mov(qword_ptr(rdx), rax)
+    })?;
+    p.a.inc(r13)?;
+    p.a.dec(r12)?;
+    p.a.jnz(top)?;
+    p.a.jmp(done)?;
+    p.bind(&mut child)?;
+    emit_page_loop(p, pages, |p| {
+        p.a.lea(rax, ptr(r13 + rcx))?;
+        p.a.cmp(qword_ptr(rdx), rax)?;
+        p.a.jne(child_saw_wrong)?;
+        p.a.mov(qword_ptr(rdx), COW_CHILD_VALUE)
+    })?;
+    p.exit(COW_CHILD_STATUS as u32)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut done)
+}
+
+/// For each of `pages` pages from RBX: RCX = the page's index, RDX = its address, then `body`.
+fn emit_page_loop(p: &mut UserProgram, pages: u64, body: impl FnOnce(&mut UserProgram) -> AsmResult) -> AsmResult {
+    let mut next = p.label();
+    p.a.xor(ecx, ecx)?;
+    p.a.mov(rdx, rbx)?;
+    p.bind(&mut next)?;
+    body(p)?;
+    p.a.inc(rcx)?;
+    p.a.add(rdx, 4096)?;
+    p.a.cmp(rcx, pages as i32)?;
+    p.a.jb(next)
+}
+
+/// Maps pages in chunks; the first access to each page (a read that must see zeroes) is a true page fault the
+/// kernel resolves with a fresh zeroed frame; unmapping clears the entries again.
+fn demand_zero(p: &mut UserProgram, iterations: u64) -> AsmResult {
     let mmap_failed = p.failure("mmap failed");
     let munmap_failed = p.failure("munmap failed");
     let not_zero = p.failure("a fresh page was not zero-filled");
@@ -133,7 +267,7 @@ fn page_fault(p: &mut UserProgram, iterations: u64) -> AsmResult {
     let mut touch = p.label();
     p.a.mov(r12, iterations)?;
     p.bind(&mut chunk)?;
-    p.a.mov(r13d, PGFAULT_CHUNK_PAGES as u32)?;
+    p.a.mov(r13d, DEMANDZERO_CHUNK_PAGES as u32)?;
     p.a.cmp(r12, r13)?;
     p.a.cmovb(r13, r12)?;
     p.a.mov(rdi, r13)?;
@@ -166,37 +300,18 @@ fn page_fault(p: &mut UserProgram, iterations: u64) -> AsmResult {
 fn divide_by_zero(p: &mut UserProgram, iterations: u64) -> AsmResult {
     let wrong_address = p.failure("the trap handler got the wrong faulting address");
     let wrong_count = p.failure("not every division trapped");
-    let mut handler = p.label();
-    let mut faulting = p.label();
-    let mut resume = p.label();
-    let mut done = p.label();
-    p.a.lea(rdi, ptr(handler))?;
-    p.syscall(SYS_SET_TRAP_HANDLER)?;
-    p.a.xor(r13d, r13d)?;
-    p.a.mov(r12, iterations)?;
-    let mut top = p.label();
-    p.bind(&mut top)?;
-    p.a.mov(eax, 1)?;
-    p.a.xor(edx, edx)?;
-    p.a.xor(ecx, ecx)?;
-    p.bind(&mut faulting)?;
-    p.a.div(ecx)?;
-    p.bind(&mut resume)?;
-    p.a.dec(r12)?;
-    p.a.jnz(top)?;
-    p.a.mov(rax, iterations)?;
-    p.a.cmp(r13, rax)?;
-    p.a.jne(wrong_count)?;
-    p.a.jmp(done)?;
-    p.bind(&mut handler)?;
-    p.a.lea(rax, ptr(faulting))?;
-    p.a.cmp(rdi, rax)?;
-    p.a.jne(wrong_address)?;
-    p.a.inc(r13)?;
-    p.a.jmp(resume)?;
-    p.bind(&mut done)?;
-    p.a.xor(edi, edi)?;
-    p.syscall(SYS_SET_TRAP_HANDLER)
+    emit_trapping_loop(
+        p,
+        iterations,
+        wrong_address,
+        wrong_count,
+        |p| {
+            p.a.mov(eax, 1)?;
+            p.a.xor(edx, edx)?;
+            p.a.xor(ecx, ecx)
+        },
+        |p| p.a.div(ecx),
+    )
 }
 
 /// The readable sensitive instructions from user mode, each checked against the guest's own

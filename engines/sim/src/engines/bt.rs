@@ -422,8 +422,10 @@ impl Strategy for BtRun {
                     self.page_table_write(r, at, (gpa, level, old, new));
                 }
             }
+            // Translated IDENT: the string instruction runs in the translation cache at native speed.
+            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
             Event::PageTouch { at, page, frame, .. } => {
-                r.charge(CycleCause::NativeTransitions, self.native.tlb_fill);
+                r.charge(CycleCause::TlbFills, self.native.tlb_fill);
                 if self.shadow.touch(r, m, page, frame) {
                     r.exit(ExitReason::ShadowPageFault, at);
                     r.charge(CycleCause::Exits, m.trap);

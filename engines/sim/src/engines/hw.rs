@@ -9,7 +9,7 @@
 use virtlab_traces::Event;
 
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
-use crate::classify::Op;
+use crate::classify::{Op, Priced};
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::fasthash::FastSet;
 use crate::metrics::{CycleCause, ExitReason};
@@ -106,8 +106,8 @@ impl OpPolicy for GuestMode<'_> {
         (self.native.instruction, CycleCause::GuestInstructions)
     }
 
-    fn call_return(&self, _kernel: bool) -> u64 {
-        self.native.call_return
+    fn priced(&self, priced: Priced, _kernel: bool) -> u64 {
+        self.native.priced(priced)
     }
 
     fn static_op(&self, op: Op, _kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
@@ -256,6 +256,7 @@ impl Strategy for HwRun {
                     self.shadow.write(r, m, gpa, level, old, new);
                 }
             }
+            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
             Event::PageTouch { at, page, frame, .. } => {
                 self.native(r, event);
                 if self.ept {

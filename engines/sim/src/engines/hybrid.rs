@@ -7,7 +7,7 @@
 use virtlab_traces::Event;
 
 use super::{MonitorCosts, Shadowing, PAGE_FAULT};
-use crate::classify::Op;
+use crate::classify::{Op, Priced};
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::metrics::{CycleCause, ExitReason};
 use crate::profile::Profile;
@@ -52,11 +52,13 @@ impl OpPolicy for Interpreted<'_> {
         }
     }
 
-    fn call_return(&self, kernel: bool) -> u64 {
-        if kernel {
+    fn priced(&self, priced: Priced, kernel: bool) -> u64 {
+        // The interpreter's per-instruction cost covers a call or return; a division or multiplication it
+        // still performs with the host's own instruction.
+        if kernel && priced == Priced::CallReturn {
             0
         } else {
-            self.native.call_return
+            self.native.priced(priced)
         }
     }
 
@@ -138,10 +140,15 @@ impl Strategy for HybridRun {
                     self.shadow.write(r, m, gpa, level, old, new);
                 }
             }
+            // The interpreter steps a kernel string instruction one element at a time, as KVM's emulator does.
+            Event::RepString { elements, .. } if !user => {
+                r.charge(CycleCause::Interpretation, elements.saturating_mul(m.interpret))
+            }
+            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
             // The interpreter translates kernel addresses itself; only directly executed user code walks the
             // shadow tables in hardware.
             Event::PageTouch { at, page, frame, .. } if user => {
-                r.charge(CycleCause::NativeTransitions, self.native.tlb_fill);
+                r.charge(CycleCause::TlbFills, self.native.tlb_fill);
                 if self.shadow.touch(r, m, page, frame) {
                     r.exit(ExitReason::ShadowPageFault, at);
                     r.charge(CycleCause::Exits, m.trap);

@@ -3,7 +3,7 @@
 
 use virtlab_traces::Event;
 
-use crate::classify::Op;
+use crate::classify::{Op, Priced};
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::metrics::CycleCause;
 use crate::profile::Profile;
@@ -42,8 +42,8 @@ impl OpPolicy for NativePolicy<'_> {
         (self.0.instruction, CycleCause::GuestInstructions)
     }
 
-    fn call_return(&self, _kernel: bool) -> u64 {
-        self.0.call_return
+    fn priced(&self, priced: Priced, _kernel: bool) -> u64 {
+        self.0.priced(priced)
     }
 
     fn static_op(&self, op: Op, _kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
@@ -62,7 +62,10 @@ impl Strategy for NativeRun {
     }
 
     fn event(&mut self, r: &mut Replay, event: &Event) {
-        r.charge(NativeCosts::event_cause(event), self.native.event(event));
+        match *event {
+            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
+            _ => r.charge(NativeCosts::event_cause(event), self.native.event(event)),
+        }
     }
 
     fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {

@@ -9,7 +9,7 @@
 use virtlab_traces::{DescriptorLoad, Event};
 
 use super::{MonitorCosts, PAGE_FAULT};
-use crate::classify::Op;
+use crate::classify::{Op, Priced};
 use crate::engine::{Engine, EngineError, GuestBits, Options, Run};
 use crate::metrics::{CycleCause, ExitReason, Hypercall};
 use crate::profile::{mc, Profile};
@@ -85,8 +85,8 @@ impl OpPolicy for Aware<'_> {
         (self.native.instruction, CycleCause::GuestInstructions)
     }
 
-    fn call_return(&self, _kernel: bool) -> u64 {
-        self.native.call_return
+    fn priced(&self, priced: Priced, _kernel: bool) -> u64 {
+        self.native.priced(priced)
     }
 
     fn static_op(&self, op: Op, kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
@@ -268,8 +268,9 @@ impl Strategy for ParavirtRun {
                     }
                 }
             }
+            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
             // The guest's own tables are the real ones (validated by Xen): a TLB fill is a native walk.
-            Event::PageTouch { .. } => r.charge(CycleCause::NativeTransitions, self.native.tlb_fill),
+            Event::PageTouch { .. } => r.charge(CycleCause::TlbFills, self.native.tlb_fill),
         }
     }
 

@@ -7,7 +7,7 @@
 use virtlab_traces::Event;
 
 use super::{descriptor_reason, MonitorCosts, Shadowing, PAGE_FAULT};
-use crate::classify::Op;
+use crate::classify::{Op, Priced};
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::metrics::{CycleCause, ExitReason};
 use crate::profile::Profile;
@@ -52,8 +52,8 @@ impl OpPolicy for Deprivileged<'_> {
         (self.native.instruction, CycleCause::GuestInstructions)
     }
 
-    fn call_return(&self, _kernel: bool) -> u64 {
-        self.native.call_return
+    fn priced(&self, priced: Priced, _kernel: bool) -> u64 {
+        self.native.priced(priced)
     }
 
     fn static_op(&self, op: Op, kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
@@ -137,8 +137,9 @@ impl Strategy for TrapRun {
                     self.shadow.write(r, m, gpa, level, old, new);
                 }
             }
+            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
             Event::PageTouch { at, page, frame, .. } => {
-                r.charge(CycleCause::NativeTransitions, self.native.tlb_fill);
+                r.charge(CycleCause::TlbFills, self.native.tlb_fill);
                 if self.shadow.touch(r, m, page, frame) {
                     r.exit(ExitReason::ShadowPageFault, at);
                     r.charge(CycleCause::Exits, trap);
