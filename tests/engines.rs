@@ -200,7 +200,12 @@ fn validate_reproduces_the_adams_agesen_orderings() {
         .filter(|c| c["within_tolerance"] == false)
         .map(|c| format!("{}/{}", c["benchmark"].as_str().unwrap(), c["engine"].as_str().unwrap()))
         .collect();
-    // The three cells the lab does not reproduce (see README, "Validation"); any other miss is a regression.
-    assert_eq!(missed, ["pgfault/bt", "pgfault/hw-shadow", "ptemod/hw-shadow"], "{report:#}");
-    assert_eq!(out.status.code(), Some(5));
+    // The cells the lab does not reproduce yet (see README, "Validation"): a miss outside this list is a
+    // regression; a cell leaving it is an improvement, which this test lets through.
+    const KNOWN_MISSES: [&str; 3] = ["pgfault/bt", "pgfault/hw-shadow", "ptemod/hw-shadow"];
+    for cell in &missed {
+        assert!(KNOWN_MISSES.contains(&cell.as_str()), "{cell} missed the paper: {report:#}");
+    }
+    let expected_status = if missed.is_empty() { 0 } else { 5 };
+    assert_eq!(out.status.code(), Some(expected_status));
 }

@@ -39,18 +39,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     progress.finish_and_clear();
     match result {
         Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"valid": true, "events": report.events, "blocks": report.blocks,
-                           "instructions": report.instructions, "chunks": report.chunks, "file_bytes": report.file_bytes})
-                );
+            let text = if args.json {
+                json!({"valid": true, "events": report.events, "blocks": report.blocks,
+                       "instructions": report.instructions, "chunks": report.chunks, "file_bytes": report.file_bytes})
+                .to_string()
             } else {
-                println!(
+                format!(
                     "{path}: valid trace ({} events, {} unique blocks, {} instructions, {} chunks, {} bytes)",
                     report.events, report.blocks, report.instructions, report.chunks, report.file_bytes
-                );
-            }
+                )
+            };
+            super::finish_output(super::print_line(&text))?;
             Ok(ExitCode::SUCCESS)
         }
         Err(CheckError::Malformed(virtlab_traces::TraceError::Io(io))) => {
@@ -68,10 +67,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 CheckError::Malformed(e) => (None, e.offset(), None),
             };
             if args.json {
-                println!(
-                    "{}",
-                    json!({"valid": false, "error": error.to_string(), "rule": rule, "offset": offset, "event": event})
-                );
+                let text =
+                    json!({"valid": false, "error": error.to_string(), "rule": rule, "offset": offset, "event": event});
+                super::finish_output(super::print_line(&text.to_string()))?;
             } else {
                 eprintln!("{path}: invalid trace: {error}");
             }

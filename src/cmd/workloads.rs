@@ -62,7 +62,7 @@ fn privilege_name(privilege: Privilege) -> &'static str {
 }
 
 fn list(as_json: bool) -> anyhow::Result<ExitCode> {
-    if as_json {
+    let text = if as_json {
         let entries: Vec<_> = catalog()
             .iter()
             .map(|spec| {
@@ -74,17 +74,20 @@ fn list(as_json: bool) -> anyhow::Result<ExitCode> {
                 json!({"name": spec.name, "description": spec.description, "privilege": privilege_name(spec.privilege), "params": params})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        serde_json::to_string_pretty(&entries)?
     } else {
+        let mut lines = Vec::new();
         for spec in catalog() {
-            println!("{:<18} {:<6} {}", spec.name, privilege_name(spec.privilege), spec.description);
+            lines.push(format!("{:<18} {:<6} {}", spec.name, privilege_name(spec.privilege), spec.description));
             for p in spec.params {
-                println!(
+                lines.push(format!(
                     "{:<18}        --param {}={} ({}..={}): {}",
                     "", p.name, p.default, p.min, p.max, p.description
-                );
+                ));
             }
         }
-    }
+        lines.join("\n")
+    };
+    super::finish_output(super::print_line(&text))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 mod bench_engines;
 mod bench_machine;
 mod bench_trace;
+mod ratios;
 mod synth_trace;
 mod timing;
 
@@ -28,6 +29,9 @@ enum Task {
     /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
     /// BENCHMARKS.md. Run it in release mode (the `cargo xtask` alias does).
     BenchTrace(bench_trace::Args),
+    /// Every catalog workload at its default parameters under every engine, as cycles relative to native.
+    /// Prints the Markdown table README.md and BENCHMARKS.md carry.
+    Ratios(ratios::Args),
     /// Write a synthetic trace file (a model of a trace's shape, not a guest execution).
     SynthTrace(synth_trace::Args),
 }
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchEngines(args) => bench_engines::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
+        Task::Ratios(args) => ratios::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),
     }
 }
