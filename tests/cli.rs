@@ -86,7 +86,7 @@ fn handmade_trace() -> Vec<u8> {
         Event::Context { at: 0, context: start },
         Event::Block(body),
         Event::PartialBlock { block: body, executed: 1 },
-        Event::Exception { at: 1, vector: 6, error_code: None, cr2: None },
+        Event::Exception { at: 1, vector: 6, error_code: None, cr2: None, walk: Walk::default() },
         Event::Block(exit),
         Event::Io { at: 1, port: 0xf4, size: 1, direction: Direction::Write, value: 1 },
     ] {

@@ -192,3 +192,40 @@ fn pgfault_is_a_true_fault_with_no_page_table_write() {
     assert_eq!(seen.page_table_writes, 0, "{seen:?}");
     assert_eq!((counters.zero_fills, counters.cow_faults), (0, 0), "{counters:?}");
 }
+
+/// Every page touch under 4-level paging carries the walk that translated it: four tables for a 4 KiB page, two
+/// for the kernel's 2 MiB pages, and the first is always the current address space's PML4.
+#[test]
+fn page_touches_and_page_faults_carry_their_walks() {
+    use virtlab_traces::{PageSize, PagingMode};
+    let trace = record_workload("cow", &[("iterations", "2"), ("pages", "2")]);
+    let view = TraceView::open(&trace).unwrap();
+    let mut cr3 = 0;
+    let mut paging = PagingMode::Disabled;
+    let (mut touches, mut faults) = (0, 0);
+    view.for_each_event(|event| match event {
+        Event::Context { context, .. } => (cr3, paging) = (context.cr3, context.paging),
+        Event::PageTouch { size, walk, .. } if paging == PagingMode::FourLevel => {
+            touches += 1;
+            let expected = match size {
+                PageSize::Size4K => 4,
+                PageSize::Size2M => 3,
+                PageSize::Size1G => 2,
+            };
+            assert_eq!(walk.levels(), expected, "{event:?}");
+            assert_eq!(u64::from(walk.tables()[0]) << 12, cr3 & !0xfff, "{event:?}");
+        }
+        Event::Exception { vector: 14, walk, error_code, .. } => {
+            faults += 1;
+            assert_eq!(u64::from(walk.tables()[0]) << 12, cr3 & !0xfff, "{event:?}");
+            // A fault on a present page (copy-on-write) walked all four levels; a not-present one stopped early.
+            if error_code.is_some_and(|code| code & 1 != 0) {
+                assert_eq!(walk.levels(), 4, "{event:?}");
+            }
+        }
+        Event::Exception { walk, .. } => assert_eq!(walk.levels(), 0),
+        _ => {}
+    })
+    .unwrap();
+    assert!(touches > 50 && faults >= 8, "{touches} touches, {faults} faults");
+}

@@ -140,7 +140,7 @@ fn describe(event: &Event) -> String {
             context.paging.name(),
             context.cr3
         ),
-        Event::Exception { vector, error_code, cr2, .. } => {
+        Event::Exception { vector, error_code, cr2, walk, .. } => {
             let mut text = format!("vector={vector}");
             if let Some(code) = error_code {
                 text += &format!(" error_code={code:#x}");
@@ -148,7 +148,7 @@ fn describe(event: &Event) -> String {
             if let Some(cr2) = cr2 {
                 text += &format!(" cr2={cr2:#x}");
             }
-            text
+            text + &walk_text(&walk)
         }
         Event::Interrupt { vector, .. } | Event::SoftwareInterrupt { vector, .. } => format!("vector={vector:#x}"),
         Event::Syscall { .. } | Event::Sysret { .. } | Event::Iret { .. } => String::new(),
@@ -170,19 +170,29 @@ fn describe(event: &Event) -> String {
         Event::PageTableWrite { gpa, level, old, new, .. } => {
             format!("gpa={gpa:#x} level={level} {old:#x} -> {new:#x}")
         }
-        Event::PageTouch { page, frame, access, user, size, .. } => format!(
-            "page={page:#x} frame={frame:#x} access={} {} size={}K",
+        Event::PageTouch { page, frame, access, user, size, walk, .. } => format!(
+            "page={page:#x} frame={frame:#x} access={} {} size={}K{}",
             match access {
                 virtlab_traces::Access::Read => "read",
                 virtlab_traces::Access::Write => "write",
                 virtlab_traces::Access::Execute => "execute",
             },
             if user { "user" } else { "supervisor" },
-            size.bytes() >> 10
+            size.bytes() >> 10,
+            walk_text(&walk)
         ),
         Event::Mmio { gpa, size, direction: dir, value, .. } => {
             format!("{} gpa={gpa:#x} size={size} value={value:#x}", direction(dir, "load", "store"))
         }
         Event::RepString { elements, .. } => format!("elements={elements}"),
     }
+}
+
+/// ` walk=0x200000,0x201000,…`: the guest-physical addresses of the tables a page walk read.
+fn walk_text(walk: &virtlab_traces::Walk) -> String {
+    if walk.levels() == 0 {
+        return String::new();
+    }
+    let tables: Vec<String> = walk.tables().iter().map(|&frame| format!("{:#x}", u64::from(frame) << 12)).collect();
+    format!(" walk={}", tables.join(","))
 }

@@ -7,7 +7,7 @@ use crate::error::PayloadError;
 use crate::format::{MAX_BLOCK_BYTES, MAX_BLOCK_INSTRUCTIONS, MAX_STRING_BYTES};
 use crate::model::{
     Access, Block, BlockId, BootState, CodeMode, Context, DescriptorLoad, Direction, EndReason, Ending, Event,
-    EventKind, Footer, GuestModes, Metadata, PageSize, PagingMode, Segment, Totals,
+    EventKind, Footer, GuestModes, Metadata, PageSize, PagingMode, Segment, Totals, Walk,
 };
 
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -389,6 +389,24 @@ fn size_direction_byte(size: u8, direction: Direction) -> u8 {
     size | if direction == Direction::Write { 0x80 } else { 0 }
 }
 
+fn put_walk(out: &mut Vec<u8>, walk: &Walk) {
+    for &table in walk.tables() {
+        put_varint(out, table.into());
+    }
+}
+
+/// The `levels` tables of a walk whose count a flags byte gave.
+fn walk(r: &mut PayloadReader<'_>, levels: u8) -> Result<Walk, PayloadError> {
+    let mut tables = [0u32; Walk::MAX_LEVELS];
+    let Some(slots) = tables.get_mut(..usize::from(levels)) else {
+        return Err(PayloadError::new(r.position(), format!("a page walk of {levels} tables (at most 5)")));
+    };
+    for slot in slots.iter_mut() {
+        *slot = r.varint_u32("page-table frame of a walk")?;
+    }
+    Ok(Walk::new(&tables[..usize::from(levels)]).expect("at most MAX_LEVELS tables"))
+}
+
 /// Encodes one event, naming blocks by the local index `local` gives them.
 pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(BlockId) -> u32) {
     match *event {
@@ -417,15 +435,16 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(Bloc
             out.push(context.cpl | u8::from(context.interrupts_enabled) << 2 | context.paging.code() << 3);
             put_varint(out, context.cr3);
         }
-        Event::Exception { vector, error_code, cr2, .. } => {
+        Event::Exception { vector, error_code, cr2, walk, .. } => {
             out.push(vector);
-            out.push(u8::from(error_code.is_some()) | u8::from(cr2.is_some()) << 1);
+            out.push(u8::from(error_code.is_some()) | u8::from(cr2.is_some()) << 1 | walk.levels() << 2);
             if let Some(code) = error_code {
                 put_varint(out, code.into());
             }
             if let Some(cr2) = cr2 {
                 put_varint(out, cr2);
             }
+            put_walk(out, &walk);
         }
         Event::Interrupt { vector, .. } | Event::SoftwareInterrupt { vector, .. } => out.push(vector),
         Event::Syscall { .. } | Event::Sysret { .. } | Event::Iret { .. } => {}
@@ -466,10 +485,11 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(Bloc
             put_varint(out, old);
             put_varint(out, new);
         }
-        Event::PageTouch { page, frame, access, user, size, .. } => {
+        Event::PageTouch { page, frame, access, user, size, walk, .. } => {
             put_varint(out, page >> 12);
             put_varint(out, frame >> 12);
-            out.push(access as u8 | u8::from(user) << 2 | (size as u8) << 3);
+            out.push(access as u8 | u8::from(user) << 2 | (size as u8) << 3 | walk.levels() << 5);
+            put_walk(out, &walk);
         }
         Event::Mmio { gpa, size, direction, value, .. } => {
             put_varint(out, gpa);
@@ -561,12 +581,13 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
         EventKind::Exception => {
             let vector = r.u8("exception vector")?;
             let flags = r.u8("exception flags")?;
-            if flags & !3 != 0 {
+            if flags & 0xe0 != 0 {
                 return Err(enum_error(r, "exception flags", flags));
             }
             let error_code = if flags & 1 != 0 { Some(r.varint_u32("error code")?) } else { None };
             let cr2 = if flags & 2 != 0 { Some(r.varint("CR2")?) } else { None };
-            Event::Exception { at, vector, error_code, cr2 }
+            let walk = walk(r, (flags >> 2) & 7)?;
+            Event::Exception { at, vector, error_code, cr2, walk }
         }
         EventKind::Interrupt => Event::Interrupt { at, vector: r.u8("interrupt vector")? },
         EventKind::SoftwareInterrupt => Event::SoftwareInterrupt { at, vector: r.u8("interrupt vector")? },
@@ -628,10 +649,11 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
             let flags = r.u8("page touch flags")?;
             let access = Access::ALL.get(usize::from(flags & 3)).copied();
             let size = PageSize::ALL.get(usize::from((flags >> 3) & 3)).copied();
-            let (Some(access), Some(size), 0) = (access, size, flags & 0xe0) else {
+            let (Some(access), Some(size)) = (access, size) else {
                 return Err(enum_error(r, "page touch flags", flags));
             };
-            Event::PageTouch { at, page, frame, access, user: flags & 4 != 0, size }
+            let walk = walk(r, flags >> 5)?;
+            Event::PageTouch { at, page, frame, access, user: flags & 4 != 0, size, walk }
         }
         EventKind::Mmio => {
             let gpa = r.varint("MMIO address")?;

@@ -175,12 +175,14 @@ pub enum Event {
         at: u32,
         context: Context,
     },
-    /// A fault or abort delivered through the IDT.
+    /// A fault or abort delivered through the IDT. For a page fault, `walk` holds the tables the faulting walk
+    /// read (empty otherwise).
     Exception {
         at: u32,
         vector: u8,
         error_code: Option<u32>,
         cr2: Option<u64>,
+        walk: Walk,
     },
     /// An external interrupt delivered through the IDT.
     Interrupt {
@@ -251,7 +253,8 @@ pub enum Event {
         old: u64,
         new: u64,
     },
-    /// The first access to a virtual page in the current TLB epoch. `page` and `frame` are page-aligned addresses.
+    /// The first access to a virtual page in the current TLB epoch. `page` and `frame` are page-aligned addresses;
+    /// `walk` holds the page-table pages the translation read.
     PageTouch {
         at: u32,
         page: u64,
@@ -259,6 +262,7 @@ pub enum Event {
         access: Access,
         user: bool,
         size: PageSize,
+        walk: Walk,
     },
     Mmio {
         at: u32,
@@ -273,6 +277,37 @@ pub enum Event {
         at: u32,
         elements: u64,
     },
+}
+
+/// The page-table pages one page walk read, top level first, as physical frame numbers (address / 4096): what a
+/// shadow-paging monitor reads to fill a shadow entry or to tell a true page fault from a hidden one, and what a
+/// nested walk multiplies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Walk {
+    levels: u8,
+    tables: [u32; Walk::MAX_LEVELS],
+}
+
+impl Walk {
+    /// Five-level paging reads at most five tables.
+    pub const MAX_LEVELS: usize = 5;
+
+    /// A walk through `tables` (frame numbers, top level first); `None` for more than [`Walk::MAX_LEVELS`].
+    pub fn new(tables: &[u32]) -> Option<Walk> {
+        let mut walk = Walk::default();
+        walk.tables.get_mut(..tables.len())?.copy_from_slice(tables);
+        walk.levels = tables.len() as u8;
+        Some(walk)
+    }
+
+    /// The tables read, top level first.
+    pub fn tables(&self) -> &[u32] {
+        &self.tables[..usize::from(self.levels)]
+    }
+
+    pub fn levels(&self) -> u8 {
+        self.levels
+    }
 }
 
 /// The kinds of event, in their fixed order (the footer counts them in this order).

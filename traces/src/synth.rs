@@ -12,6 +12,7 @@ use std::io::{Seek, Write};
 use crate::error::WriteError;
 use crate::model::{
     Access, Block, BlockId, BootState, CodeMode, Context, EndReason, Ending, Event, Metadata, PageSize, PagingMode,
+    Walk,
 };
 use crate::writer::TraceWriter;
 
@@ -233,7 +234,13 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
             g.emit(Event::PartialBlock { block: id, executed })?;
             let page = process.next_data_page;
             process.next_data_page += 0x1000;
-            g.emit(Event::Exception { at: executed, vector: 14, error_code: Some(6), cr2: Some(page + 0x18) })?;
+            g.emit(Event::Exception {
+                at: executed,
+                vector: 14,
+                error_code: Some(6),
+                cr2: Some(page + 0x18),
+                walk: four_level_walk(process.cr3, page),
+            })?;
             g.switch_context(executed, |c| c.cpl = 0)?;
             for kernel_block in [pf_entry, pf_fill] {
                 g.run(kernel_block, shape(g, kernel_block))?;
@@ -257,6 +264,7 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
                 access: Access::Write,
                 user: true,
                 size: PageSize::Size4K,
+                walk: four_level_walk(process.cr3, page),
             })?;
         } else {
             g.run(id, length)?;
@@ -272,6 +280,7 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
                         access: Access::Execute,
                         user: true,
                         size: PageSize::Size4K,
+                        walk: four_level_walk(cr3, page),
                     };
                     g.emit(touch)?;
                 }
@@ -285,6 +294,7 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
                     access: Access::Read,
                     user: true,
                     size: PageSize::Size4K,
+                    walk: four_level_walk(processes[current].cr3, page),
                 })?;
             }
         }
@@ -355,4 +365,12 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
 /// Extra body instructions (0 to 4) that vary across a process's blocks, as real basic-block lengths do.
 fn body_variation(process: usize, block: u64) -> usize {
     (block as usize * 7 + process * 3) % 5
+}
+
+/// The tables a 4-level walk of `page` reads in the address space of `cr3`: the model keeps each process's four
+/// tables in the frames right after its PML4, one page table per 2 MiB.
+fn four_level_walk(cr3: u64, page: u64) -> Walk {
+    let root = (cr3 >> 12) as u32;
+    let leaf = root + 3 + ((page >> 21) & 7) as u32;
+    Walk::new(&[root, root + 1, root + 2, leaf]).expect("four tables")
 }

@@ -10,6 +10,10 @@ use virtlab_traces::format::ChunkKind;
 use virtlab_traces::synth::{self, EventHasher, SynthConfig};
 use virtlab_traces::*;
 
+fn walk() -> impl Strategy<Value = Walk> {
+    prop::collection::vec(any::<u32>(), 0..=Walk::MAX_LEVELS).prop_map(|tables| Walk::new(&tables).unwrap())
+}
+
 fn direction() -> impl Strategy<Value = Direction> {
     prop_oneof![Just(Direction::Read), Just(Direction::Write)]
 }
@@ -36,8 +40,8 @@ fn event(blocks: u32, instructions: u32) -> impl Strategy<Value = Event> {
         8 => (0..blocks).prop_map(|id| Event::Block(BlockId(id))),
         1 => (0..blocks, 0..instructions).prop_map(|(id, executed)| Event::PartialBlock { block: BlockId(id), executed }),
         1 => (at, context()).prop_map(|(at, context)| Event::Context { at, context }),
-        1 => (at, any::<u8>(), any::<Option<u32>>(), any::<Option<u64>>())
-            .prop_map(|(at, vector, error_code, cr2)| Event::Exception { at, vector, error_code, cr2 }),
+        1 => (at, any::<u8>(), any::<Option<u32>>(), any::<Option<u64>>(), walk())
+            .prop_map(|(at, vector, error_code, cr2, walk)| Event::Exception { at, vector, error_code, cr2, walk }),
         1 => (at, any::<u8>()).prop_map(|(at, vector)| Event::Interrupt { at, vector }),
         1 => (at, any::<u8>()).prop_map(|(at, vector)| Event::SoftwareInterrupt { at, vector }),
         1 => at.prop_map(|at| Event::Syscall { at }),
@@ -59,14 +63,15 @@ fn event(blocks: u32, instructions: u32) -> impl Strategy<Value = Event> {
         1 => (at, any::<u64>()).prop_map(|(at, idle)| Event::Hlt { at, idle }),
         1 => (at, any::<u64>(), 1u8..=5, any::<u64>(), any::<u64>())
             .prop_map(|(at, gpa, level, old, new)| Event::PageTableWrite { at, gpa, level, old, new }),
-        1 => (at, any::<u64>(), any::<u64>(), 0usize..3, any::<bool>(), 0usize..3).prop_map(
-            |(at, page, frame, access, user, size)| Event::PageTouch {
+        1 => (at, any::<u64>(), any::<u64>(), 0usize..3, any::<bool>(), 0usize..3, walk()).prop_map(
+            |(at, page, frame, access, user, size, walk)| Event::PageTouch {
                 at,
                 page: page & !0xfff,
                 frame: frame & !0xfff,
                 access: Access::ALL[access],
                 user,
                 size: PageSize::ALL[size],
+                walk,
             }
         ),
         1 => (at, any::<u64>(), prop::sample::select(vec![1u8, 2, 4, 8]), direction(), any::<u64>())
@@ -205,6 +210,7 @@ fn the_writer_refuses_what_the_reader_would_refuse() {
                 access: Access::Read,
                 user: false,
                 size: PageSize::Size4K,
+                walk: Walk::default(),
             },
             "must be 4 KiB aligned",
         ),

@@ -76,6 +76,8 @@ pub struct Machine {
     pub(crate) devices: Devices,
     /// (page, access kind, privilege) keys reported as touched in the current TLB epoch.
     pub(crate) touched_pages: HashSet<u64>,
+    /// The tables the last faulting page walk read, reported with its #PF.
+    pub(crate) fault_walk: Option<crate::observer::PageWalk>,
     pub(crate) page_table_roots: Vec<u64>,
     pub(crate) page_table_frames: Vec<u64>,
     pub(crate) page_table_map_valid: bool,
@@ -111,6 +113,7 @@ impl Machine {
             blocks: BlockCache::new(),
             devices: Devices::new(),
             touched_pages: HashSet::new(),
+            fault_walk: None,
             page_table_roots: Vec::new(),
             page_table_frames: Vec::new(),
             page_table_map_valid: false,

@@ -94,7 +94,9 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 self.cpu.cr2 = address;
             }
             if O::ENABLED {
-                let transfer = Transfer::Exception { vector, error_code, cr2: address, rip: self.code_linear(rip) };
+                let walk = if vector == PF { self.fault_walk.take() } else { None };
+                let transfer =
+                    Transfer::Exception { vector, error_code, cr2: address, rip: self.code_linear(rip), walk };
                 let index = self.index_in_block;
                 self.obs.transfer(index, &transfer);
             }

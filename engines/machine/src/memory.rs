@@ -4,7 +4,7 @@
 use crate::cpu::{cr0, efer, CodeMode, PagingMode, SegmentRegister};
 use crate::error::MachineError;
 use crate::interp::{Fault, Interp};
-use crate::observer::{AccessKind, ExecutionObserver, IoDirection, SideEvent};
+use crate::observer::{AccessKind, ExecutionObserver, IoDirection, PageWalk, SideEvent};
 
 /// The one MMIO test region: reads return 0, writes are dropped, both are reported.
 pub const MMIO_TEST_BASE: u64 = 0xD000_0000;
@@ -173,6 +173,8 @@ pub(crate) struct Translation {
     pub frame: u64,
     pub user_page: bool,
     pub page_size: u64,
+    /// The tables read (only filled when the observer is enabled).
+    pub walk: PageWalk,
 }
 
 #[inline(always)]
@@ -229,6 +231,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                     kind,
                     user,
                     page_size: translation.page_size,
+                    walk: translation.walk,
                 };
                 if self.fetching {
                     self.fetch_touches.push(event);
@@ -266,7 +269,12 @@ impl<O: ExecutionObserver> Interp<'_, O> {
     fn walk(&mut self, linear: u64, kind: AccessKind, user: bool) -> Result<Translation, Fault> {
         let mode = self.cpu.paging_mode();
         if mode == PagingMode::None {
-            return Ok(Translation { frame: linear & 0xFFFF_F000, user_page: false, page_size: PAGE_SIZE });
+            return Ok(Translation {
+                frame: linear & 0xFFFF_F000,
+                user_page: false,
+                page_size: PAGE_SIZE,
+                walk: PageWalk::default(),
+            });
         }
         let nxe = self.cpu.efer & efer::NXE != 0;
         let write = kind == AccessKind::Write;
@@ -283,16 +291,22 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         let mut writable = true;
         let mut user_ok = true;
         let mut no_execute = false;
+        let mut tables = PageWalk::default();
         let (mut table, mut level, entry_bytes) = match mode {
             PagingMode::TwoLevel => (self.cpu.cr3 & 0xFFFF_F000, 2u32, 4u32),
             PagingMode::Pae => {
                 let pdpte_address = (self.cpu.cr3 & 0xFFFF_FFE0) + ((linear >> 30) & 3) * 8;
+                if O::ENABLED {
+                    tables.push(pdpte_address);
+                }
                 let pdpte = self.read_table_entry(pdpte_address, 8)?;
                 if pdpte & PRESENT == 0 {
-                    return Err(page_fault(linear, code));
+                    return Err(self.walk_fault(tables, page_fault(linear, code)));
                 }
                 if pdpte & 0x1E6 != 0 || (pdpte & NO_EXECUTE != 0) {
-                    return Err(page_fault(linear, code | pf_error::RESERVED | pf_error::PRESENT));
+                    return Err(
+                        self.walk_fault(tables, page_fault(linear, code | pf_error::RESERVED | pf_error::PRESENT))
+                    );
                 }
                 (pdpte & ENTRY_ADDRESS, 2u32, 8u32)
             }
@@ -304,15 +318,18 @@ impl<O: ExecutionObserver> Interp<'_, O> {
             let shift = 12 + index_bits * (level - 1);
             let index = (linear >> shift) & ((1 << index_bits) - 1);
             let entry_address = table + index * entry_bytes as u64;
+            if O::ENABLED {
+                tables.push(table);
+            }
             let entry = self.read_table_entry(entry_address, entry_bytes)?;
             if entry & PRESENT == 0 {
-                return Err(page_fault(linear, code));
+                return Err(self.walk_fault(tables, page_fault(linear, code)));
             }
             let reserved = (entry_bytes == 8 && !nxe && entry & NO_EXECUTE != 0)
                 || (level == 4 && entry & LARGE != 0)
                 || (level == 3 && entry & LARGE != 0);
             if reserved {
-                return Err(page_fault(linear, code | pf_error::RESERVED | pf_error::PRESENT));
+                return Err(self.walk_fault(tables, page_fault(linear, code | pf_error::RESERVED | pf_error::PRESENT)));
             }
             used[used_count] = (entry_address, entry_bytes);
             used_count += 1;
@@ -331,7 +348,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                     || (write && !writable && (user || self.cpu.cr0 & cr0::WP != 0))
                     || (kind == AccessKind::Execute && no_execute);
                 if denied {
-                    return Err(page_fault(linear, code | pf_error::PRESENT));
+                    return Err(self.walk_fault(tables, page_fault(linear, code | pf_error::PRESENT)));
                 }
                 for (i, &(address, bytes)) in used[..used_count].iter().enumerate() {
                     let old = self.memory.read_ram(address, bytes);
@@ -344,11 +361,19 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                     }
                 }
                 let frame = base + (linear & (page_size - 1) & !PAGE_MASK);
-                return Ok(Translation { frame, user_page: user_ok, page_size });
+                return Ok(Translation { frame, user_page: user_ok, page_size, walk: tables });
             }
             table = if entry_bytes == 4 { entry & 0xFFFF_F000 } else { entry & ENTRY_ADDRESS };
             level -= 1;
         }
+    }
+
+    /// A page fault raised by a walk: the tables it read go with the exception's report.
+    fn walk_fault(&mut self, tables: PageWalk, fault: Fault) -> Fault {
+        if O::ENABLED {
+            self.fault_walk = Some(tables);
+        }
+        fault
     }
 
     /// Applies segmentation: returns the linear address of `offset` in `segment` after base, limit

@@ -40,15 +40,56 @@ pub struct CpuContext {
     pub interrupts_enabled: bool,
 }
 
+/// The page-table pages a page walk read, top level first: what a shadow-paging monitor reads to fill a shadow
+/// entry or to classify a page fault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageWalk {
+    /// Tables read (0 with paging off; fewer than the paging mode's levels for large pages or a fault).
+    pub levels: u8,
+    /// Guest-physical address of each table page read (page aligned), `levels` of them.
+    pub tables: [u64; 5],
+}
+
+impl PageWalk {
+    pub(crate) fn push(&mut self, table: u64) {
+        if let Some(slot) = self.tables.get_mut(usize::from(self.levels)) {
+            *slot = table & !0xfff;
+            self.levels += 1;
+        }
+    }
+}
+
 /// Control transfers that cross privilege or event boundaries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transfer {
-    Syscall { from: u64, to: u64 },
-    Sysret { from: u64, to: u64 },
-    Exception { vector: u8, error_code: Option<u32>, cr2: Option<u64>, rip: u64 },
-    ExternalInterrupt { vector: u8, rip: u64 },
-    SoftwareInterrupt { vector: u8, rip: u64 },
-    InterruptReturn { from: u64, to: u64 },
+    Syscall {
+        from: u64,
+        to: u64,
+    },
+    Sysret {
+        from: u64,
+        to: u64,
+    },
+    /// `walk`: for a page fault, the tables the faulting walk read.
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+        cr2: Option<u64>,
+        rip: u64,
+        walk: Option<PageWalk>,
+    },
+    ExternalInterrupt {
+        vector: u8,
+        rip: u64,
+    },
+    SoftwareInterrupt {
+        vector: u8,
+        rip: u64,
+    },
+    InterruptReturn {
+        from: u64,
+        to: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +164,7 @@ pub enum SideEvent {
         kind: AccessKind,
         user: bool,
         page_size: u64,
+        walk: PageWalk,
     },
     Mmio {
         gpa: u64,

@@ -266,8 +266,11 @@ fn exceptions_cut_blocks_short_and_report_context_and_transfers() {
     ));
     assert_eq!(recorder.reports[user_block + 2], Report::CutShort(2, CutShortReason::Exception));
     match &recorder.reports[user_block + 3] {
-        Report::Transfer(2, Transfer::Exception { vector: 14, error_code: Some(4), cr2: Some(_), rip }) => {
-            assert_eq!(*rip, USER_CODE + 2)
+        Report::Transfer(2, Transfer::Exception { vector: 14, error_code: Some(4), cr2: Some(_), rip, walk }) => {
+            assert_eq!(*rip, USER_CODE + 2);
+            // The walk starts at the PML4 and stops at the first non-present entry, which is in that table.
+            let walk = walk.expect("a page fault carries its walk");
+            assert_eq!((walk.levels, walk.tables[0]), (1, PML4), "{walk:?}");
         }
         other => panic!("expected the #PF transfer, got {other:?}"),
     }

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use virtlab_machine::observer::{
-    AccessKind, BlockExecution, CpuContext, CutShortReason, DescriptorTable, ExecutionObserver, IoDirection, SideEvent,
-    Transfer,
+    AccessKind, BlockExecution, CpuContext, CutShortReason, DescriptorTable, ExecutionObserver, IoDirection, PageWalk,
+    SideEvent, Transfer,
 };
 use virtlab_machine::{LoadError, Machine, MachineConfig, MachineError, RunLimits};
 use virtlab_traces::{
     Access, Block, BlockId, BootState, CodeMode, Context, DescriptorLoad, Direction, EndReason, Ending, Event,
-    Metadata, PageSize, PagingMode, Segment, TraceWriter, WriteError,
+    Metadata, PageSize, PagingMode, Segment, TraceWriter, Walk, WriteError,
 };
 
 /// The observer that writes a trace. A block execution is written once the machine says whether it was cut
@@ -167,7 +167,13 @@ impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
         self.record(match *transfer {
             Transfer::Syscall { .. } => Event::Syscall { at },
             Transfer::Sysret { .. } => Event::Sysret { at },
-            Transfer::Exception { vector, error_code, cr2, .. } => Event::Exception { at, vector, error_code, cr2 },
+            Transfer::Exception { vector, error_code, cr2, walk, .. } => Event::Exception {
+                at,
+                vector,
+                error_code,
+                cr2,
+                walk: walk.as_ref().map(trace_walk).unwrap_or_default(),
+            },
             Transfer::ExternalInterrupt { vector, .. } => Event::Interrupt { at, vector },
             Transfer::SoftwareInterrupt { vector, .. } => Event::SoftwareInterrupt { at, vector },
             Transfer::InterruptReturn { .. } => Event::Iret { at },
@@ -196,7 +202,7 @@ impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
             },
             SideEvent::Hlt { idle } => Event::Hlt { at, idle },
             SideEvent::PageTableWrite { gpa, level, old, new } => Event::PageTableWrite { at, gpa, level, old, new },
-            SideEvent::PageTouch { virtual_page, frame, kind, user, page_size: size } => Event::PageTouch {
+            SideEvent::PageTouch { virtual_page, frame, kind, user, page_size: size, walk } => Event::PageTouch {
                 at,
                 page: virtual_page,
                 frame,
@@ -207,6 +213,7 @@ impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
                 },
                 user,
                 size: page_size(size),
+                walk: trace_walk(&walk),
             },
             SideEvent::Mmio { gpa, size, direction: dir, value } => {
                 Event::Mmio { at, gpa, size, direction: direction(dir), value }
@@ -214,6 +221,17 @@ impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
             SideEvent::RepString { elements } => Event::RepString { at, elements },
         });
     }
+}
+
+/// The tables a walk read, as the trace's frame numbers. Guest RAM ends far below 2^44 bytes, so every frame
+/// number fits 32 bits.
+fn trace_walk(walk: &PageWalk) -> Walk {
+    let levels = usize::from(walk.levels).min(Walk::MAX_LEVELS);
+    let mut frames = [0u32; Walk::MAX_LEVELS];
+    for (frame, &table) in frames.iter_mut().zip(&walk.tables[..levels]) {
+        *frame = u32::try_from(table >> 12).unwrap_or(u32::MAX);
+    }
+    Walk::new(&frames[..levels]).unwrap_or_default()
 }
 
 /// What to record.

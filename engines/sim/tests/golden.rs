@@ -26,7 +26,7 @@ use virtlab_engines::{
 };
 use virtlab_traces::{
     check, Access, Block, BootState, CodeMode, Context, Direction, EndReason, Ending, Event, Metadata, PageSize,
-    PagingMode, TraceView, TraceWriter,
+    PagingMode, TraceView, TraceWriter, Walk,
 };
 
 /// Round numbers, so that every total below can be checked by hand.
@@ -148,6 +148,7 @@ fn golden_trace() -> Vec<u8> {
             access: Access::Execute,
             user: true,
             size: PageSize::Size4K,
+            walk: Walk::default(),
         },
         Event::Cpuid { at: 1, leaf: 0, subleaf: 0 },
         Event::Syscall { at: 2 },
@@ -423,7 +424,8 @@ fn memory_work_trace() -> Vec<u8> {
     w.push(&Event::PartialBlock { block: k3, executed: 1 }).unwrap();
     w.push(&Event::RepString { at: 0, elements: 512 }).unwrap();
     w.push(&Event::RepString { at: 1, elements: 100 }).unwrap();
-    w.push(&Event::Exception { at: 1, vector: 14, error_code: Some(2), cr2: Some(0x5000) }).unwrap();
+    w.push(&Event::Exception { at: 1, vector: 14, error_code: Some(2), cr2: Some(0x5000), walk: Walk::default() })
+        .unwrap();
     let ending = Ending {
         reason: EndReason::GuestExit,
         exit_status: 0,

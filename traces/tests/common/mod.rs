@@ -72,7 +72,7 @@ pub fn small_trace() -> Vec<u8> {
         Event::Io { at: 1, port: 0x3f8, size: 1, direction: Direction::Write, value: b'o'.into() },
         Event::Block(BlockId(1)),
         Event::PartialBlock { block: BlockId(0), executed: 2 },
-        Event::Exception { at: 2, vector: 13, error_code: Some(0), cr2: None },
+        Event::Exception { at: 2, vector: 13, error_code: Some(0), cr2: None, walk: Walk::default() },
         Event::Block(BlockId(1)),
     ];
     let image = [Segment { gpa: 0x10_0000, bytes: vec![0x90; 32] }];
