@@ -8,10 +8,10 @@ use std::io::Read;
 use iced_x86::{Code, Decoder, DecoderOptions};
 
 use crate::blocks::BlockTable;
-use crate::codec::Header;
+use crate::codec::{BlockShape, Header};
 use crate::error::TraceError;
-use crate::model::{Block, BlockId, CodeMode, Context, Event, EventKind, Footer, PagingMode, Segment};
-use crate::reader::TraceReader;
+use crate::model::{Block, BlockId, CodeMode, Context, Event, EventKind, Footer, PagingMode, Segment, Totals};
+use crate::reader::{DecodeScratch, TraceReader, TraceView, Visit};
 use crate::tally::Tally;
 
 /// The rule a trace broke.
@@ -119,153 +119,286 @@ pub fn check(input: impl Read) -> Result<CheckReport, CheckError> {
     check_with_progress(input, |_| {})
 }
 
-/// [`check`], calling `progress` with the bytes read so far after each events chunk.
+/// [`check`], calling `progress` with the bytes read so far before each events chunk is checked.
 pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> Result<CheckReport, CheckError> {
     let mut reader = TraceReader::new(input)?;
-    let header = reader.header().clone();
-    check_image(reader.image(), &header)?;
-    let mut stream = StreamRules::default();
-    let mut index = 0u64;
-    let mut last_chunk = 0;
-    while let Some(event) = reader.next_event()? {
-        while stream.rep_sites.len() < reader.blocks().len() {
-            let id = BlockId(stream.rep_sites.len() as u32);
-            stream.rep_sites.push(check_block_decodes(id, reader.blocks().get(id))?);
-        }
-        let chunk_offset = reader.chunks().last().map_or(0, |c| c.offset);
-        if chunk_offset != last_chunk {
-            progress(reader.bytes_read());
-            last_chunk = chunk_offset;
-        }
-        stream
-            .observe(&event, reader.blocks())
-            .map_err(|(rule, message)| violation(rule, Site::Event { index, chunk_offset }, message))?;
-        index += 1;
+    check_image(reader.image(), reader.header())?;
+    let mut pass = Pass::default();
+    while let Some(info) = reader.next_events_chunk()? {
+        pass.define_blocks(reader.blocks(), reader.blocks().len())?;
+        progress(reader.bytes_read());
+        let mut rules = pass.chunk_rules(info.offset);
+        let checked = reader.visit_chunk(&info, &mut rules);
+        pass.state = rules.state;
+        checked?;
     }
-    for (id, block) in reader.blocks().iter().skip(stream.rep_sites.len()) {
-        check_block_decodes(id, block)?;
+    pass.define_blocks(reader.blocks(), reader.blocks().len())?;
+    let footer = reader.footer().expect("the stream ended at the footer");
+    pass.finish(reader.header(), footer, reader.chunks().len(), reader.bytes_read())
+}
+
+/// Checks a trace already open as a view, by the same rules and in the same order as [`check`]: a view has
+/// already refused what its opening reads (the container, every chunk but the events, the footer), so a trace
+/// broken in several places can report another first problem than the streaming checker does.
+///
+/// One decoding pass over the events at the decoder's own speed: what `PreparedTrace` runs before a replay, so
+/// that no command decodes a trace twice before replaying it.
+pub fn check_view(view: &TraceView<'_>) -> Result<CheckReport, CheckError> {
+    check_image(view.image(), view.header())?;
+    let mut pass = Pass::default();
+    let mut scratch = DecodeScratch::default();
+    for index in 0..view.event_chunk_count() {
+        let (info, blocks_defined) = view.event_chunk(index);
+        pass.define_blocks(view.blocks(), blocks_defined)?;
+        let mut rules = pass.chunk_rules(info.offset);
+        let checked = view.visit_chunk(index, &mut scratch, &mut rules);
+        pass.state = rules.state;
+        checked?;
     }
-    let footer = reader.footer().expect("the stream ended at the footer").clone();
-    check_totals(&stream.tally, reader.blocks(), &header, &footer)?;
-    Ok(CheckReport {
-        events: index,
-        blocks: reader.blocks().len() as u64,
-        instructions: footer.totals.instructions,
-        chunks: reader.chunks().len(),
-        file_bytes: reader.bytes_read(),
-    })
+    pass.define_blocks(view.blocks(), view.blocks().len())?;
+    pass.finish(view.header(), view.footer(), view.chunks().len(), view.file_len())
 }
 
 fn violation(rule: Rule, site: Site, message: String) -> CheckError {
     CheckError::Violation(Violation { rule, site, message })
 }
 
-/// The per-event rules, with the state they need.
-#[derive(Default)]
-struct StreamRules {
-    tally: Tally,
-    context: Option<Context>,
-    /// Instructions the current block execution retired (its limit for positions), and the last position seen.
-    current: Option<(BlockId, u32)>,
-    last_at: u32,
-    /// Per block checked so far, the indices of its REP-prefixed string instructions.
-    rep_sites: Vec<Vec<u32>>,
+/// What the per-event rules know of a block.
+#[derive(Debug, Clone)]
+struct BlockRules {
+    address: u64,
+    /// The indices of its REP-prefixed string instructions.
+    rep_sites: Vec<u32>,
 }
 
-impl StreamRules {
-    fn observe(&mut self, event: &Event, blocks: &BlockTable) -> Result<(), (Rule, String)> {
-        let Some(context) = self.context else {
-            return match event {
-                Event::Context { at: 0, context } => {
-                    self.context = Some(*context);
-                    self.tally.observe(event, blocks.shapes());
-                    Ok(())
-                }
-                other => Err((
-                    Rule::StartsWithContext,
-                    format!("the first event is {} where the initial context (at 0) must be", other.kind().name()),
-                )),
-            };
-        };
-        match *event {
-            Event::Block(id) | Event::PartialBlock { block: id, .. } => {
-                let block = blocks.get(id);
-                if block.mode == CodeMode::Bits64
-                    && !matches!(context.paging, PagingMode::FourLevel | PagingMode::FiveLevel)
-                {
-                    return Err((
-                        Rule::CodeModeMatchesPaging,
-                        format!(
-                            "64-bit block {id} at {:#x} runs with paging {}, but long mode needs 4- or 5-level paging",
-                            block.address,
-                            context.paging.name()
-                        ),
-                    ));
-                }
-                let retired = match *event {
-                    Event::PartialBlock { executed, .. } => executed,
-                    _ => block.instructions,
-                };
-                self.current = Some((id, retired));
-                self.last_at = 0;
-            }
-            _ => {
-                let at = event.at().expect("non-block events have a position");
-                let Some((id, retired)) = self.current else {
-                    return Err((
-                        Rule::PositionInBlock,
-                        format!(
-                            "{} event before any block ran (only the initial context may come first)",
-                            event.kind().name()
-                        ),
-                    ));
-                };
-                if at > retired {
-                    return Err((
-                        Rule::PositionInBlock,
-                        format!(
-                            "{} event at instruction {at} of block {id}, which retired only {retired} instructions",
-                            event.kind().name()
-                        ),
-                    ));
-                }
-                if at < self.last_at {
-                    return Err((
-                        Rule::PositionsInOrder,
-                        format!(
-                            "{} event at instruction {at} of block {id} comes after one at {}",
-                            event.kind().name(),
-                            self.last_at
-                        ),
-                    ));
-                }
-                self.last_at = at;
-                if matches!(event, Event::RepString { .. })
-                    && !self.rep_sites.get(id.index()).is_some_and(|s| s.contains(&at))
-                {
-                    return Err((
-                        Rule::RepOnStringInstruction,
-                        format!(
-                            "rep_string event at instruction {at} of block {id} ({:#x}), which is not a REP-prefixed \
-                             string instruction",
-                            blocks.get(id).address
-                        ),
-                    ));
-                }
-                if let Event::Context { context: new, .. } = *event {
-                    if new == context {
-                        return Err((
-                            Rule::ContextChanges,
-                            format!("context event repeats the current context {context:?}"),
-                        ));
-                    }
-                    self.context = Some(new);
-                }
-            }
+/// One pass of the rules over the events in stream order: what they know of the blocks checked so far, and the
+/// state that changes with every event.
+#[derive(Default)]
+struct Pass {
+    /// Every block checked so far, by id; `shapes` repeats their shapes in the form the tally takes.
+    blocks: Vec<BlockRules>,
+    shapes: Vec<BlockShape>,
+    state: RuleState,
+}
+
+/// What changes with every event. `Copy`: each chunk's loop works on a local copy, whose fields the compiler keeps
+/// in registers, stored back after the chunk.
+#[derive(Default, Clone, Copy)]
+struct RuleState {
+    tally: Tally,
+    /// `None` until the initial context.
+    context: Option<Context>,
+    /// Whether the current paging mode is one 64-bit code can run in.
+    long_mode: bool,
+    /// The current block execution and how many instructions it retired (the limit for positions), and the last
+    /// position seen in it.
+    current: Option<(BlockId, u32)>,
+    last_at: u32,
+}
+
+impl Pass {
+    /// Checks that the blocks of `table` up to `defined` (those not yet checked) decode, before any event names
+    /// them.
+    fn define_blocks(&mut self, table: &BlockTable, defined: usize) -> Result<(), CheckError> {
+        for (id, block) in table.iter().take(defined).skip(self.blocks.len()) {
+            let rep_sites = check_block_decodes(id, block)?;
+            let shape = table.shapes()[id.index()];
+            self.blocks.push(BlockRules { address: block.address, rep_sites });
+            self.shapes.push(shape);
         }
-        self.tally.observe(event, blocks.shapes());
         Ok(())
     }
+
+    /// The rules for the events chunk at `chunk_offset`, on a copy of the state: the caller stores it back once
+    /// the chunk is done. The copy is a local of the decoding loop, which the compiler keeps in registers; the
+    /// state itself, behind `&mut self`, would be reloaded and stored for every event.
+    fn chunk_rules(&self, chunk_offset: u64) -> ChunkRules<'_> {
+        ChunkRules { state: self.state, blocks: &self.blocks, shapes: &self.shapes, chunk_offset }
+    }
+
+    fn finish(&self, header: &Header, footer: &Footer, chunks: usize, file_bytes: u64) -> Result<CheckReport, CheckError> {
+        let tally = &self.state.tally;
+        check_totals(tally, self.blocks.len(), header, footer)?;
+        Ok(CheckReport {
+            events: tally.totals.events_total(),
+            blocks: self.blocks.len() as u64,
+            instructions: footer.totals.instructions,
+            chunks,
+            file_bytes,
+        })
+    }
+}
+
+/// The rules over one events chunk: the state, and what they read of the blocks.
+struct ChunkRules<'p> {
+    state: RuleState,
+    blocks: &'p [BlockRules],
+    shapes: &'p [BlockShape],
+    chunk_offset: u64,
+}
+
+impl ChunkRules<'_> {
+    /// The rules' state must not escape into a call that is not inlined, or it would live in memory: only values
+    /// go to the cold path.
+    #[inline(always)]
+    fn violation(&self, problem: (Rule, String)) -> CheckError {
+        event_violation(problem, self.state.tally.totals, self.chunk_offset)
+    }
+
+    /// An execution of block `id`, of this shape, that retired `retired` instructions: the rules on it, then
+    /// the state it leaves.
+    #[inline(always)]
+    fn execution(&mut self, id: BlockId, shape: BlockShape, retired: u32) -> Result<(), CheckError> {
+        let state = &mut self.state;
+        let Some(context) = state.context else {
+            return Err(self.violation(initial_context(Event::Block(id)).expect_err("a block is not a context")));
+        };
+        if shape.mode == CodeMode::Bits64 && !state.long_mode {
+            return Err(self.violation(code_mode_mismatch(id, self.blocks[id.index()].address, context)));
+        }
+        state.current = Some((id, retired));
+        state.last_at = 0;
+        Ok(())
+    }
+
+    /// The rules every event but a block execution obeys: there is a current block execution, and the event's
+    /// position lies in it, not before an earlier event's.
+    #[inline(always)]
+    fn position(&mut self, at: u32, event: Event) -> Result<BlockId, CheckError> {
+        let state = &mut self.state;
+        let Some((id, retired)) = state.current else { return Err(self.violation(before_any_block(event))) };
+        if at > retired || at < state.last_at {
+            let last_at = state.last_at;
+            return Err(self.violation(out_of_place(event, at, id, retired, last_at)));
+        }
+        state.last_at = at;
+        Ok(id)
+    }
+}
+
+impl Visit for ChunkRules<'_> {
+    type Error = CheckError;
+    const BLOCKS_APART: bool = true;
+
+    #[inline(always)]
+    fn block(&mut self, id: BlockId) -> Result<(), CheckError> {
+        let shape = self.shapes[id.index()];
+        self.execution(id, shape, shape.instructions)?;
+        self.state.tally.block(shape);
+        Ok(())
+    }
+
+    /// Each kind is taken apart here, so that only its fields travel on.
+    #[inline(always)]
+    fn event(&mut self, event: Event) -> Result<(), CheckError> {
+        let Some(current) = self.state.context else {
+            let initial = initial_context(event).map_err(|problem| self.violation(problem))?;
+            self.state.enter(initial);
+            self.state.tally.context(0, initial);
+            return Ok(());
+        };
+        match event {
+            Event::Block(id) => self.block(id)?,
+            Event::PartialBlock { block, executed } => {
+                let shape = self.shapes[block.index()];
+                self.execution(block, shape, executed)?;
+                self.state.tally.partial(shape, executed);
+            }
+            Event::Context { at, context } => {
+                self.position(at, event)?;
+                if context == current {
+                    return Err(self.violation(context_repeats(current)));
+                }
+                self.state.enter(context);
+                self.state.tally.context(at, context);
+            }
+            Event::RepString { at, .. } => {
+                let id = self.position(at, event)?;
+                let block = &self.blocks[id.index()];
+                if !block.rep_sites.contains(&at) {
+                    return Err(self.violation(not_a_rep_site(at, id, block.address)));
+                }
+                self.state.tally.other(EventKind::RepString);
+            }
+            other => {
+                self.position(other.at().expect("non-block events have a position"), other)?;
+                self.state.tally.other(other.kind());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RuleState {
+    #[inline(always)]
+    fn enter(&mut self, context: Context) {
+        self.context = Some(context);
+        self.long_mode = matches!(context.paging, PagingMode::FourLevel | PagingMode::FiveLevel);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn event_violation((rule, message): (Rule, String), counted: Totals, chunk_offset: u64) -> CheckError {
+    violation(rule, Site::Event { index: counted.events_total(), chunk_offset }, message)
+}
+
+/// The initial context, which the first event must be.
+#[cold]
+fn initial_context(event: Event) -> Result<Context, (Rule, String)> {
+    match event {
+        Event::Context { at: 0, context } => Ok(context),
+        other => Err((
+            Rule::StartsWithContext,
+            format!("the first event is {} where the initial context (at 0) must be", other.kind().name()),
+        )),
+    }
+}
+
+#[cold]
+fn code_mode_mismatch(id: BlockId, address: u64, context: Context) -> (Rule, String) {
+    (
+        Rule::CodeModeMatchesPaging,
+        format!(
+            "64-bit block {id} at {address:#x} runs with paging {}, but long mode needs 4- or 5-level paging",
+            context.paging.name()
+        ),
+    )
+}
+
+#[cold]
+fn before_any_block(event: Event) -> (Rule, String) {
+    (
+        Rule::PositionInBlock,
+        format!("{} event before any block ran (only the initial context may come first)", event.kind().name()),
+    )
+}
+
+#[cold]
+fn out_of_place(event: Event, at: u32, id: BlockId, retired: u32, last_at: u32) -> (Rule, String) {
+    let kind = event.kind().name();
+    if at > retired {
+        let message = format!("{kind} event at instruction {at} of block {id}, which retired only {retired} instructions");
+        (Rule::PositionInBlock, message)
+    } else {
+        (Rule::PositionsInOrder, format!("{kind} event at instruction {at} of block {id} comes after one at {last_at}"))
+    }
+}
+
+#[cold]
+fn not_a_rep_site(at: u32, id: BlockId, address: u64) -> (Rule, String) {
+    (
+        Rule::RepOnStringInstruction,
+        format!(
+            "rep_string event at instruction {at} of block {id} ({address:#x}), which is not a REP-prefixed string \
+             instruction"
+        ),
+    )
+}
+
+#[cold]
+fn context_repeats(context: Context) -> (Rule, String) {
+    (Rule::ContextChanges, format!("context event repeats the current context {context:?}"))
 }
 
 /// Checks that a block decodes; returns the indices of its REP-prefixed string instructions.
@@ -334,7 +467,7 @@ fn check_image(image: &[Segment], header: &Header) -> Result<(), CheckError> {
     Ok(())
 }
 
-fn check_totals(tally: &Tally, blocks: &BlockTable, header: &Header, footer: &Footer) -> Result<(), CheckError> {
+fn check_totals(tally: &Tally, blocks: usize, header: &Header, footer: &Footer) -> Result<(), CheckError> {
     let recount = &tally.totals;
     let stated = &footer.totals;
     let mismatch = |rule: Rule, what: String, stated: u64, counted: u64| {
@@ -344,7 +477,7 @@ fn check_totals(tally: &Tally, blocks: &BlockTable, header: &Header, footer: &Fo
         ("footer instruction total", stated.instructions, recount.instructions),
         ("footer user instruction total", stated.instructions_user, recount.instructions_user),
         ("footer kernel instruction total", stated.instructions_kernel, recount.instructions_kernel),
-        ("footer block total", stated.blocks, blocks.len() as u64),
+        ("footer block total", stated.blocks, blocks as u64),
     ];
     for (what, stated, counted) in scalars {
         if stated != counted {

@@ -50,9 +50,13 @@ impl<'a> PayloadReader<'a> {
         PayloadError::new(self.pos, message)
     }
 
+    // The hot methods below are inlined into the event loops and hand only values to their cold error paths:
+    // a reader whose address escaped into a call would live in memory, and every byte read would store and
+    // reload its position.
+
     #[inline(always)]
     pub fn u8(&mut self, what: &str) -> Result<u8, PayloadError> {
-        let byte = *self.buf.get(self.pos).ok_or_else(|| self.error(format!("payload ends before {what}")))?;
+        let Some(&byte) = self.buf.get(self.pos) else { return Err(ends_before(self.pos, what)) };
         self.pos += 1;
         Ok(byte)
     }
@@ -63,39 +67,36 @@ impl<'a> PayloadReader<'a> {
     }
 
     /// LEB128, at most 10 bytes, canonical (no redundant trailing zero groups).
+    ///
+    /// Values of one byte take one comparison; values of two to eight bytes (CR3s, page numbers, frames, most
+    /// page-table entries) are read with one 8-byte load where eight bytes remain, their groups gathered with
+    /// shifts instead of a loop. Everything else (nine or ten bytes, the payload's last bytes, every error) goes
+    /// the byte-by-byte way.
     #[inline(always)]
     pub fn varint(&mut self, what: &str) -> Result<u64, PayloadError> {
-        match self.buf.get(self.pos) {
-            Some(&byte) if byte < 0x80 => {
-                self.pos += 1;
-                Ok(byte.into())
+        let pos = self.pos;
+        if let Some(&byte) = self.buf.get(pos) {
+            if byte < 0x80 {
+                self.pos = pos + 1;
+                return Ok(byte.into());
             }
-            _ => self.varint_multibyte(what),
         }
-    }
-
-    #[inline(never)]
-    fn varint_multibyte(&mut self, what: &str) -> Result<u64, PayloadError> {
-        let start = self.pos;
-        let mut value = 0u64;
-        for shift in (0..70).step_by(7) {
-            let Some(&byte) = self.buf.get(self.pos) else {
-                return Err(PayloadError::new(start, format!("payload ends inside {what}")));
-            };
-            self.pos += 1;
-            let group = u64::from(byte & 0x7f);
-            if shift == 63 && group > 1 {
-                return Err(PayloadError::new(start, format!("{what} overflows 64 bits")));
-            }
-            value |= group << shift;
-            if byte & 0x80 == 0 {
-                if byte == 0 && shift > 0 {
-                    return Err(PayloadError::new(start, format!("{what} is not minimally encoded")));
+        if let Some(word) = self.buf.get(pos..pos + 8) {
+            let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            let stops = !word & 0x8080_8080_8080_8080;
+            if stops != 0 {
+                // The first byte with its high bit clear ends the varint: bit 8k + 7 for byte k (k ≥ 1 here).
+                let end_bit = stops.trailing_zeros();
+                let last_group = (word >> (end_bit - 7)) & 0x7f;
+                if last_group != 0 {
+                    self.pos = pos + (end_bit as usize >> 3) + 1;
+                    return Ok(gather_groups(word & (u64::MAX >> (63 - end_bit))));
                 }
-                return Ok(value);
             }
         }
-        Err(PayloadError::new(start, format!("{what} is longer than 10 bytes")))
+        let (value, end) = varint_bytewise(self.buf, pos, what)?;
+        self.pos = end;
+        Ok(value)
     }
 
     #[inline(always)]
@@ -103,7 +104,7 @@ impl<'a> PayloadReader<'a> {
         let start = self.pos;
         let value = self.varint(what)?;
         if value > max {
-            return Err(PayloadError::new(start, format!("{what} is {value}, more than {max}")));
+            return Err(too_large(start, what, value, max));
         }
         Ok(value)
     }
@@ -142,13 +143,66 @@ impl<'a> PayloadReader<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|_| PayloadError::new(start, format!("{what} is not UTF-8")))
     }
 
+    #[inline(always)]
     pub fn expect_end(&self, what: &str) -> Result<(), PayloadError> {
         if self.is_empty() {
             Ok(())
         } else {
-            Err(self.error(format!("{} unexpected bytes after the {what}", self.buf.len() - self.pos)))
+            Err(unexpected_bytes(self.pos, self.buf.len() - self.pos, what))
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn ends_before(position: usize, what: &str) -> PayloadError {
+    PayloadError::new(position, format!("payload ends before {what}"))
+}
+
+#[cold]
+#[inline(never)]
+fn unexpected_bytes(position: usize, count: usize, what: &str) -> PayloadError {
+    PayloadError::new(position, format!("{count} unexpected bytes after the {what}"))
+}
+
+/// The varint at `start`, one byte at a time, and the position after it; every malformed varint ends here.
+#[cold]
+#[inline(never)]
+fn varint_bytewise(buf: &[u8], start: usize, what: &str) -> Result<(u64, usize), PayloadError> {
+    let mut value = 0u64;
+    for (index, shift) in (0..70).step_by(7).enumerate() {
+        let Some(&byte) = buf.get(start + index) else {
+            return Err(PayloadError::new(start, format!("payload ends inside {what}")));
+        };
+        let group = u64::from(byte & 0x7f);
+        if shift == 63 && group > 1 {
+            return Err(PayloadError::new(start, format!("{what} overflows 64 bits")));
+        }
+        value |= group << shift;
+        if byte & 0x80 == 0 {
+            if byte == 0 && shift > 0 {
+                return Err(PayloadError::new(start, format!("{what} is not minimally encoded")));
+            }
+            return Ok((value, start + index + 1));
+        }
+    }
+    Err(PayloadError::new(start, format!("{what} is longer than 10 bytes")))
+}
+
+#[cold]
+#[inline(never)]
+fn too_large(start: usize, what: &str, value: u64, max: u64) -> PayloadError {
+    PayloadError::new(start, format!("{what} is {value}, more than {max}"))
+}
+
+/// The value of a varint of at most eight bytes, given as the little-endian word of exactly its bytes: the
+/// 7-bit groups packed together, pairs, then fours, then eights.
+#[inline(always)]
+fn gather_groups(bytes: u64) -> u64 {
+    let x = bytes & 0x7f7f_7f7f_7f7f_7f7f;
+    let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
+    let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
+    (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
 }
 
 fn code_mode(reader: &mut PayloadReader<'_>, what: &str) -> Result<CodeMode, PayloadError> {
@@ -395,16 +449,23 @@ fn put_walk(out: &mut Vec<u8>, walk: &Walk) {
     }
 }
 
+#[cold]
+#[inline(never)]
+fn walk_too_deep(position: usize, levels: u8) -> PayloadError {
+    PayloadError::new(position, format!("a page walk of {levels} tables (at most 5)"))
+}
+
 /// The `levels` tables of a walk whose count a flags byte gave.
+#[inline(always)]
 fn walk(r: &mut PayloadReader<'_>, levels: u8) -> Result<Walk, PayloadError> {
     let mut tables = [0u32; Walk::MAX_LEVELS];
     let Some(slots) = tables.get_mut(..usize::from(levels)) else {
-        return Err(PayloadError::new(r.position(), format!("a page walk of {levels} tables (at most 5)")));
+        return Err(walk_too_deep(r.position(), levels));
     };
     for slot in slots.iter_mut() {
         *slot = r.varint_u32("page-table frame of a walk")?;
     }
-    Ok(Walk::new(&tables[..usize::from(levels)]).expect("at most MAX_LEVELS tables"))
+    Ok(Walk::from_array(levels, tables))
 }
 
 /// Encodes one event, naming blocks by the local index `local` gives them.
@@ -500,8 +561,56 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(Bloc
     }
 }
 
+#[cold]
+#[inline(never)]
+fn not_in_dictionary(position: usize, local: u64, dictionary: usize) -> PayloadError {
+    PayloadError::new(
+        position,
+        format!("local block index {local} is not in this chunk's dictionary of {dictionary} blocks"),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn unknown_head(position: usize, head_byte: u8) -> PayloadError {
+    PayloadError::new(
+        position,
+        format!(
+            "unknown event head {head_byte:#04x} (format {}.x uses {:#04x} to {:#04x})",
+            crate::format::VERSION_MAJOR,
+            SHORT_BLOCK_HEADS,
+            head(EventKind::RepString)
+        ),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn partial_too_long(position: usize, block: BlockId, executed: u32, instructions: u32) -> PayloadError {
+    PayloadError::new(
+        position,
+        format!(
+            "partial execution of block {block} retires {executed} instructions, but the block has {instructions}: \
+             a partial block must stop before its end"
+        ),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn invalid_value(position: usize, what: &str, value: u8) -> PayloadError {
+    PayloadError::new(position, format!("{what} {value:#04x} is not valid"))
+}
+
+#[cold]
+#[inline(never)]
+fn io_value_too_wide(position: usize, value: u32, size: u8) -> PayloadError {
+    PayloadError::new(position, format!("I/O value {value:#x} does not fit {size} bytes"))
+}
+
 /// Decodes the event at the reader's position, resolving local block indices through `names`; partial
 /// executions are checked against their block's length in `shapes`.
+#[inline(always)]
 pub(crate) fn decode_event<N: BlockNames + ?Sized>(
     r: &mut PayloadReader<'_>,
     names: &N,
@@ -509,28 +618,16 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
 ) -> Result<Event, PayloadError> {
     let start = r.position();
     let head_byte = r.u8("event")?;
-    let resolve = |local: u64| {
-        names.global(local).ok_or_else(|| {
-            PayloadError::new(
-                start,
-                format!("local block index {local} is not in this chunk's dictionary of {} blocks", names.len()),
-            )
-        })
+    let resolve = |local: u64| match names.global(local) {
+        Some(id) => Ok(id),
+        None => Err(not_in_dictionary(start, local, names.len())),
     };
     if head_byte < SHORT_BLOCK_HEADS {
         return Ok(Event::Block(resolve(head_byte.into())?));
     }
-    let kind = EventKind::ALL.get(usize::from(head_byte - SHORT_BLOCK_HEADS)).copied().ok_or_else(|| {
-        PayloadError::new(
-            start,
-            format!(
-                "unknown event head {head_byte:#04x} (format {}.x uses {:#04x} to {:#04x})",
-                crate::format::VERSION_MAJOR,
-                SHORT_BLOCK_HEADS,
-                head(EventKind::RepString)
-            ),
-        )
-    })?;
+    let Some(&kind) = EventKind::ALL.get(usize::from(head_byte - SHORT_BLOCK_HEADS)) else {
+        return Err(unknown_head(start, head_byte));
+    };
     match kind {
         EventKind::Block => {
             let local = r.varint("block index")?.saturating_add(u64::from(SHORT_BLOCK_HEADS));
@@ -542,22 +639,14 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
             let executed = r.varint_u32("partial block retired count")?;
             let instructions = shapes[block.index()].instructions;
             if executed >= instructions {
-                return Err(PayloadError::new(
-                    start,
-                    format!(
-                        "partial execution of block {block} retires {executed} instructions, but the block has \
-                         {instructions}: a partial block must stop before its end"
-                    ),
-                ));
+                return Err(partial_too_long(start, block, executed, instructions));
             }
             return Ok(Event::PartialBlock { block, executed });
         }
         _ => {}
     }
     let at = r.varint_u32("event position")?;
-    let enum_error = |r: &PayloadReader<'_>, what: &str, value: u8| {
-        PayloadError::new(r.position() - 1, format!("{what} {value:#04x} is not valid"))
-    };
+    let enum_error = |r: &PayloadReader<'_>, what: &str, value: u8| invalid_value(r.position() - 1, what, value);
     let size_direction =
         |r: &mut PayloadReader<'_>, what: &str, sizes: &[u8]| -> Result<(u8, Direction), PayloadError> {
             let byte = r.u8(what)?;
@@ -608,7 +697,7 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
             let (size, direction) = size_direction(r, "I/O size and direction", &[1, 2, 4])?;
             let value = r.varint_u32("I/O value")?;
             if size < 4 && value >> (8 * size) != 0 {
-                return Err(PayloadError::new(r.position(), format!("I/O value {value:#x} does not fit {size} bytes")));
+                return Err(io_value_too_wide(r.position(), value, size));
             }
             Event::Io { at, port, size, direction, value }
         }

@@ -199,13 +199,18 @@ impl ChunkHeader {
 }
 
 /// Above this ratio of raw to stored bytes, a chunk is decompressed by streaming, so that memory grows with the
-/// output actually produced rather than with what the header claims. Event streams compress by far less.
+/// output actually produced rather than with what the header claims. Recorded event streams of tight loops
+/// compress by a thousand times and more, so readers keep their buffer across chunks: only the first pays.
 const BULK_DECOMPRESS_MAX_RATIO: usize = 256;
 
 /// Decompresses one zstd frame into `out`, which ends up holding exactly `raw_len` bytes.
+///
+/// Into a buffer that already has room (a reader reuses one across chunks, and a previous chunk's real output
+/// paid for it), or for a claim within the ratio, the frame is decompressed in one call; otherwise by streaming.
 fn decompress(stored: &[u8], raw_len: usize, out: &mut Vec<u8>) -> Result<(), String> {
     out.clear();
-    let written = if raw_len <= stored.len().saturating_mul(BULK_DECOMPRESS_MAX_RATIO) {
+    let bulk = raw_len <= out.capacity() || raw_len <= stored.len().saturating_mul(BULK_DECOMPRESS_MAX_RATIO);
+    let written = if bulk {
         out.reserve(raw_len);
         let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?;
         decompressor.decompress_to_buffer(stored, out).map_err(|e| e.to_string())?

@@ -50,7 +50,7 @@ mod tally;
 mod writer;
 
 pub use blocks::BlockTable;
-pub use check::{check, check_with_progress, CheckError, CheckReport, Rule, Site, Violation};
+pub use check::{check, check_view, check_with_progress, CheckError, CheckReport, Rule, Site, Violation};
 pub use codec::{BlockShape, Header};
 pub use error::{TraceError, WriteError};
 pub use model::*;

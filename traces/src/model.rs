@@ -300,6 +300,15 @@ impl Walk {
         Some(walk)
     }
 
+    /// The walk through the first `levels` of `tables`, whose other entries the caller left zero (as
+    /// [`Walk::new`] does, so that equal walks compare and hash equal). `levels` is at most
+    /// [`Walk::MAX_LEVELS`].
+    #[inline(always)]
+    pub(crate) fn from_array(levels: u8, tables: [u32; Walk::MAX_LEVELS]) -> Walk {
+        debug_assert!(usize::from(levels) <= Walk::MAX_LEVELS && tables[usize::from(levels)..].iter().all(|&t| t == 0));
+        Walk { levels, tables }
+    }
+
     /// The tables read, top level first.
     pub fn tables(&self) -> &[u32] {
         &self.tables[..usize::from(self.levels)]
@@ -593,7 +602,7 @@ pub struct Ending {
 }
 
 /// Counts the writer derives from the events it was given; the footer stores them and the checker recounts them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Totals {
     pub instructions: u64,
     pub instructions_user: u64,

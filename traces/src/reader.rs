@@ -94,41 +94,79 @@ fn decode_footer_chunk(payload: &[u8], info: &ChunkInfo, sequence: &ChunkSequenc
     codec::decode_footer(payload, sequence.allow_trailing_fields).map_err(|e| e.in_chunk(info.header.kind, info.offset))
 }
 
-/// Decodes every event of one events chunk, handing each to `visit`. `defined` is the number of blocks defined
+/// What a decoding pass hands the events of a chunk to; it may stop the pass with its own error.
+pub(crate) trait Visit {
+    type Error: From<TraceError>;
+    /// Whether block executions named by a one-byte head (the bulk of every trace) should come through
+    /// [`Visit::block`], sparing the consumer an [`Event`] to take apart; otherwise every event comes through
+    /// [`Visit::event`], from one place in the loop, which lets the compiler inline a closure into it.
+    const BLOCKS_APART: bool;
+    fn block(&mut self, id: BlockId) -> Result<(), Self::Error>;
+    fn event(&mut self, event: Event) -> Result<(), Self::Error>;
+}
+
+/// A closure that takes every event.
+struct EachEvent<F>(F);
+
+impl<F: FnMut(Event)> Visit for EachEvent<F> {
+    type Error = TraceError;
+    const BLOCKS_APART: bool = false;
+
+    fn block(&mut self, id: BlockId) -> Result<(), TraceError> {
+        self.event(Event::Block(id))
+    }
+
+    #[inline(always)]
+    fn event(&mut self, event: Event) -> Result<(), TraceError> {
+        (self.0)(event);
+        Ok(())
+    }
+}
+
+/// Decodes every event of one events chunk, handing each to `visitor`. `defined` is the number of blocks defined
 /// before the chunk; `dictionary` is a buffer reused across chunks.
 #[inline(always)]
-fn decode_event_chunk(
+fn decode_event_chunk<V: Visit>(
     payload: &[u8],
     info: &ChunkInfo,
     shapes: &[BlockShape],
     defined: usize,
     dictionary: &mut Vec<u32>,
-    mut visit: impl FnMut(Event),
-) -> Result<(), TraceError> {
+    visitor: &mut V,
+) -> Result<(), V::Error> {
     let in_chunk = |e: crate::error::PayloadError| e.in_chunk(ChunkKind::Events, info.offset);
-    let mut r = PayloadReader::new(payload);
-    codec::decode_dictionary(&mut r, defined, dictionary).map_err(in_chunk)?;
+    let mut dictionary_reader = PayloadReader::new(payload);
+    codec::decode_dictionary(&mut dictionary_reader, defined, dictionary).map_err(in_chunk)?;
     let names = dictionary.as_slice();
-    let mut position = r.position();
-    let mut left = info.header.items;
-    while left > 0 {
-        // Most events are executions of one of the chunk's 224 most frequent blocks: one byte, one lookup.
-        if let Some(&head) = payload.get(position) {
-            if head < codec::SHORT_BLOCK_HEADS {
-                if let Some(&id) = names.get(usize::from(head)) {
-                    visit(Event::Block(BlockId(id)));
-                    position += 1;
-                    left -= 1;
-                    continue;
-                }
-            }
+    let mut position = dictionary_reader.position();
+    for _ in 0..info.header.items {
+        // Most events are executions of one of the chunk's 224 most frequent blocks: one byte, one lookup. The
+        // reader of the other events is a fresh one each time, never lent to a call that is not inlined, so that
+        // the position stays in a register.
+        let short = match payload.get(position) {
+            Some(&head) if head < codec::SHORT_BLOCK_HEADS => names.get(usize::from(head)).map(|&id| BlockId(id)),
+            _ => None,
+        };
+        if let (true, Some(id)) = (V::BLOCKS_APART, short) {
+            position += 1;
+            visitor.block(id)?;
+            continue;
         }
-        let mut r = PayloadReader::starting_at(payload, position);
-        visit(codec::decode_event(&mut r, names, shapes).map_err(in_chunk)?);
-        position = r.position();
-        left -= 1;
+        let event = match short {
+            Some(id) => {
+                position += 1;
+                Event::Block(id)
+            }
+            None => {
+                let mut r = PayloadReader::starting_at(payload, position);
+                let event = codec::decode_event(&mut r, names, shapes).map_err(in_chunk)?;
+                position = r.position();
+                event
+            }
+        };
+        visitor.event(event)?;
     }
-    PayloadReader::starting_at(payload, position).expect_end("events").map_err(in_chunk)
+    Ok(PayloadReader::starting_at(payload, position).expect_end("events").map_err(in_chunk)?)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -271,6 +309,17 @@ impl<'a> TraceView<'a> {
         scratch: &mut DecodeScratch,
         visit: impl FnMut(Event),
     ) -> Result<(), TraceError> {
+        self.visit_chunk(index, scratch, &mut EachEvent(visit))
+    }
+
+    /// Decodes events chunk `index`, handing its events to `visitor`.
+    #[inline(always)]
+    pub(crate) fn visit_chunk<V: Visit>(
+        &self,
+        index: usize,
+        scratch: &mut DecodeScratch,
+        visitor: &mut V,
+    ) -> Result<(), V::Error> {
         let Some(chunk) = self.event_chunks.get(index) else { return Ok(()) };
         let payload = self.event_payload(chunk, &mut scratch.payload)?;
         decode_event_chunk(
@@ -279,8 +328,14 @@ impl<'a> TraceView<'a> {
             self.blocks.shapes(),
             chunk.blocks_defined,
             &mut scratch.dictionary,
-            visit,
+            visitor,
         )
+    }
+
+    /// Where events chunk `index` is, and how many blocks are defined before it.
+    pub(crate) fn event_chunk(&self, index: usize) -> (ChunkInfo, usize) {
+        let chunk = &self.event_chunks[index];
+        (chunk.info, chunk.blocks_defined)
     }
 
     /// A pull iterator over the events, for consumers that stop early or interleave passes.
@@ -470,6 +525,8 @@ pub struct TraceReader<R: Read> {
     lookahead: Option<ChunkInfo>,
     scratch: Vec<u8>,
     current: Option<ChunkCursor>,
+    /// The block dictionary of the chunk being decoded whole.
+    dictionary: Vec<u32>,
 }
 
 impl<R: Read> TraceReader<R> {
@@ -510,6 +567,7 @@ impl<R: Read> TraceReader<R> {
             lookahead: Some(lookahead),
             scratch,
             current: None,
+            dictionary: Vec::new(),
         })
     }
 
@@ -548,13 +606,23 @@ impl<R: Read> TraceReader<R> {
     pub fn next_event(&mut self) -> Result<Option<Event>, TraceError> {
         loop {
             if let Some(cursor) = self.current.as_mut() {
-                let payload: &[u8] =
-                    if cursor.info.header.codec == format::Codec::Stored { &self.stream.stored } else { &self.scratch };
+                let payload = self.stream.payload(&cursor.info, &self.scratch);
                 match cursor.next(payload, self.blocks.shapes())? {
                     Some(event) => return Ok(Some(event)),
                     None => self.current = None,
                 }
             }
+            let Some(info) = self.next_events_chunk()? else { return Ok(None) };
+            let payload = self.stream.payload(&info, &self.scratch);
+            self.current = Some(ChunkCursor::new(info, payload, self.blocks.len())?);
+        }
+    }
+
+    /// Reads on to the next events chunk, decoding the blocks chunks on the way and the footer at the end, and
+    /// leaves its raw payload in the reader's buffers; `None` once the footer has been read. Callers either pull
+    /// events with [`TraceReader::next_event`] or take whole chunks this way, never both.
+    pub(crate) fn next_events_chunk(&mut self) -> Result<Option<ChunkInfo>, TraceError> {
+        loop {
             if self.footer.is_some() {
                 return Ok(None);
             }
@@ -568,9 +636,7 @@ impl<R: Read> TraceReader<R> {
             let payload = info.header.raw_payload(&self.stream.stored, &mut self.scratch, info.offset)?;
             match info.header.kind {
                 ChunkKind::Blocks => decode_blocks(payload, &info, &mut self.blocks)?,
-                ChunkKind::Events => {
-                    self.current = Some(ChunkCursor::new(info, payload, self.blocks.len())?);
-                }
+                ChunkKind::Events => return Ok(Some(info)),
                 ChunkKind::Footer => {
                     self.footer = Some(decode_footer_chunk(payload, &info, &self.stream.sequence)?);
                     let trailing = std::io::copy(&mut self.stream.input, &mut std::io::sink())?;
@@ -582,6 +648,25 @@ impl<R: Read> TraceReader<R> {
                     unreachable!("the chunk sequence refuses these here")
                 }
             }
+        }
+    }
+
+    /// Decodes every event of the events chunk [`TraceReader::next_events_chunk`] just returned, handing each
+    /// to `visitor`.
+    #[inline(always)]
+    pub(crate) fn visit_chunk<V: Visit>(&mut self, info: &ChunkInfo, visitor: &mut V) -> Result<(), V::Error> {
+        let payload = self.stream.payload(info, &self.scratch);
+        decode_event_chunk(payload, info, self.blocks.shapes(), self.blocks.len(), &mut self.dictionary, visitor)
+    }
+}
+
+impl<R: Read> ChunkStream<R> {
+    /// The raw payload of the chunk just read: its stored bytes, or `decompressed` for a compressed one.
+    fn payload<'s>(&'s self, info: &ChunkInfo, decompressed: &'s [u8]) -> &'s [u8] {
+        if info.header.codec == format::Codec::Stored {
+            &self.stored
+        } else {
+            decompressed
         }
     }
 }
