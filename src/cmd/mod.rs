@@ -3,6 +3,7 @@
 pub mod check;
 pub mod dump;
 pub mod inspect;
+pub mod kvm_engine;
 pub mod record;
 pub mod replay;
 pub mod run;
