@@ -8,6 +8,7 @@ pub mod record;
 pub mod replay;
 pub mod run;
 pub mod validate;
+pub mod validate_kvm;
 pub mod workloads;
 
 use std::path::Path;
