@@ -48,6 +48,7 @@ enum Command {
     Check(cmd::check::Args),
     Replay(cmd::replay::Args),
     Validate(cmd::validate::Args),
+    Calibrate(cmd::calibrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
         Command::Check(args) => cmd::check::run(&args),
         Command::Replay(args) => cmd::replay::run(&args),
         Command::Validate(args) => cmd::validate::run(&args),
+        Command::Calibrate(args) => cmd::calibrate::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -119,11 +119,11 @@ fn measured_json(m: &Measurement) -> Value {
     let by_kind: Map<String, Value> =
         UserExit::ALL.iter().map(|k| (k.name().to_string(), json!(m.user_exits_of(*k)))).collect();
     json!({
-        "runs": m.runs,
+        "runs": m.runs.len(),
         "tsc_khz": m.tsc_khz,
-        "wall_seconds": spread_json(&m.wall_ns, |ns| json!(ns as f64 * 1e-9)),
-        "tsc_cycles": spread_json(&m.tsc_cycles, |n| json!(n)),
-        "user_space_exits": spread_json(&m.user_space_exits, |n| json!(n)),
+        "wall_seconds": spread_json(&m.wall_ns(), |ns| json!(ns as f64 * 1e-9)),
+        "tsc_cycles": spread_json(&m.tsc_cycles(), |n| json!(n)),
+        "user_space_exits": spread_json(&m.user_space_exits(), |n| json!(n)),
         "user_space_exits_by_kind": by_kind,
         "vm_stats": stats_json(m, StatScope::Vm),
         "vcpu_stats": stats_json(m, StatScope::Vcpu),
@@ -135,7 +135,7 @@ pub fn result_json(view: &TraceView, profile: &Profile, m: &Measurement, top: us
     let workload = &view.metadata().workload;
     let mut object = super::replay::metrics_json(ENGINE, profile, workload, &metrics(view, m), top);
     object["profile"] = Value::Null;
-    object["cycles"] = json!(m.tsc_cycles.median);
+    object["cycles"] = json!(m.tsc_cycles().median);
     for key in [
         "cycles_by_cause",
         "translations",

@@ -1,5 +1,6 @@
 //! The subcommands, and what they share: loading a trace and mapping failures to exit codes.
 
+pub mod calibrate;
 pub mod check;
 pub mod dump;
 pub mod inspect;

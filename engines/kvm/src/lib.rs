@@ -30,7 +30,9 @@ use std::time::Duration;
 use kvm_ioctls::Kvm;
 use virtlab_machine::{LoadError, Machine, MachineConfig, MMIO_TEST_BASE};
 
-pub use measure::{measure, refusal, ExitSite, MeasureOptions, Measurement, Spread, StatMeasurement, StatScope};
+pub use measure::{
+    measure, refusal, ExitSite, MeasureOptions, Measurement, RunFigures, Spread, StatMeasurement, StatScope,
+};
 pub use vm::UserExit;
 
 /// Which hardware support the host's KVM runs on. On PVM, guest code at CPL 0 is run by KVM's instruction
@@ -153,6 +155,12 @@ pub enum KvmError {
     Stats(String),
 }
 
+/// Starts a VM from `spec` and runs it with the engine's loop until the guest writes to the exit port.
+pub fn run_boot(spec: &vm::BootSpec, timeout: Duration) -> Result<vm::RunRecord, KvmError> {
+    let kvm = Kvm::new().map_err(|source| KvmError::Ioctl { what: "opening /dev/kvm", source })?;
+    vm::Vm::new(&kvm, spec)?.run(timeout)
+}
+
 /// Boots `image` on KVM and runs it until it writes to the exit port.
 pub fn run(image: &[u8], config: &KvmConfig) -> Result<KvmOutcome, KvmError> {
     let machine_config = MachineConfig { ram_size: config.ram_size, ..MachineConfig::default() };
@@ -160,8 +168,7 @@ pub fn run(image: &[u8], config: &KvmConfig) -> Result<KvmOutcome, KvmError> {
     if let Probe::Unavailable(reason) = probe() {
         return Err(KvmError::Unavailable(reason));
     }
-    let kvm = Kvm::new().map_err(|source| KvmError::Ioctl { what: "opening /dev/kvm", source })?;
-    let record = vm::Vm::new(&kvm, &boot::from_machine(&machine))?.run(config.timeout)?;
+    let record = run_boot(&boot::from_machine(&machine), config.timeout)?;
     let count = |kind: UserExit| record.exits_of(kind);
     Ok(KvmOutcome {
         exit_status: record.exit_status,

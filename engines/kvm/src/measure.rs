@@ -72,22 +72,45 @@ pub struct ExitSite {
     pub count: u64,
 }
 
+/// What one run took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunFigures {
+    pub wall_ns: u64,
+    /// Time-stamp-counter cycles from the first KVM_RUN to the exit port.
+    pub tsc_cycles: u64,
+    /// Exits that reached this process.
+    pub user_space_exits: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Measurement {
     pub backend: Backend,
-    pub runs: u32,
     /// The host's time-stamp-counter rate, as KVM reports it for the vCPU.
     pub tsc_khz: Option<u32>,
-    pub wall_ns: Spread,
-    pub tsc_cycles: Spread,
-    /// Exits that reached this process, per run.
-    pub user_space_exits: Spread,
-    /// The first run's user-space exits by kind and RIP, most first.
+    /// Each run, in the order they ran.
+    pub runs: Vec<RunFigures>,
+    /// The first run's user-space exits by kind and guest address, most first.
     pub sites: Vec<ExitSite>,
     pub stats: Vec<StatMeasurement>,
 }
 
+fn spread_of(runs: &[RunFigures], figure: impl Fn(&RunFigures) -> u64) -> Spread {
+    Spread::of(&runs.iter().map(figure).collect::<Vec<_>>()).expect("a measurement has at least one run")
+}
+
 impl Measurement {
+    pub fn wall_ns(&self) -> Spread {
+        spread_of(&self.runs, |r| r.wall_ns)
+    }
+
+    pub fn tsc_cycles(&self) -> Spread {
+        spread_of(&self.runs, |r| r.tsc_cycles)
+    }
+
+    pub fn user_space_exits(&self) -> Spread {
+        spread_of(&self.runs, |r| r.user_space_exits)
+    }
+
     /// A statistic's median by name (vCPU statistics first), if the kernel has it.
     pub fn stat(&self, name: &str) -> Option<u64> {
         let find = |scope| self.stats.iter().find(|s| s.scope == scope && s.descriptor.name == name);
@@ -232,16 +255,15 @@ pub fn measure(
             spread: spread(deltas.iter().map(|run| run[index]).collect()),
         })
         .collect();
-    Ok(Measurement {
-        backend,
-        runs: options.runs,
-        tsc_khz,
-        wall_ns: spread(records.iter().map(|r| r.wall_time.as_nanos() as u64).collect()),
-        tsc_cycles: spread(records.iter().map(|r| r.tsc_cycles).collect()),
-        user_space_exits: spread(records.iter().map(RunRecord::exits_total).collect()),
-        sites: sites(view, backend, &records[0].exits),
-        stats,
-    })
+    let runs = records
+        .iter()
+        .map(|r| RunFigures {
+            wall_ns: r.wall_time.as_nanos() as u64,
+            tsc_cycles: r.tsc_cycles,
+            user_space_exits: r.exits_total(),
+        })
+        .collect();
+    Ok(Measurement { backend, tsc_khz, runs, sites: sites(view, backend, &records[0].exits), stats })
 }
 
 /// Whether KVM reports this exit with the RIP already past the instruction. KVM's instruction emulator
