@@ -17,7 +17,7 @@
 //! reading KVM's run area, asking for the statistics descriptors, reading the TSC and interrupting a vCPU thread
 //! on timeout.
 
-mod boot;
+pub mod boot;
 mod measure;
 mod memory;
 pub mod stats;
@@ -157,8 +157,7 @@ pub enum KvmError {
 
 /// Starts a VM from `spec` and runs it with the engine's loop until the guest writes to the exit port.
 pub fn run_boot(spec: &vm::BootSpec, timeout: Duration) -> Result<vm::RunRecord, KvmError> {
-    let kvm = Kvm::new().map_err(|source| KvmError::Ioctl { what: "opening /dev/kvm", source })?;
-    vm::Vm::new(&kvm, spec)?.run(timeout)
+    vm::Vm::new(spec)?.run(timeout)
 }
 
 /// Boots `image` on KVM and runs it until it writes to the exit port.

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use kvm_ioctls::Kvm;
 use virtlab_traces::{EndReason, EventKind, TraceView};
 
 use crate::stats::{StatDescriptor, StatsFile};
@@ -208,13 +207,12 @@ pub fn measure(
     }
     let spec = boot::from_trace(view)?;
     let expected = &view.footer().ending;
-    let kvm = Kvm::new().map_err(|source| KvmError::Ioctl { what: "opening /dev/kvm", source })?;
     let mut records: Vec<RunRecord> = Vec::new();
     let mut deltas: Vec<Vec<u64>> = Vec::new();
     let mut schema: Vec<(StatScope, StatDescriptor)> = Vec::new();
     let mut tsc_khz = None;
     for run in 1..=options.runs {
-        let mut vm = Vm::new(&kvm, &spec)?;
+        let mut vm = Vm::new(&spec)?;
         let (vm_stats, vcpu_stats) = vm.stats()?;
         let files = [(StatScope::Vm, &vm_stats), (StatScope::Vcpu, &vcpu_stats)];
         if schema.is_empty() {

@@ -138,7 +138,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(kvm: &Kvm, spec: &BootSpec) -> Result<Vm, KvmError> {
+    /// Opens /dev/kvm and builds the VM.
+    pub fn new(spec: &BootSpec) -> Result<Vm, KvmError> {
         if spec.ram_size == 0 || spec.ram_size > MAX_RAM || spec.ram_size % 4096 != 0 {
             return Err(KvmError::Unrunnable(format!(
                 "{} bytes of RAM: the KVM engine maps whole pages of RAM, at most {MAX_RAM:#x} bytes (below the \
@@ -146,6 +147,7 @@ impl Vm {
                 spec.ram_size
             )));
         }
+        let kvm = ioctl("opening /dev/kvm", Kvm::new())?;
         let vm = ioctl("KVM_CREATE_VM", kvm.create_vm())?;
         let mut ram = GuestRam::new(spec.ram_size as usize)?;
         let memory = ram.as_mut_slice();
