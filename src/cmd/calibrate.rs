@@ -62,23 +62,40 @@ pub struct Args {
     base: String,
 }
 
+/// What a probe's extra cycles are divided by, beyond its interpreted instructions.
+#[derive(Clone, Copy)]
+enum Per {
+    /// Exits that reached user space.
+    UserExit,
+    /// Iterations of the workload's loop (one event each).
+    Iteration,
+}
+
 /// A catalog workload at two iteration counts.
 struct CatalogProbe {
     workload: &'static str,
     low: u64,
     high: u64,
+    per: Per,
 }
 
-const fn probe(workload: &'static str, low: u64, high: u64) -> CatalogProbe {
-    CatalogProbe { workload, low, high }
+const fn probe(workload: &'static str, low: u64, high: u64, per: Per) -> CatalogProbe {
+    CatalogProbe { workload, low, high, per }
 }
 
 /// Kernel-mode probes, with enough extra iterations that their work outweighs the run-to-run noise of start-up.
-const INTERPRET: CatalogProbe = probe("callret", 2_000, 42_000);
-const DEVICE: [CatalogProbe; 3] = [probe("in", 500, 10_500), probe("outl", 500, 10_500), probe("mmio", 500, 5_500)];
-const EMULATE: [CatalogProbe; 3] =
-    [probe("cpuid", 500, 10_500), probe("rdmsr", 500, 10_500), probe("wrmsr", 500, 10_500)];
-const SHADOW_UPDATE: CatalogProbe = probe("ptemod", 2_000, 22_000);
+const INTERPRET: CatalogProbe = probe("callret", 2_000, 42_000, Per::Iteration);
+const DEVICE: [CatalogProbe; 3] = [
+    probe("in", 500, 10_500, Per::UserExit),
+    probe("outl", 500, 10_500, Per::UserExit),
+    probe("mmio", 500, 5_500, Per::UserExit),
+];
+const EMULATE: [CatalogProbe; 3] = [
+    probe("cpuid", 500, 10_500, Per::Iteration),
+    probe("rdmsr", 500, 10_500, Per::Iteration),
+    probe("wrmsr", 500, 10_500, Per::Iteration),
+];
+const SHADOW_UPDATE: CatalogProbe = probe("ptemod", 2_000, 22_000, Per::Iteration);
 /// The CPL 3 compute loop's two iteration counts.
 const COMPUTE: (u64, u64) = (1_000_000, 41_000_000);
 
@@ -156,9 +173,13 @@ impl ProbeRuns {
         format!("{} at {} and {} iterations", self.probe.workload, self.probe.low, self.probe.high)
     }
 
-    /// Per unit of `per` (one estimate per run pair), after taking away the interpreted instructions at
+    /// Per exit or iteration (one estimate per run pair), after taking away the interpreted instructions at
     /// `interpret` cycles each.
-    fn beyond_interpretation(&self, interpret: f64, per: f64, unit: &str) -> anyhow::Result<Estimate> {
+    fn beyond_interpretation(&self, interpret: f64) -> anyhow::Result<Estimate> {
+        let (per, unit) = match self.probe.per {
+            Per::UserExit => (self.extra_user_exits(), "exits to user space"),
+            Per::Iteration => (self.iterations(), "iterations"),
+        };
         let instructions = self.extra_stat("insn_emulation")?;
         anyhow::ensure!(per > 0.0, "{}: no extra {unit} between the two counts", self.label());
         Ok(Estimate {
@@ -376,24 +397,9 @@ fn toml_number(value: f64) -> String {
     }
 }
 
-pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let backend = match virtlab_kvm::probe() {
-        Probe::Available(backend) => backend,
-        Probe::Unavailable(reason) => bail!("calibrate host needs KVM: {reason}"),
-    };
-    if backend != Backend::Pvm {
-        bail!(
-            "calibrate host derives primitives for the PVM backend (this lab's hosts); this host's backend is {}, for \
-             which no derivation exists yet",
-            backend.name()
-        );
-    }
-    let base_text = virtlab_engines::profile::BUILT_IN
-        .iter()
-        .find(|(name, _)| *name == args.base)
-        .map(|(_, text)| *text)
-        .with_context(|| format!("--base {}: not a built-in profile", args.base))?;
-    let options = MeasureOptions { runs: args.runs, ..MeasureOptions::default() };
+/// Runs every probe and derives the measured primitives, `clock_ghz` first.
+fn measure_primitives(runs: u32) -> anyhow::Result<Vec<Measured>> {
+    let options = MeasureOptions { runs: runs, ..MeasureOptions::default() };
     let steps = 1 + DEVICE.len() + EMULATE.len() + 2;
     let progress = ProgressBar::new(steps as u64);
     progress.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {elapsed}").expect("valid template"));
@@ -412,30 +418,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         how: format!("{}: extra TSC cycles / {emulated} extra insn_emulation", callret.label()),
     };
     let interpret_cycles = interpret.median();
-    let device: Vec<Estimate> = DEVICE
-        .iter()
-        .map(|probe| {
-            let runs = step(probe)?;
-            runs.beyond_interpretation(interpret_cycles, runs.extra_user_exits(), "exits to user space")
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let emulate: Vec<Estimate> = EMULATE
-        .iter()
-        .map(|probe| {
-            let runs = step(probe)?;
-            runs.beyond_interpretation(interpret_cycles, runs.iterations(), "iterations")
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let ptemod = step(&SHADOW_UPDATE)?;
-    let shadow_update = ptemod.beyond_interpretation(interpret_cycles, ptemod.iterations(), "page-table writes")?;
+    let beyond = |probe: &'static CatalogProbe| step(probe)?.beyond_interpretation(interpret_cycles);
+    let device: Vec<Estimate> = DEVICE.iter().map(beyond).collect::<anyhow::Result<_>>()?;
+    let emulate: Vec<Estimate> = EMULATE.iter().map(beyond).collect::<anyhow::Result<_>>()?;
+    let shadow_update = beyond(&SHADOW_UPDATE)?;
     progress.set_message("measuring the compute loop on KVM");
-    let cpi = native_cpi(args.runs)?;
+    let cpi = native_cpi(runs)?;
     progress.inc(1);
     progress.finish_and_clear();
 
     let tsc_khz = callret.low.tsc_khz.context("KVM does not report the TSC rate (KVM_GET_TSC_KHZ): no stable TSC")?;
     let clock_ghz = f64::from(tsc_khz) / 1e6;
-    let measured = vec![
+    Ok(vec![
         Measured {
             key: "clock_ghz",
             value: clock_ghz,
@@ -456,7 +450,27 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         )),
         clamp(combined("monitor.emulate", &emulate, "emulating CPUID, RDMSR, WRMSR beyond interpreting them")),
         clamp(single("monitor.shadow_update", &shadow_update, "a kernel write to a shadowed page-table entry")),
-    ];
+    ])
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let backend = match virtlab_kvm::probe() {
+        Probe::Available(backend) => backend,
+        Probe::Unavailable(reason) => bail!("calibrate host needs KVM: {reason}"),
+    };
+    if backend != Backend::Pvm {
+        bail!(
+            "calibrate host derives primitives for the PVM backend (this lab's hosts); this host's backend is {}, for \
+             which no derivation exists yet",
+            backend.name()
+        );
+    }
+    let base_text = virtlab_engines::profile::BUILT_IN
+        .iter()
+        .find(|(name, _)| *name == args.base)
+        .map(|(_, text)| *text)
+        .with_context(|| format!("--base {}: not a built-in profile", args.base))?;
+    let measured = measure_primitives(args.runs)?;
     let command = format!("virtlab calibrate host --runs {} --base {}", args.runs, args.base);
     let header = vec![
         format!("The host at hand, measured by `{command}` (virtlab {}).", env!("CARGO_PKG_VERSION")),
