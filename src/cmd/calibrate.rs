@@ -25,26 +25,29 @@ use virtlab_traces::TraceView;
 
 /// Measure this host's primitive costs on its KVM and write them as a cost profile.
 ///
-/// `host`: runs exit-heavy kernel-mode catalog guests (callret, in, outl, mmio, cpuid, rdmsr, wrmsr, ptemod) at
-/// two iteration counts on KVM, and a compute loop at CPL 3, and derives, in TSC cycles (clock_ghz is the TSC
-/// rate):
-///   native.cycles_per_instruction   the compute loop: cycles per instruction at CPL 3 (native on every backend)
-///   monitor.interpret               callret: cycles per instruction KVM's emulator interprets (PVM runs CPL 0 so)
-///   monitor.device                  in, outl, mmio: an exit to this process's device model and back, beyond
-///                                   interpreting the instruction (median of the three)
-///   monitor.emulate                 cpuid, rdmsr, wrmsr: the extra cost of emulating them (median of the three)
-///   monitor.shadow_update           ptemod: a write to a shadowed page-table entry, beyond interpreting it
-/// Every other primitive comes from --base, with the reason this host cannot measure it (on PVM: no VMCS, no
-/// binary translator, no Xen, no user-mode traps). Every value carries its provenance in a comment above it.
-/// The result loads wherever a profile does: `virtlab replay TRACE --profile host.toml`.
+/// `host`: runs exit-heavy kernel-mode catalog guests (callret, in, outl, mmio, cpuid,
+/// rdmsr, wrmsr, ptemod) at two iteration counts on KVM, and a compute loop at CPL 3,
+/// and derives, in TSC cycles (clock_ghz is the TSC rate):
+///   native.cycles_per_instruction  the compute loop, at CPL 3 (native on every backend)
+///   monitor.interpret      callret: per instruction KVM's emulator runs (PVM: all CPL 0)
+///   monitor.device         in, outl, mmio: an exit to this process's device model and
+///                          back, beyond interpreting the instruction (median of three)
+///   monitor.emulate        cpuid, rdmsr, wrmsr: their extra cost beyond interpreting
+///                          them (median of three)
+///   monitor.shadow_update  ptemod: a write to a shadowed page-table entry, beyond
+///                          interpreting it
+/// Every other primitive comes from --base, with the reason this host cannot measure it
+/// (on PVM: no VMCS, no binary translator, no Xen, no user-mode traps). Every value has
+/// its provenance (probes, runs, median, spread) in a comment above it. The result loads
+/// wherever a profile does: `virtlab replay TRACE --profile host.toml`.
 ///
-/// Derivations exist for the PVM backend (this lab's hosts); on VMX or SVM the command says so and stops.
-/// It takes about half a minute with the default runs.
+/// Derivations exist for the PVM backend (this lab's hosts); on VMX or SVM the command
+/// says so and stops. With the default runs it takes about half a minute.
 ///
 /// Example: `virtlab calibrate host -o host.toml`
 ///
-/// Exit status: 0 when the profile was written; 3 when it could not be written; 1 when KVM is not usable here,
-/// a run failed, or the backend has no derivations.
+/// Exit status: 0 when the profile was written; 3 when it could not be written; 1 when
+/// KVM is not usable here, a run failed, or the backend has no derivations.
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
