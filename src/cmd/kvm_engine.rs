@@ -123,6 +123,7 @@ fn measured_json(m: &Measurement) -> Value {
         "tsc_khz": m.tsc_khz,
         "wall_seconds": spread_json(&m.wall_ns(), |ns| json!(ns as f64 * 1e-9)),
         "tsc_cycles": spread_json(&m.tsc_cycles(), |n| json!(n)),
+        "vmm_tsc_cycles": spread_json(&m.vmm_tsc_cycles(), |n| json!(n)),
         "user_space_exits": spread_json(&m.user_space_exits(), |n| json!(n)),
         "user_space_exits_by_kind": by_kind,
         "vm_stats": stats_json(m, StatScope::Vm),

@@ -77,6 +77,8 @@ pub struct RunFigures {
     pub wall_ns: u64,
     /// Time-stamp-counter cycles from the first KVM_RUN to the exit port.
     pub tsc_cycles: u64,
+    /// The part of `tsc_cycles` this process spent outside KVM_RUN, handling exits.
+    pub vmm_tsc_cycles: u64,
     /// Exits that reached this process.
     pub user_space_exits: u64,
 }
@@ -104,6 +106,10 @@ impl Measurement {
 
     pub fn tsc_cycles(&self) -> Spread {
         spread_of(&self.runs, |r| r.tsc_cycles)
+    }
+
+    pub fn vmm_tsc_cycles(&self) -> Spread {
+        spread_of(&self.runs, |r| r.vmm_tsc_cycles)
     }
 
     pub fn user_space_exits(&self) -> Spread {
@@ -258,6 +264,7 @@ pub fn measure(
         .map(|r| RunFigures {
             wall_ns: r.wall_time.as_nanos() as u64,
             tsc_cycles: r.tsc_cycles,
+            vmm_tsc_cycles: r.vmm_tsc_cycles,
             user_space_exits: r.exits_total(),
         })
         .collect();

@@ -88,8 +88,18 @@ pub struct RunRecord {
     /// User-space exits by kind and the guest RIP KVM reported with them.
     pub exits: HashMap<(UserExit, u64), u64>,
     pub wall_time: Duration,
-    /// Time-stamp counter cycles from the first KVM_RUN to the last exit.
+    /// Time-stamp-counter cycles from the first KVM_RUN to the last exit.
     pub tsc_cycles: u64,
+    /// The part of `tsc_cycles` spent outside KVM_RUN: this process handling exits.
+    pub vmm_tsc_cycles: u64,
+}
+
+/// What a bare run took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BareRecord {
+    pub exits: u64,
+    pub tsc_cycles: u64,
+    pub vmm_tsc_cycles: u64,
 }
 
 impl RunRecord {
@@ -219,8 +229,12 @@ impl Vm {
         let watchdog = Watchdog::start(timeout);
         let started = Instant::now();
         let tsc_start = tsc();
+        let mut in_kvm = 0u64;
         let exit_status = loop {
-            let exit = match self.vcpu.run() {
+            let entered = tsc();
+            let result = self.vcpu.run();
+            in_kvm += tsc().wrapping_sub(entered);
+            let exit = match result {
                 Ok(exit) => exit,
                 Err(e) => {
                     self.interrupted(e, &watchdog, timeout)?;
@@ -261,17 +275,24 @@ impl Vm {
         let tsc_cycles = tsc().wrapping_sub(tsc_start);
         let wall_time = started.elapsed();
         drop(watchdog);
-        Ok(RunRecord { exit_status, serial: devices.serial.output().to_vec(), exits, wall_time, tsc_cycles })
+        let serial = devices.serial.output().to_vec();
+        let vmm_tsc_cycles = tsc_cycles.saturating_sub(in_kvm);
+        Ok(RunRecord { exit_status, serial, exits, wall_time, tsc_cycles, vmm_tsc_cycles })
     }
 
     /// The least a VMM does for a virtlab guest: port and MMIO reads get all ones and zero (what the catalog's
-    /// devices answer to the reads it makes), writes are dropped, the exit port ends the run. Returns the number
-    /// of user-space exits. For benchmarks of the engine's loop against it.
-    pub fn run_bare(&mut self, timeout: Duration) -> Result<u64, KvmError> {
+    /// devices answer to the reads it makes), writes are dropped, the exit port ends the run. Timed like
+    /// [`Vm::run`], for benchmarks of the engine's loop against it.
+    pub fn run_bare(&mut self, timeout: Duration) -> Result<BareRecord, KvmError> {
         let watchdog = Watchdog::start(timeout);
         let mut exits = 0u64;
+        let tsc_start = tsc();
+        let mut in_kvm = 0u64;
         loop {
-            let exit = match self.vcpu.run() {
+            let entered = tsc();
+            let result = self.vcpu.run();
+            in_kvm += tsc().wrapping_sub(entered);
+            let exit = match result {
                 Ok(exit) => exit,
                 Err(e) => {
                     self.interrupted(e, &watchdog, timeout)?;
@@ -280,7 +301,10 @@ impl Vm {
             };
             exits += 1;
             match exit {
-                VcpuExit::IoOut(DEBUG_EXIT_PORT, _) => return Ok(exits),
+                VcpuExit::IoOut(DEBUG_EXIT_PORT, _) => {
+                    let tsc_cycles = tsc().wrapping_sub(tsc_start);
+                    return Ok(BareRecord { exits, tsc_cycles, vmm_tsc_cycles: tsc_cycles.saturating_sub(in_kvm) });
+                }
                 VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) => {}
                 VcpuExit::IoIn(_, data) => data.fill(0xff),
                 VcpuExit::MmioRead(_, data) => data.fill(0),
