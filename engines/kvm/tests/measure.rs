@@ -149,7 +149,9 @@ fn a_run_is_measured_with_exits_at_their_instructions_and_kvm_statistics() {
     assert_eq!(progress, [1, 2]);
     assert_eq!(m.backend, backend);
     assert_eq!(m.runs.len(), 2);
-    assert!(m.runs.iter().all(|r| r.user_space_exits == 4 && r.tsc_cycles > 0 && r.wall_ns > 0), "{:?}", m.runs);
+    assert!(m.runs.iter().all(|r| r.user_space_exits == 4 && r.wall_ns > 0), "{:?}", m.runs);
+    // Handling the exits in this process is part of the run, and not all of it.
+    assert!(m.runs.iter().all(|r| 0 < r.vmm_tsc_cycles && r.vmm_tsc_cycles < r.tsc_cycles), "{:?}", m.runs);
     // The two serial writes and the exit-port write are OUTs, the MMIO load a read; each at its instruction.
     let mut sites: Vec<(UserExit, u64, u64)> = m.sites.iter().map(|s| (s.kind, s.rip, s.count)).collect();
     sites.sort();
