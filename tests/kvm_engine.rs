@@ -207,7 +207,7 @@ fn calibrate_host_writes_a_profile_every_engine_loads() {
     assert_eq!((host.hw.exit, host.hw.vmread, host.bt.callout), (base.hw.exit, base.hw.vmread, base.bt.callout));
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    for key in ["cycles_per_instruction", "interpret", "device", "emulate", "shadow_update", "clock_ghz"] {
+    for key in ["cycles_per_instruction", "interpret", "device", "clock_ghz"] {
         let at = lines.iter().position(|l| l.starts_with(&format!("{key} = "))).unwrap();
         let comments: Vec<&&str> = lines[..at].iter().rev().take_while(|l| l.starts_with('#')).collect();
         assert!(comments.iter().any(|l| l.contains("[measured]")), "{key} has no provenance");
