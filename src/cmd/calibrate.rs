@@ -244,11 +244,14 @@ fn compute_code(iterations: u64) -> anyhow::Result<Vec<u8>> {
 
 const COMPUTE_INSTRUCTIONS_PER_ITERATION: u64 = 13;
 
+/// PML4, PDPT and page directory, one page each from [`PML4`] on; their first entries map the first 2 MiB.
 fn page_tables() -> Vec<u8> {
-    let mut tables = vec![0u8; 0x3000];
-    let entries =
-        [(0, PML4 + 0x1000 | PAGE_FLAGS), (0x1000, PML4 + 0x2000 | PAGE_FLAGS), (0x2000, PAGE_FLAGS | LARGE_PAGE)];
-    for (offset, entry) in entries {
+    const PAGE: u64 = 0x1000;
+    let (pdpt, directory) = (PML4 + PAGE, PML4 + 2 * PAGE);
+    let entries = [(PML4, pdpt | PAGE_FLAGS), (pdpt, directory | PAGE_FLAGS), (directory, PAGE_FLAGS | LARGE_PAGE)];
+    let mut tables = vec![0u8; 3 * PAGE as usize];
+    for (table, entry) in entries {
+        let offset = (table - PML4) as usize;
         tables[offset..offset + 8].copy_from_slice(&entry.to_le_bytes());
     }
     tables
@@ -379,7 +382,7 @@ fn toml_number(value: f64) -> String {
 
 /// Runs every probe and derives the measured primitives, `clock_ghz` first.
 fn measure_primitives(runs: u32) -> anyhow::Result<Vec<Measured>> {
-    let options = MeasureOptions { runs: runs, ..MeasureOptions::default() };
+    let options = MeasureOptions { runs, ..MeasureOptions::default() };
     let steps = 1 + DEVICE.len() + 1;
     let progress = ProgressBar::new(steps as u64);
     progress.set_style(ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {elapsed}").expect("valid template"));
