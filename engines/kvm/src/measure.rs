@@ -221,12 +221,15 @@ pub fn measure(
         let mut vm = Vm::new(&spec)?;
         let (vm_stats, vcpu_stats) = vm.stats()?;
         let files = [(StatScope::Vm, &vm_stats), (StatScope::Vcpu, &vcpu_stats)];
-        if schema.is_empty() {
-            schema = files
-                .iter()
-                .flat_map(|(scope, file)| file.schema.descriptors.iter().map(|d| (*scope, d.clone())))
-                .collect();
+        let layout: Vec<(StatScope, StatDescriptor)> = files
+            .iter()
+            .flat_map(|(scope, file)| file.schema.descriptors.iter().map(|d| (*scope, d.clone())))
+            .collect();
+        if run == 1 {
+            schema = layout;
             tsc_khz = vm.tsc_khz();
+        } else if layout != schema {
+            return Err(KvmError::Stats(format!("KVM statistics: run {run} has other descriptors than run 1")));
         }
         let before = read_stats(&files)?;
         let record = vm.run(options.timeout)?;
