@@ -149,6 +149,9 @@ pub fn result_json(view: &TraceView, profile: &Profile, m: &Measurement, top: us
     ] {
         object[key] = Value::Null;
     }
+    if m.stat("insn_emulation").is_none() {
+        object["emulated_instructions"] = Value::Null;
+    }
     object["backend"] = json!(m.backend.name());
     object["measured"] = measured_json(m);
     object
