@@ -24,6 +24,7 @@ pub mod stats;
 pub mod vm;
 mod watchdog;
 
+use std::ffi::CStr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -79,13 +80,21 @@ pub enum Probe {
 
 /// Opens `/dev/kvm` to see whether VMs can be made. Never fails: a missing or inaccessible device is an answer.
 pub fn probe() -> Probe {
-    match Kvm::new() {
+    probe_device(c"/dev/kvm")
+}
+
+/// [`probe`] on the device at `path`.
+pub fn probe_device(path: &CStr) -> Probe {
+    let name = path.to_string_lossy();
+    match Kvm::new_with_path(path) {
         Ok(kvm) => match kvm.create_vm() {
             Ok(_) => Probe::Available(Backend::detect()),
-            Err(e) => Probe::Unavailable(format!("/dev/kvm opens but KVM_CREATE_VM fails: {e}")),
+            Err(e) => {
+                Probe::Unavailable(format!("{name} opens but KVM_CREATE_VM fails ({e}): it is not a usable KVM device"))
+            }
         },
         Err(e) => Probe::Unavailable(format!(
-            "cannot open /dev/kvm ({e}): load the kvm module and give this user read-write access to /dev/kvm"
+            "cannot open {name} ({e}): load the kvm module and give this user read-write access to {name}"
         )),
     }
 }
