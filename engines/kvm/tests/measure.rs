@@ -228,7 +228,13 @@ fn boot_states_the_engine_cannot_set_up_are_refused_with_the_reason() {
     let backend = kvm_here();
     let long_mode = BootState { mode: CodeMode::Bits64, cr0: 0x8000_0011, ..boot() };
     let huge = BootState { ram_bytes: 1 << 40, ..boot() };
-    for (state, expected) in [(long_mode, "Multiboot entry state"), (huge, "at most 0xd0000000 bytes")] {
+    // The image at 1 MiB does not fit in 1 MiB of RAM.
+    let small = BootState { ram_bytes: 1 << 20, ..boot() };
+    for (state, expected) in [
+        (long_mode, "Multiboot entry state"),
+        (huge, "at most 0xd0000000 bytes"),
+        (small, "guest memory at 0x100000 (19 bytes) lies outside the 1048576 bytes of RAM"),
+    ] {
         let bytes = trace(state, HELLO, HELLO_INSTRUCTIONS, guest_exit(5, b"K\n"));
         let view = TraceView::open(&bytes).unwrap();
         let err = measure(&view, &options(1, Duration::from_secs(20)), |_| {}).unwrap_err();
