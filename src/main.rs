@@ -15,8 +15,10 @@ Exit status:
   3  a file could not be read or written
   4  `replay`: an engine refused the trace (the others ran; its result says why)
   5  `validate`: a cell or an ordering missed the published result
+     (`validate kvm`: a model missed KVM's count, or KVM did not reproduce a trace)
   `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit)
-  and 125 (the guest could not run): see their --help.";
+  and 125 (the guest could not run): see their --help. `calibrate` exits 1 when KVM is
+  not usable here or a run failed.";
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +50,7 @@ enum Command {
     Check(cmd::check::Args),
     Replay(cmd::replay::Args),
     Validate(cmd::validate::Args),
+    Calibrate(cmd::calibrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Check(args) => cmd::check::run(&args),
         Command::Replay(args) => cmd::replay::run(&args),
         Command::Validate(args) => cmd::validate::run(&args),
+        Command::Calibrate(args) => cmd::calibrate::run(&args),
     };
     match result {
         Ok(code) => code,

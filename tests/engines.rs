@@ -148,7 +148,7 @@ fn replay_prints_one_json_object_per_engine_and_says_which_refused() {
     assert_eq!(out.status.code(), Some(4), "bt refuses the 64-bit trace: {}", String::from_utf8_lossy(&out.stderr));
     let all: Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = all.as_array().unwrap().iter().map(|o| o["engine"].as_str().unwrap()).collect();
-    assert_eq!(names, ["native", "trap-emulate", "hybrid", "bt", "paravirt", "hw-ept", "hw-shadow"]);
+    assert_eq!(names, ["native", "trap-emulate", "hybrid", "bt", "paravirt", "hw-ept", "hw-shadow", "kvm"]);
     assert!(all[3]["unsupported"].as_str().unwrap().contains("long mode"));
     let trap = &all[1];
     for key in ["profile", "instructions", "cycles", "exits", "exits_total", "translations", "hypercalls", "holes"] {

@@ -1,12 +1,15 @@
 //! The subcommands, and what they share: loading a trace and mapping failures to exit codes.
 
+pub mod calibrate;
 pub mod check;
 pub mod dump;
 pub mod inspect;
+pub mod kvm_engine;
 pub mod record;
 pub mod replay;
 pub mod run;
 pub mod validate;
+pub mod validate_kvm;
 pub mod workloads;
 
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask <task>`. One module per task.
 
 mod bench_engines;
+mod bench_kvm;
 mod bench_machine;
 mod bench_trace;
 mod ratios;
@@ -21,6 +22,9 @@ enum Task {
     /// Measure the engines: replay speed per engine on one thread and the speed-up of all engines on two,
     /// on recorded catalog traces, with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchEngines(bench_engines::Args),
+    /// Measure the KVM engine's run loop against a bare KVM_RUN loop on the same exit-heavy guests: the cost of
+    /// one more exit under each, with a correctness column. Prints a Markdown table for BENCHMARKS.md.
+    BenchKvm(bench_kvm::Args),
     /// Measure the reference machine on the workload catalog: interpreting and recording speed, trace size,
     /// with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchMachine(bench_machine::Args),
@@ -39,6 +43,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BenchEngines(args) => bench_engines::run(&args),
+        Task::BenchKvm(args) => bench_kvm::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::Ratios(args) => ratios::run(&args),
