@@ -32,7 +32,8 @@ Exit status:
         assist) and report what it costs.\n\n\
         `virtlab workloads list` shows the benchmark guests; `virtlab run` boots one and `virtlab record syscall \
         -o syscall.vlt` records its trace. `virtlab inspect TRACE` summarizes a trace, `virtlab dump TRACE --disasm | less` shows its \
-        execution event by event, and `virtlab check TRACE` validates a trace you did not make.",
+        execution event by event, and `virtlab check TRACE` validates a trace you did not make. `virtlab engines --table` shows what each \
+        strategy does with each instruction class and event; `virtlab replay TRACE` replays a trace through them.",
     after_help = EXIT_CODES
 )]
 struct Cli {
@@ -48,6 +49,7 @@ enum Command {
     Inspect(cmd::inspect::Args),
     Dump(cmd::dump::Args),
     Check(cmd::check::Args),
+    Engines(cmd::engines::Args),
     Replay(cmd::replay::Args),
     Validate(cmd::validate::Args),
     Calibrate(cmd::calibrate::Args),
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Dump(args) => cmd::dump::run(&args),
         Command::Check(args) => cmd::check::run(&args),
+        Command::Engines(args) => cmd::engines::run(&args),
         Command::Replay(args) => cmd::replay::run(&args),
         Command::Validate(args) => cmd::validate::run(&args),
         Command::Calibrate(args) => cmd::calibrate::run(&args),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use virtlab_engines::Profile;
+use virtlab_engines::{Primitive, Profile, Provenance};
 use virtlab_kvm::{Backend, Probe};
 
 fn virtlab(args: &[&str]) -> Output {
@@ -200,27 +200,30 @@ fn calibrate_host_writes_a_profile_every_engine_loads() {
     let base = Profile::load("sandybridge-2011").unwrap();
     assert_eq!(host.name, "host");
     // Measured: the emulator takes hundreds of cycles per instruction at least; native code less than ten.
-    assert!(host.monitor.interpret > 100.0, "{}", host.monitor.interpret);
-    assert!(host.native.cycles_per_instruction > 0.0 && host.native.cycles_per_instruction < 10.0);
-    assert!(host.monitor.device > host.monitor.interpret, "an exit to user space costs more than one instruction");
-    // Not measurable on PVM: the base profile's values.
-    assert_eq!((host.hw.exit, host.hw.vmread, host.bt.callout), (base.hw.exit, base.hw.vmread, base.bt.callout));
-    let text = std::fs::read_to_string(&path).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    for key in ["cycles_per_instruction", "interpret", "device", "clock_ghz"] {
-        let at = lines.iter().position(|l| l.starts_with(&format!("{key} = "))).unwrap();
-        let comments: Vec<&&str> = lines[..at].iter().rev().take_while(|l| l.starts_with('#')).collect();
-        assert!(comments.iter().any(|l| l.contains("[measured]")), "{key} has no provenance");
+    let interpret = host.get(Primitive::Interpret);
+    assert!(interpret > 100.0, "{interpret}");
+    let cpi = host.get(Primitive::CyclesPerInstruction);
+    assert!(cpi > 0.0 && cpi < 10.0, "{cpi}");
+    assert!(host.get(Primitive::Device) > interpret, "an exit to user space costs more than one instruction");
+    for primitive in [Primitive::CyclesPerInstruction, Primitive::Interpret, Primitive::Device] {
+        let entry = host.entry(primitive);
+        assert_eq!(entry.provenance, Provenance::Measured, "{}", primitive.key());
+        assert!(entry.source.contains("measured"), "{}: {}", primitive.key(), entry.source);
     }
-    assert!(text.contains("# [base sandybridge-2011] not measured here: PVM has no VT-x"));
+    // Not measurable on PVM: the base profile's values, with their provenance and why.
+    for primitive in [Primitive::Exit, Primitive::Vmread, Primitive::Callout] {
+        let (entry, base_entry) = (host.entry(primitive), base.entry(primitive));
+        assert_eq!((entry.value, entry.provenance), (base_entry.value, base_entry.provenance));
+    }
+    assert!(host
+        .entry(Primitive::Exit)
+        .source
+        .starts_with("[base sandybridge-2011] not measured here: PVM has no VT-x"));
 
     let trace = dir.record("in", 50);
     let out = virtlab(&["replay", &trace, "--engine", "native,hybrid,hw-ept", "--profile", &path, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let hybrid = entry(&json(&out), "hybrid")["cycles"].as_u64().unwrap();
     let instructions = entry(&json(&out), "hybrid")["instructions_kernel"].as_u64().unwrap();
-    assert!(
-        hybrid as f64 >= instructions as f64 * host.monitor.interpret,
-        "hybrid interprets every kernel instruction"
-    );
+    assert!(hybrid as f64 >= instructions as f64 * interpret, "hybrid interprets every kernel instruction");
 }

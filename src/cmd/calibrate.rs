@@ -5,9 +5,8 @@
 //! remainder divided by what the extra iterations did (emulated instructions from KVM's `insn_emulation`,
 //! exits that reached user space, iterations) is one estimate. The primitive is the median estimate; the file
 //! says, for every value, how it was obtained (command, backend, runs, median and spread), or, for a primitive
-//! this host cannot measure, which built-in profile it comes from and why.
-//!
-//! The profile loader is strict about keys, so the provenance is in TOML comments.
+//! this host cannot measure, which built-in profile it comes from and why: measured primitives carry provenance
+//! `measured` and their probes as the source; the others keep their base profile's provenance.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -17,7 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use iced_x86::code_asm::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use virtlab_engines::Profile;
+use virtlab_engines::profile::Entry;
+use virtlab_engines::{Primitive, Profile, Provenance};
 use virtlab_kvm::vm::{BootSpec, EntryState};
 use virtlab_kvm::{Backend, MeasureOptions, Measurement, Probe};
 use virtlab_machine::cpu::Segment;
@@ -34,8 +34,8 @@ use virtlab_traces::TraceView;
 ///                      beyond interpreting the instruction (median of the three)
 /// Every other primitive comes from --base, with the reason this host cannot measure it
 /// (on PVM: no VMCS, no binary translator, no Xen, no user-mode traps, extras within the
-/// emulator's noise). Every value has its provenance (probes, runs, median, spread) in a
-/// comment above it. The result loads wherever a profile does:
+/// emulator's noise). Every value carries its provenance (`measured`, with the probes, runs,
+/// median and spread as its source). The result loads wherever a profile does:
 /// `virtlab replay TRACE --profile host.toml`.
 ///
 /// Derivations exist for the PVM backend (this lab's hosts); on VMX or SVM the command
@@ -170,7 +170,7 @@ impl ProbeRuns {
 fn measure_probe(probe: &'static CatalogProbe, options: &MeasureOptions) -> anyhow::Result<ProbeRuns> {
     let at = |iterations: u64| -> anyhow::Result<Measurement> {
         let params = vec![("iterations".to_string(), iterations.to_string())];
-        let bytes = super::kvm_engine::record_catalog_trace(probe.workload, &params)?;
+        let bytes = super::record::record_catalog_trace(probe.workload, &params)?;
         let view = TraceView::open(&bytes).context("reading the recorded trace")?;
         virtlab_kvm::measure(&view, options, |_| {})
             .with_context(|| format!("{} at {iterations} iterations on KVM", probe.workload))
@@ -327,48 +327,30 @@ fn unmeasured_reason(key: &str) -> &'static str {
     }
 }
 
-/// The profile text: the base profile's layout, every measured value replaced and preceded by its provenance,
-/// every other value kept with its base's comments and a line saying where it comes from and why.
-fn profile_text(base_name: &str, base_text: &str, header: &[String], measured: &[Measured]) -> String {
-    let mut out = String::new();
-    for line in header {
-        let _ = writeln!(out, "# {line}");
+/// The host profile: the base profile with every measured primitive replaced (provenance `measured`, the probes
+/// as its source) and every other one kept with its provenance, its source prefixed by where it comes from and
+/// why this host did not measure it.
+fn host_profile(base: &Profile, base_name: &str, measured: &[Measured]) -> anyhow::Result<Profile> {
+    let mut profile = base.clone();
+    for (primitive, entry) in base.entries() {
+        let reason = unmeasured_reason(primitive.key());
+        let source = format!("[base {base_name}] not measured here: {reason}. {}", entry.source);
+        profile.set(primitive, Entry { value: entry.value, provenance: entry.provenance, source });
     }
-    let _ = writeln!(
-        out,
-        "#\n# The primitives marked [base] and the sources they cite are from the built-in profile {base_name}:"
-    );
-    let mut section = String::new();
-    let mut comments: Vec<&str> = Vec::new();
-    for line in base_text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || trimmed.is_empty() {
-            comments.push(line);
+    for m in measured {
+        if m.key == "clock_ghz" {
+            profile.clock_ghz = m.value;
             continue;
         }
-        if let Some(name) = trimmed.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-            section = name.to_string();
-            out += &comments.drain(..).map(|c| format!("{c}\n")).collect::<String>();
-            let _ = writeln!(out, "{line}");
-            continue;
-        }
-        let key = trimmed.split('=').next().unwrap_or("").trim();
-        let full_key = if section.is_empty() { key.to_string() } else { format!("{section}.{key}") };
-        if let Some(m) = measured.iter().find(|m| m.key == full_key) {
-            comments.clear();
-            for line in &m.provenance {
-                let _ = writeln!(out, "# {line}");
-            }
-            let _ = writeln!(out, "{key} = {}", toml_number(m.value));
-        } else {
-            out += &comments.drain(..).map(|c| format!("{c}\n")).collect::<String>();
-            if !section.is_empty() {
-                let _ = writeln!(out, "# [base {base_name}] not measured here: {}", unmeasured_reason(&full_key));
-            }
-            let _ = writeln!(out, "{line}");
-        }
+        let primitive = Primitive::ALL
+            .iter()
+            .copied()
+            .find(|p| p.key() == m.key)
+            .with_context(|| format!("{} is not a profile primitive (a bug: please report it)", m.key))?;
+        let source = m.provenance.iter().map(|line| line.trim()).collect::<Vec<_>>().join("; ");
+        profile.set(primitive, Entry { value: m.value, provenance: Provenance::Measured, source });
     }
-    out
+    Ok(profile)
 }
 
 fn toml_number(value: f64) -> String {
@@ -446,11 +428,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             backend.name()
         );
     }
-    let base_text = virtlab_engines::profile::BUILT_IN
-        .iter()
-        .find(|(name, _)| *name == args.base)
-        .map(|(_, text)| *text)
-        .with_context(|| format!("--base {}: not a built-in profile", args.base))?;
+    let base = Profile::load(&args.base).with_context(|| format!("--base {}: not a built-in profile", args.base))?;
     let measured = measure_primitives(args.runs)?;
     let command = format!("virtlab calibrate host --runs {} --base {}", args.runs, args.base);
     let header = vec![
@@ -458,15 +436,15 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         format!("KVM backend {}: CPL 0 runs in KVM's instruction emulator, CPL 3 natively.", backend.name()),
         "Cycles are time-stamp-counter cycles; clock_ghz is the TSC rate.".to_string(),
         format!(
-            "Each [measured] value: a probe at two iteration counts, {} runs each in fresh VMs; run i at the high count",
+            "Each measured value: a probe at two iteration counts, {} runs each in fresh VMs; run i at the high count",
             args.runs
         ),
         "minus run i at the low count is one estimate; the value is the median, the spread is min..max.".to_string(),
     ];
-    let mut text = profile_text(&args.base, base_text, &header, &measured);
-    text = replace_line(&text, "name = ", "name = \"host\"")?;
-    let description = format!("this host, measured on KVM ({}) with {} runs per probe", backend.name(), args.runs);
-    text = replace_line(&text, "description = ", &format!("description = \"{description}\""))?;
+    let mut profile = host_profile(&base, &args.base, &measured)?;
+    profile.name = "host".to_string();
+    profile.description = format!("this host, measured on KVM ({}) with {} runs per probe", backend.name(), args.runs);
+    let text = profile.to_toml(&header);
     let origin = args.output.display().to_string();
     Profile::parse(&text, &origin, &[]).context("the calibrated profile does not load (a bug: please report it)")?;
     virtlab_traces::atomic::write_atomic(&args.output, text.as_bytes())
@@ -477,22 +455,4 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     super::finish_output(super::print_line(summary.trim_end()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Replaces the first top-level line starting with `prefix`.
-fn replace_line(text: &str, prefix: &str, replacement: &str) -> anyhow::Result<String> {
-    let mut done = false;
-    let lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            if !done && line.starts_with(prefix) {
-                done = true;
-                replacement.to_string()
-            } else {
-                line.to_string()
-            }
-        })
-        .collect();
-    anyhow::ensure!(done, "the base profile has no `{prefix}` line");
-    Ok(lines.join("\n") + "\n")
 }

@@ -5,16 +5,12 @@
 //! observes nothing of the kind (cycles by cause, translations, hypercalls, shadow paging, holes): a measured
 //! zero and "not measured" must not look alike. What KVM measures beyond the schema goes under `measured`.
 
-use std::io::Cursor;
 use std::time::Duration;
 
-use anyhow::Context;
 use serde_json::{json, Map, Value};
 use virtlab_engines::{ExitReason, Metrics, Profile};
 use virtlab_kvm::{Backend, MeasureOptions, Measurement, Spread, StatMeasurement, StatScope, UserExit};
-use virtlab_machine::MachineConfig;
-use virtlab_record::{record, RecordRequest};
-use virtlab_traces::{EndReason, Metadata, TraceView};
+use virtlab_traces::TraceView;
 
 use super::replay::UsageError;
 
@@ -198,30 +194,4 @@ pub fn replay_entry(view: &TraceView, profile: &Profile, options: &MeasureOption
         Ok(measurement) => result_json(view, profile, &measurement, top),
         Err(error) => json!({ "engine": ENGINE, "unsupported": error.to_string() }),
     }
-}
-
-/// Records a catalog workload in memory on the reference machine, as `virtlab record` would, and insists that
-/// it ran to a clean exit: `validate kvm` and `calibrate host` compare KVM with such traces.
-pub fn record_catalog_trace(workload: &str, params: &[(String, String)]) -> anyhow::Result<Vec<u8>> {
-    let image = virtlab_workloads::build(workload, params)?;
-    let metadata = Metadata {
-        workload: workload.to_string(),
-        params: params.to_vec(),
-        recorder: "virtlab reference machine".into(),
-        recorder_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let request = RecordRequest {
-        image: &image.bytes,
-        metadata,
-        machine: MachineConfig::default(),
-        max_instructions: 2_000_000_000,
-        timeout: None,
-    };
-    let (out, summary) = record(Cursor::new(Vec::new()), request).with_context(|| format!("recording {workload}"))?;
-    anyhow::ensure!(
-        summary.ending.reason == EndReason::GuestExit && summary.ending.exit_status == 0,
-        "{workload} {params:?} did not run to a clean exit on the reference machine: {}",
-        summary.ending.detail
-    );
-    Ok(out.into_inner())
 }

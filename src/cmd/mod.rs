@@ -3,6 +3,7 @@
 pub mod calibrate;
 pub mod check;
 pub mod dump;
+pub mod engines;
 pub mod inspect;
 pub mod kvm_engine;
 pub mod record;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 use virtlab_engines::{
-    engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace, Profile,
+    engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace,
+    Primitive, Profile,
 };
 use virtlab_traces::TraceView;
 
@@ -65,9 +66,11 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = super::parse_param)]
     settings: Vec<(String, String)>,
     /// Print a JSON array, one object per engine (keys: engine, profile, workload, instructions,
-    /// instructions_user, instructions_kernel, cycles, cycles_by_cause, exits, exits_total,
-    /// emulated_instructions, translations, hypercalls, page_table_updates_batched, page_table_update_batches,
-    /// shadow, holes, detectable, top_sites; a refusing engine gives engine and unsupported; kvm adds
+    /// instructions_user, instructions_kernel, cycles, cycles_by_cause, cycles_by_primitive (profile key ->
+    /// cycles), exits, exits_total, emulated_instructions, translations, hypercalls, page_table_updates_batched,
+    /// page_table_update_batches, shadow (faults, traced and untraced pages, updates, resyncs), mechanism (vmcs
+    /// reads and writes, guest and hardware walk references, TLB fills, flushes and refills), holes, detectable,
+    /// top_sites; a refusing engine gives engine and unsupported; kvm adds
     /// backend and measured, and gives null for what it does not observe).
     #[arg(long)]
     json: bool,
@@ -193,8 +196,15 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
         Hypercall::ALL.iter().map(|h| (h.name().into(), json!(m.hypercalls_by(*h)))).collect();
     let causes: Map<String, Value> =
         CycleCause::ALL.iter().map(|c| (c.name().into(), json!(m.cycles_for(*c)))).collect();
+    // Where the cycles came from, by profile primitive: what `validate` attributes a cell's cost to.
+    let primitives: Map<String, Value> = Primitive::ALL
+        .iter()
+        .filter(|p| m.cycles_by(**p) > 0)
+        .map(|p| (p.key().into(), json!(m.cycles_by(*p))))
+        .collect();
     let t = &m.translation;
     let s = &m.shadow;
+    let k = &m.mechanism;
     json!({
         "engine": engine,
         "profile": profile.name,
@@ -204,20 +214,29 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
         "instructions_kernel": m.instructions_kernel,
         "cycles": m.cycles(),
         "cycles_by_cause": causes,
+        "cycles_by_primitive": primitives,
         "exits": exits,
         "exits_total": m.exits_total(),
         "emulated_instructions": m.emulated_instructions,
         "translations": {
             "blocks": t.blocks, "instructions": t.instructions, "ident": t.ident, "non_ident": t.non_ident,
             "tc_bytes": t.tc_bytes, "chain_links": t.chain_links, "indirect_lookups": t.indirect_lookups,
-            "callouts": t.callouts, "in_tc_emulations": t.in_tc_emulations, "retranslations": t.retranslations,
+            "callouts": t.callouts, "in_tc_emulations": t.in_tc_emulations, "helper_calls": t.helper_calls,
+            "retranslations": t.retranslations,
         },
         "hypercalls": hypercalls,
         "page_table_updates_batched": m.page_table_updates_batched,
         "page_table_update_batches": m.hypercalls_by(Hypercall::MmuUpdate),
         "shadow": {
             "hidden_faults": s.hidden_faults, "true_faults": s.true_faults, "root_switches": s.root_switches,
-            "invalidations": s.invalidations, "traced_pages": s.traced_pages,
+            "invalidations": s.invalidations, "traced_pages": s.traced_pages, "untraced_pages": s.untraced_pages,
+            "untraced_writes": s.untraced_writes, "shadow_updates": s.shadow_updates,
+            "unsynced_tables": s.unsynced_tables, "resyncs": s.resyncs, "write_floods": s.write_floods,
+        },
+        "mechanism": {
+            "vmcs_reads": k.vmcs_reads, "vmcs_writes": k.vmcs_writes,
+            "guest_walk_references": k.guest_walk_references, "walk_references": k.walk_references,
+            "tlb_fills": k.tlb_fills, "tlb_flushes": k.tlb_flushes, "tlb_refills": k.tlb_refills,
         },
         "holes": findings(&m.holes()),
         "detectable": findings(&m.detectable_events()),
@@ -285,6 +304,7 @@ fn render(name: &str, profile: &Profile, objects: &[Value]) -> String {
             }
         };
         out += &line("cycles", nonzero(&o["cycles_by_cause"]));
+        out += &line("primitives", nonzero(&o["cycles_by_primitive"]));
         out += &line("exits", nonzero(&o["exits"]));
         out += &line("hypercalls", nonzero(&o["hypercalls"]));
         out += &kvm_engine::render_measured(o);

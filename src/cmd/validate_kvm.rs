@@ -129,7 +129,7 @@ fn model_name(backend: Backend) -> &'static str {
 }
 
 fn run_case(backend: Backend, workload: &'static str, params: Vec<(String, String)>) -> anyhow::Result<Case> {
-    let bytes = super::kvm_engine::record_catalog_trace(workload, &params)?;
+    let bytes = super::record::record_catalog_trace(workload, &params)?;
     let name = format!("{workload} {params:?}");
     let trace = super::replay::prepare(&bytes, &name)?;
     let outcome = if let Some(reason) = virtlab_kvm::refusal(&trace.view, backend) {
