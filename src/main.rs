@@ -10,7 +10,8 @@ const EXIT_CODES: &str = "\
 Exit status:
   0  success (for `check`: the trace is valid)
   1  the trace is malformed or breaks an invariant
-     (the message names the rule and the byte offset)
+     (the message names the rule and the byte offset);
+     `report`: a results file is missing, corrupt, empty or from a newer schema
   2  bad command line (including an unknown workload or parameter)
   3  a file could not be read or written
   4  `replay`: an engine refused the trace (the others ran; its result says why)
@@ -32,8 +33,10 @@ Exit status:
         assist) and report what it costs.\n\n\
         `virtlab workloads list` shows the benchmark guests; `virtlab run` boots one and `virtlab record syscall \
         -o syscall.vlt` records its trace. `virtlab inspect TRACE` summarizes a trace, `virtlab dump TRACE --disasm | less` shows its \
-        execution event by event, and `virtlab check TRACE` validates a trace you did not make. `virtlab engines --table` shows what each \
-        strategy does with each instruction class and event; `virtlab replay TRACE` replays a trace through them.",
+        execution event by event, and `virtlab check TRACE` validates a trace you did not make. `virtlab engines \
+        --table` shows what each strategy does with each instruction class and event, and `virtlab replay TRACE` \
+        replays a trace through them. `virtlab sweep TRACE... -o DIR` tabulates every engine and profile, \
+        `virtlab report DIR -o REPORT` draws the report, and `cargo xtask bench` does it all for the whole catalog.",
     after_help = EXIT_CODES
 )]
 struct Cli {
@@ -53,6 +56,8 @@ enum Command {
     Replay(cmd::replay::Args),
     Validate(cmd::validate::Args),
     Calibrate(cmd::calibrate::Args),
+    Sweep(cmd::sweep::Args),
+    Report(cmd::report::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,8 @@ fn main() -> ExitCode {
         Command::Replay(args) => cmd::replay::run(&args),
         Command::Validate(args) => cmd::validate::run(&args),
         Command::Calibrate(args) => cmd::calibrate::run(&args),
+        Command::Sweep(args) => cmd::sweep::run(&args),
+        Command::Report(args) => cmd::report::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask <task>`. One module per task.
 
+mod bench;
 mod bench_engines;
 mod bench_kvm;
 mod bench_machine;
@@ -19,6 +20,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// The lab's main job: record the workload catalog (traces cached under target/virtlab-bench/traces by
+    /// image digest and recorder version), sweep every engine × profile, run the Adams & Agesen validation, and
+    /// write the results table and the HTML report. Prints the path of the report's index.html.
+    Bench(bench::Args),
     /// Measure the engines: replay speed per engine on one thread and the speed-up of all engines on two,
     /// on recorded catalog traces, with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchEngines(bench_engines::Args),
@@ -42,6 +47,7 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
+        Task::Bench(args) => bench::run(&args),
         Task::BenchEngines(args) => bench_engines::run(&args),
         Task::BenchKvm(args) => bench_kvm::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
