@@ -10,13 +10,16 @@ const EXIT_CODES: &str = "\
 Exit status:
   0  success (for `check`: the trace is valid)
   1  the trace is malformed or breaks an invariant
-     (the message names the rule and the byte offset)
+     (the message names the rule and the byte offset);
+     `report`: a results file is missing, corrupt, empty or from a newer schema
   2  bad command line (including an unknown workload or parameter)
   3  a file could not be read or written
   4  `replay`: an engine refused the trace (the others ran; its result says why)
   5  `validate`: a cell or an ordering missed the published result
+     (`validate kvm`: a model missed KVM's count, or KVM did not reproduce a trace)
   `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit)
-  and 125 (the guest could not run): see their --help.";
+  and 125 (the guest could not run): see their --help. `calibrate` exits 1 when KVM is
+  not usable here or a run failed.";
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +33,10 @@ Exit status:
         assist) and report what it costs.\n\n\
         `virtlab workloads list` shows the benchmark guests; `virtlab run` boots one and `virtlab record syscall \
         -o syscall.vlt` records its trace. `virtlab inspect TRACE` summarizes a trace, `virtlab dump TRACE --disasm | less` shows its \
-        execution event by event, and `virtlab check TRACE` validates a trace you did not make.",
+        execution event by event, and `virtlab check TRACE` validates a trace you did not make. `virtlab engines \
+        --table` shows what each strategy does with each instruction class and event, and `virtlab replay TRACE` \
+        replays a trace through them. `virtlab sweep TRACE... -o DIR` tabulates every engine and profile, \
+        `virtlab report DIR -o REPORT` draws the report, and `cargo xtask bench` does it all for the whole catalog.",
     after_help = EXIT_CODES
 )]
 struct Cli {
@@ -46,8 +52,12 @@ enum Command {
     Inspect(cmd::inspect::Args),
     Dump(cmd::dump::Args),
     Check(cmd::check::Args),
+    Engines(cmd::engines::Args),
     Replay(cmd::replay::Args),
     Validate(cmd::validate::Args),
+    Calibrate(cmd::calibrate::Args),
+    Sweep(cmd::sweep::Args),
+    Report(cmd::report::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,8 +69,12 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Dump(args) => cmd::dump::run(&args),
         Command::Check(args) => cmd::check::run(&args),
+        Command::Engines(args) => cmd::engines::run(&args),
         Command::Replay(args) => cmd::replay::run(&args),
         Command::Validate(args) => cmd::validate::run(&args),
+        Command::Calibrate(args) => cmd::calibrate::run(&args),
+        Command::Sweep(args) => cmd::sweep::run(&args),
+        Command::Report(args) => cmd::report::run(&args),
     };
     match result {
         Ok(code) => code,

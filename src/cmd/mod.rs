@@ -1,12 +1,18 @@
 //! The subcommands, and what they share: loading a trace and mapping failures to exit codes.
 
+pub mod calibrate;
 pub mod check;
 pub mod dump;
+pub mod engines;
 pub mod inspect;
+pub mod kvm_engine;
 pub mod record;
 pub mod replay;
+pub mod report;
 pub mod run;
+pub mod sweep;
 pub mod validate;
+pub mod validate_kvm;
 pub mod workloads;
 
 use std::path::Path;
@@ -37,6 +43,9 @@ pub fn parse_param(text: &str) -> Result<(String, String), String> {
 /// malformed or breaks an invariant.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {
+        if let Some(error) = cause.downcast_ref::<virtlab_reports::Error>() {
+            return ExitCode::from(if error.is_io() { EXIT_IO } else { EXIT_INVALID });
+        }
         if cause.is::<virtlab_workloads::WorkloadError>()
             || cause.is::<replay::UsageError>()
             || cause.is::<virtlab_engines::OptionError>()

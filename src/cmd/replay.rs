@@ -6,9 +6,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 use virtlab_engines::{
-    engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace, Profile,
+    engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace,
+    Primitive, Profile,
 };
 use virtlab_traces::TraceView;
+
+use super::kvm_engine;
 
 /// Exit status when at least one engine refused the trace (the others' results are still printed).
 pub const EXIT_REFUSED: u8 = 4;
@@ -22,8 +25,13 @@ pub const EXIT_REFUSED: u8 = 4;
 /// silently get) and detectable events, and it attributes them to guest addresses. Cycles
 /// are those counts times a profile's primitive costs.
 ///
-/// Engines: native, trap-emulate, hybrid, bt, paravirt, hw-ept, hw-shadow (or `all`).
-/// Profiles: p4-2006 (default), core2-2006, sandybridge-2011, or a TOML file in their form.
+/// Engines: native, trap-emulate, hybrid, bt, paravirt, hw-ept, hw-shadow, kvm (or `all`).
+/// `kvm` is not a model: it boots the trace's guest on this host's KVM, checks each run
+/// ends as the trace does, and reports what it measured (exits, KVM's statistics, wall
+/// time and TSC cycles; its `cycles` are the median run's TSC cycles). Where /dev/kvm is
+/// unusable, or the backend cannot run the guest, its entry says why.
+/// Profiles: p4-2006 (default), core2-2006, sandybridge-2011, or a TOML file in their form
+/// (`virtlab calibrate host -o host.toml` measures one for this host).
 ///
 /// `--set` takes engine options and profile primitives. Options:
 ///   bt.lmsle=false              the host has long-mode segment limits
@@ -34,6 +42,8 @@ pub const EXIT_REFUSED: u8 = 4;
 ///   hw.tpr_shadow=true          CR8 accesses do not exit
 ///   hw.msr_bitmap=true          FS_BASE, GS_BASE and KERNEL_GS_BASE do not exit
 ///   hw.user_space_devices=true  device exits continue to a user-space device model
+///   kvm.runs=5                  runs of the guest on KVM, each in a fresh VM
+///   kvm.timeout=60              seconds one KVM run may take
 /// Profile primitives are `section.key` as in the profile files: `--set hw.exit=1000`.
 ///
 /// Example: `virtlab replay syscall.vlt --engine all --set bt.lmsle=true`
@@ -56,9 +66,12 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = super::parse_param)]
     settings: Vec<(String, String)>,
     /// Print a JSON array, one object per engine (keys: engine, profile, workload, instructions,
-    /// instructions_user, instructions_kernel, cycles, cycles_by_cause, exits, exits_total,
-    /// emulated_instructions, translations, hypercalls, page_table_updates_batched, page_table_update_batches,
-    /// shadow, holes, detectable, top_sites; a refusing engine gives engine and unsupported).
+    /// instructions_user, instructions_kernel, cycles, cycles_by_cause, cycles_by_primitive (profile key ->
+    /// cycles), exits, exits_total, emulated_instructions, translations, hypercalls, page_table_updates_batched,
+    /// page_table_update_batches, shadow (faults, traced and untraced pages, updates, resyncs), mechanism (vmcs
+    /// reads and writes, guest and hardware walk references, TLB fills, flushes and refills), holes, detectable,
+    /// top_sites; a refusing engine gives engine and unsupported; kvm adds
+    /// backend and measured, and gives null for what it does not observe).
     #[arg(long)]
     json: bool,
     /// Worker threads (default: one per core). Results do not depend on it.
@@ -74,6 +87,8 @@ pub struct Setup {
     pub engines: Vec<Box<dyn Engine>>,
     pub profile: Profile,
     pub options: Options,
+    /// Run the kvm engine too, with these options.
+    pub kvm: Option<virtlab_kvm::MeasureOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,16 +96,20 @@ pub struct Setup {
 pub struct UsageError(pub String);
 
 pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> anyhow::Result<Setup> {
-    let engines: Vec<Box<dyn Engine>> = if engines == "all" {
+    let all = engines == "all";
+    let mut kvm = (all || engines.split(',').any(|name| name.trim() == kvm_engine::ENGINE))
+        .then(virtlab_kvm::MeasureOptions::default);
+    let engines: Vec<Box<dyn Engine>> = if all {
         engine::all()
     } else {
         engines
             .split(',')
+            .filter(|name| name.trim() != kvm_engine::ENGINE)
             .map(|name| {
                 engine::by_name(name.trim()).ok_or_else(|| {
                     UsageError(format!(
                         "no engine named `{name}`; engines: native, trap-emulate, hybrid, bt, paravirt, hw-ept, \
-                         hw-shadow, or all"
+                         hw-shadow, kvm, or all"
                     ))
                 })
             })
@@ -101,6 +120,10 @@ pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> any
     for (key, value) in settings {
         if Options::has_key(key) {
             options.set(key, value).map_err(|e| UsageError(e.to_string()))?;
+        } else if kvm_engine::has_key(key) {
+            if let Some(kvm) = kvm.as_mut() {
+                kvm_engine::set_option(kvm, key, value)?;
+            }
         } else if Profile::has_key(key) {
             overrides.push((key.clone(), value.clone()));
         } else {
@@ -114,7 +137,7 @@ pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> any
         virtlab_engines::ProfileError::Read { .. } => anyhow::Error::new(e),
         other => UsageError(other.to_string()).into(),
     })?;
-    Ok(Setup { engines, profile, options })
+    Ok(Setup { engines, profile, options, kvm })
 }
 
 /// Open, check and prepare a trace held in memory.
@@ -146,6 +169,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Err(other) => bail!(anyhow::Error::new(other).context(format!("engine {} on {name}", engine.name()))),
         }
     }
+    // After the models, so that the measured runs have the host to themselves.
+    if let Some(kvm) = &setup.kvm {
+        let entry = kvm_engine::replay_entry(&trace.view, &setup.profile, kvm, args.top);
+        refused |= !entry["unsupported"].is_null();
+        objects.push(entry);
+    }
     let text =
         if args.json { serde_json::to_string_pretty(&objects)? } else { render(&name, &setup.profile, &objects) };
     super::finish_output(super::print_line(&text))?;
@@ -167,8 +196,15 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
         Hypercall::ALL.iter().map(|h| (h.name().into(), json!(m.hypercalls_by(*h)))).collect();
     let causes: Map<String, Value> =
         CycleCause::ALL.iter().map(|c| (c.name().into(), json!(m.cycles_for(*c)))).collect();
+    // Where the cycles came from, by profile primitive: what `validate` attributes a cell's cost to.
+    let primitives: Map<String, Value> = Primitive::ALL
+        .iter()
+        .filter(|p| m.cycles_by(**p) > 0)
+        .map(|p| (p.key().into(), json!(m.cycles_by(*p))))
+        .collect();
     let t = &m.translation;
     let s = &m.shadow;
+    let k = &m.mechanism;
     json!({
         "engine": engine,
         "profile": profile.name,
@@ -178,20 +214,29 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
         "instructions_kernel": m.instructions_kernel,
         "cycles": m.cycles(),
         "cycles_by_cause": causes,
+        "cycles_by_primitive": primitives,
         "exits": exits,
         "exits_total": m.exits_total(),
         "emulated_instructions": m.emulated_instructions,
         "translations": {
             "blocks": t.blocks, "instructions": t.instructions, "ident": t.ident, "non_ident": t.non_ident,
             "tc_bytes": t.tc_bytes, "chain_links": t.chain_links, "indirect_lookups": t.indirect_lookups,
-            "callouts": t.callouts, "in_tc_emulations": t.in_tc_emulations, "retranslations": t.retranslations,
+            "callouts": t.callouts, "in_tc_emulations": t.in_tc_emulations, "helper_calls": t.helper_calls,
+            "retranslations": t.retranslations,
         },
         "hypercalls": hypercalls,
         "page_table_updates_batched": m.page_table_updates_batched,
         "page_table_update_batches": m.hypercalls_by(Hypercall::MmuUpdate),
         "shadow": {
             "hidden_faults": s.hidden_faults, "true_faults": s.true_faults, "root_switches": s.root_switches,
-            "invalidations": s.invalidations, "traced_pages": s.traced_pages,
+            "invalidations": s.invalidations, "traced_pages": s.traced_pages, "untraced_pages": s.untraced_pages,
+            "untraced_writes": s.untraced_writes, "shadow_updates": s.shadow_updates,
+            "unsynced_tables": s.unsynced_tables, "resyncs": s.resyncs, "write_floods": s.write_floods,
+        },
+        "mechanism": {
+            "vmcs_reads": k.vmcs_reads, "vmcs_writes": k.vmcs_writes,
+            "guest_walk_references": k.guest_walk_references, "walk_references": k.walk_references,
+            "tlb_fills": k.tlb_fills, "tlb_flushes": k.tlb_flushes, "tlb_refills": k.tlb_refills,
         },
         "holes": findings(&m.holes()),
         "detectable": findings(&m.detectable_events()),
@@ -232,6 +277,8 @@ fn render(name: &str, profile: &Profile, objects: &[Value]) -> String {
         let cycles = o["cycles"].as_u64().unwrap_or(0);
         let ratio = native.filter(|n| *n > 0).map_or("-".to_string(), |n| format!("{:.2}", cycles as f64 / n as f64));
         let hypercalls: u64 = nonzero(&o["hypercalls"]).iter().map(|(_, n)| n).sum();
+        // A measured engine leaves what it cannot observe null: shown as "-", not as a zero.
+        let observed = |value: &Value, text: String| if value.is_null() { "-".to_string() } else { text };
         let _ = writeln!(
             out,
             "{:<13} {:>15} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10}",
@@ -239,11 +286,11 @@ fn render(name: &str, profile: &Profile, objects: &[Value]) -> String {
             cycles,
             ratio,
             o["exits_total"].as_u64().unwrap_or(0),
-            o["translations"]["callouts"].as_u64().unwrap_or(0),
-            hypercalls,
-            o["shadow"]["hidden_faults"].as_u64().unwrap_or(0),
-            count_of(&o["holes"]),
-            count_of(&o["detectable"]),
+            observed(&o["translations"], o["translations"]["callouts"].as_u64().unwrap_or(0).to_string()),
+            observed(&o["hypercalls"], hypercalls.to_string()),
+            observed(&o["shadow"], o["shadow"]["hidden_faults"].as_u64().unwrap_or(0).to_string()),
+            observed(&o["holes"], count_of(&o["holes"]).to_string()),
+            observed(&o["detectable"], count_of(&o["detectable"]).to_string()),
         );
     }
     for o in objects.iter().filter(|o| o["unsupported"].is_null()) {
@@ -257,8 +304,10 @@ fn render(name: &str, profile: &Profile, objects: &[Value]) -> String {
             }
         };
         out += &line("cycles", nonzero(&o["cycles_by_cause"]));
+        out += &line("primitives", nonzero(&o["cycles_by_primitive"]));
         out += &line("exits", nonzero(&o["exits"]));
         out += &line("hypercalls", nonzero(&o["hypercalls"]));
+        out += &kvm_engine::render_measured(o);
         if o["translations"]["blocks"].as_u64().unwrap_or(0) > 0 {
             out += &line("translated", nonzero(&o["translations"]));
         }

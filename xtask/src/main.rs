@@ -1,6 +1,8 @@
 //! Developer tasks: `cargo xtask <task>`. One module per task.
 
+mod bench;
 mod bench_engines;
+mod bench_kvm;
 mod bench_machine;
 mod bench_trace;
 mod ratios;
@@ -18,9 +20,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// The lab's main job: record the workload catalog (traces cached under target/virtlab-bench/traces by
+    /// image digest and recorder version), sweep every engine × profile, run the Adams & Agesen validation, and
+    /// write the results table and the HTML report. Prints the path of the report's index.html.
+    Bench(bench::Args),
     /// Measure the engines: replay speed per engine on one thread and the speed-up of all engines on two,
     /// on recorded catalog traces, with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchEngines(bench_engines::Args),
+    /// Measure the KVM engine's run loop against a bare KVM_RUN loop on the same exit-heavy guests: the cost of
+    /// one more exit under each, with a correctness column. Prints a Markdown table for BENCHMARKS.md.
+    BenchKvm(bench_kvm::Args),
     /// Measure the reference machine on the workload catalog: interpreting and recording speed, trace size,
     /// with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchMachine(bench_machine::Args),
@@ -38,7 +47,9 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
+        Task::Bench(args) => bench::run(&args),
         Task::BenchEngines(args) => bench_engines::run(&args),
+        Task::BenchKvm(args) => bench_kvm::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::Ratios(args) => ratios::run(&args),

@@ -6,10 +6,10 @@
 
 use std::io::Cursor;
 
-use anyhow::{ensure, Context};
+use anyhow::Context;
 use rayon::prelude::*;
 use virtlab_engines::{engine, replay_many, EngineError, Options, PreparedTrace, Profile};
-use virtlab_record::{record, RecordRequest};
+use virtlab_record::record_in_memory;
 use virtlab_traces::{check, Metadata, TraceView};
 
 #[derive(clap::Args)]
@@ -21,16 +21,8 @@ pub struct Args {
 
 fn record_at(name: &str, iterations: u64) -> anyhow::Result<Vec<u8>> {
     let image = virtlab_workloads::build(name, &[("iterations".into(), iterations.to_string())])?;
-    let request = RecordRequest {
-        image: &image.bytes,
-        metadata: Metadata { workload: name.into(), recorder: "xtask ratios".into(), ..Metadata::default() },
-        machine: virtlab_machine::MachineConfig::default(),
-        max_instructions: 1_000_000_000,
-        timeout: None,
-    };
-    let (out, summary) = record(Cursor::new(Vec::new()), request).with_context(|| format!("recording {name}"))?;
-    ensure!(summary.ending.exit_status == 0, "{name} did not exit cleanly: {}", summary.ending.detail);
-    Ok(out.into_inner())
+    let metadata = Metadata { workload: name.into(), recorder: "xtask ratios".into(), ..Metadata::default() };
+    record_in_memory(&image.bytes, metadata, 1_000_000_000).with_context(|| format!("recording {name}"))
 }
 
 /// Each engine's cycles on one recording (an error names an engine that refused), and whether every engine

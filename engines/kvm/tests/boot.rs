@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use virtlab_kvm::{probe, run, KvmConfig, KvmError, Probe};
+use virtlab_kvm::{probe, probe_device, run, KvmConfig, KvmError, Probe};
 use virtlab_machine::multiboot::{flat_image, FLAT_IMAGE_CODE_OFFSET, FLAT_IMAGE_LOAD};
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
 
@@ -86,6 +86,20 @@ fn a_triple_fault_is_reported_with_its_rip() {
     match run(&image, &config(Duration::from_secs(20))) {
         Err(KvmError::TripleFault { rip }) => assert_eq!(rip, faulting),
         other => panic!("expected a triple fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_missing_or_wrong_device_is_an_answer_saying_how_to_fix_it() {
+    match probe_device(c"/nonexistent/kvm") {
+        Probe::Unavailable(reason) => {
+            assert!(reason.contains("cannot open /nonexistent/kvm") && reason.contains("read-write access"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match probe_device(c"/dev/null") {
+        Probe::Unavailable(reason) => assert!(reason.contains("/dev/null opens but KVM_CREATE_VM fails"), "{reason}"),
+        other => panic!("{other:?}"),
     }
 }
 

@@ -258,6 +258,29 @@ pub enum RecordError {
     Load(#[from] LoadError),
     #[error("cannot write the trace: {0}")]
     Write(#[from] WriteError),
+    #[error(
+        "{workload} did not run to a clean exit on the reference machine ({reason:?}, exit status {status}): \
+         {detail}; `virtlab run` on the same image shows where it stops"
+    )]
+    UncleanExit { workload: String, reason: EndReason, status: u32, detail: String },
+}
+
+/// Records `image` in memory on the default reference machine, as `virtlab record` would, and insists that the
+/// guest ran to a clean exit: what validation, calibration, benchmarks and tests replay.
+pub fn record_in_memory(image: &[u8], metadata: Metadata, max_instructions: u64) -> Result<Vec<u8>, RecordError> {
+    let workload = metadata.workload.clone();
+    let request = RecordRequest { image, metadata, machine: MachineConfig::default(), max_instructions, timeout: None };
+    let (out, summary) = record(std::io::Cursor::new(Vec::new()), request)?;
+    let ending = summary.ending;
+    if ending.reason != EndReason::GuestExit || ending.exit_status != 0 {
+        return Err(RecordError::UncleanExit {
+            workload,
+            reason: ending.reason,
+            status: ending.exit_status,
+            detail: ending.detail,
+        });
+    }
+    Ok(out.into_inner())
 }
 
 /// Boots `request.image` on the reference machine, records its run into the trace at `path` (written

@@ -13,6 +13,9 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// One line on the strategy, for `--help` and reports.
     fn summary(&self) -> &'static str;
+    /// What the engine does with each instruction class and event under `options`: the table its replay derives
+    /// from.
+    fn table(&self, options: &Options) -> crate::strategy::Table;
     /// Begin replaying `trace` with `profile`'s costs. An engine that cannot model this trace with these options
     /// returns [`EngineError::Unsupported`] with the reason.
     fn start<'t>(
@@ -96,7 +99,10 @@ impl Default for Options {
 /// Every option key, its default and what it does, for `--help`.
 pub const OPTION_KEYS: [(&str, &str); 7] = [
     ("bt.lmsle", "false: the host has long-mode segment limits; without them bt refuses 64-bit guests"),
-    ("bt.adaptive_threshold", "4: tracing faults from one instruction before adaptive BT turns it into a callout"),
+    (
+        "bt.adaptive_threshold",
+        "4: tracing faults from one instruction before adaptive BT makes it call the write helper",
+    ),
     ("bt.in_tc_ports", "0x80: comma-separated ports emulated inside the translation cache"),
     ("paravirt.guest_bits", "auto: 32 or 64, the paravirtualized kernel's width (auto: from the trace)"),
     ("hw.tpr_shadow", "true: CR8 accesses do not exit"),
@@ -173,6 +179,24 @@ pub fn all() -> Vec<Box<dyn Engine>> {
         Box::new(crate::engines::hw::HardwareAssist { nested_paging: true }),
         Box::new(crate::engines::hw::HardwareAssist { nested_paging: false }),
     ]
+}
+
+/// Every engine's strategy table under `options`, titled by engine, in the order of [`all`]; a paravirtualized
+/// guest's table depends on its width, so `paravirt` gives two, the 64-bit one first (unless `options` fixes
+/// the width).
+pub fn tables(options: &Options) -> Vec<(String, crate::strategy::Table)> {
+    let mut tables = Vec::new();
+    for engine in all() {
+        if engine.name() == "paravirt" && options.paravirt_guest_bits == GuestBits::Auto {
+            for (bits, title) in [(GuestBits::Bits64, "paravirt (64-bit)"), (GuestBits::Bits32, "paravirt (32-bit)")] {
+                let fixed = Options { paravirt_guest_bits: bits, ..options.clone() };
+                tables.push((title.to_string(), engine.table(&fixed)));
+            }
+        } else {
+            tables.push((engine.name().to_string(), engine.table(options)));
+        }
+    }
+    tables
 }
 
 /// The engine called `name`.

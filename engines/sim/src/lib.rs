@@ -12,18 +12,24 @@ pub mod classify;
 pub mod engine;
 mod engines;
 mod fasthash;
+mod mechanism;
 pub mod metrics;
+mod plan;
+pub mod primitive;
 pub mod profile;
 mod replay;
 pub mod shadow;
+pub mod strategy;
+mod tlb;
 mod trace;
 pub mod translate;
 
 pub use engine::{Engine, EngineError, GuestBits, OptionError, Options, Run, OPTION_KEYS};
 pub use engines::bt::NEEDS_LMSLE;
 pub use engines::paravirt::MAX_BATCH;
-pub use metrics::{CycleCause, ExitReason, Finding, Hypercall, Metrics, Site, SiteCause};
-pub use profile::{Profile, ProfileError};
+pub use metrics::{CycleCause, ExitReason, Finding, Hypercall, MechanismStats, Metrics, Site, SiteCause};
+pub use primitive::Primitive;
+pub use profile::{Profile, ProfileError, Provenance};
 pub use trace::PreparedTrace;
 
 use std::sync::Mutex;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::fasthash::FastMap;
+use crate::primitive::Primitive;
 
 /// Why control left the guest (a VM exit, a trap into a software monitor, a fault into the hypervisor).
 ///
@@ -276,6 +277,8 @@ pub struct TranslationStats {
     pub callouts: u64,
     /// Executions of privileged or sensitive instructions emulated inside the translation cache.
     pub in_tc_emulations: u64,
+    /// Executions of calls from translated code to an in-TC monitor helper (port I/O, page-table writes).
+    pub helper_calls: u64,
     /// CCFs translated again because adaptive BT found an instruction guilty of repeated tracing faults.
     pub retranslations: u64,
 }
@@ -291,8 +294,38 @@ pub struct ShadowStats {
     pub root_switches: u64,
     /// Shadow entries dropped (INVLPG, writes to traced page tables, flushes).
     pub invalidations: u64,
-    /// Guest page-table pages write-protected so their writes trace.
+    /// Guest page-table pages write-protected when a shadow was first built from them (each time one was).
     pub traced_pages: u64,
+    /// Guest page-table pages that stopped being traced because no shadow used them any more.
+    pub untraced_pages: u64,
+    /// Page-table writes that did not trap: no shadow used the page (or it was out of sync).
+    pub untraced_writes: u64,
+    /// Traced writes propagated into a shadow (one per shadow of the page the write covered).
+    pub shadow_updates: u64,
+    /// Leaf tables that went out of sync (`monitor.unsync_leaf_tables`), and re-synchronizations of them.
+    pub unsynced_tables: u64,
+    pub resyncs: u64,
+    /// Pages the monitor stopped shadowing after a burst of writes (`monitor.write_flood_threshold`).
+    pub write_floods: u64,
+}
+
+/// The mechanisms' own counts, beneath the exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MechanismStats {
+    /// VMCS fields read and written by the exit handlers (first-generation VT-x exit handling).
+    pub vmcs_reads: u64,
+    pub vmcs_writes: u64,
+    /// Guest page-table entries the monitor read in software (shadow fills, classifying page faults, fetching
+    /// an exiting instruction).
+    pub guest_walk_references: u64,
+    /// Memory references of the processor's own page walks: TLB fills (nested ones two-dimensional).
+    pub walk_references: u64,
+    /// TLB fills after first touches, as the trace records them.
+    pub tlb_fills: u64,
+    /// TLB flushes a mechanism adds (VM transitions without VPID, paravirt page-table switches), and the pages
+    /// refilled after them.
+    pub tlb_flushes: u64,
+    pub tlb_refills: u64,
 }
 
 /// A place where the guest would see something a native machine would not show it.
@@ -346,7 +379,10 @@ pub struct Metrics {
     /// Page-table updates that travelled in `mmu_update` batches (one batch per `mmu_update` hypercall).
     pub page_table_updates_batched: u64,
     pub shadow: ShadowStats,
+    pub mechanism: MechanismStats,
     pub millicycles: [u64; CycleCause::COUNT],
+    /// The same millicycles, by the profile primitive that priced them.
+    pub by_primitive: [u64; Primitive::COUNT],
     holes: BTreeMap<(&'static str, u64), u64>,
     detectable: BTreeMap<(&'static str, u64), u64>,
     sites: FastMap<(u64, SiteCause), u64>,
@@ -363,7 +399,9 @@ impl Default for Metrics {
             hypercalls: [0; Hypercall::COUNT],
             page_table_updates_batched: 0,
             shadow: ShadowStats::default(),
+            mechanism: MechanismStats::default(),
             millicycles: [0; CycleCause::COUNT],
+            by_primitive: [0; Primitive::COUNT],
             holes: BTreeMap::new(),
             detectable: BTreeMap::new(),
             sites: FastMap::default(),
@@ -419,8 +457,15 @@ impl Metrics {
         self.hypercalls[kind as usize]
     }
 
-    pub fn charge(&mut self, cause: CycleCause, millicycles: u64) {
+    /// Charge `millicycles` to `cause`, priced by `primitive`.
+    pub fn charge(&mut self, cause: CycleCause, primitive: Primitive, millicycles: u64) {
         self.millicycles[cause as usize] += millicycles;
+        self.by_primitive[primitive as usize] += millicycles;
+    }
+
+    /// Cycles priced by one primitive, rounded.
+    pub fn cycles_by(&self, primitive: Primitive) -> u64 {
+        (self.by_primitive[primitive as usize] + 500) / 1000
     }
 
     pub fn hole(&mut self, kind: &'static str, address: u64, count: u64) {

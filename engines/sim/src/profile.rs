@@ -1,13 +1,22 @@
-//! Cost profiles: the primitive costs, in cycles, that engines multiply by the events their mechanism produces.
+//! Cost profiles: the primitives ([`Primitive`]) that engines multiply by what their mechanism does on a trace.
 //!
-//! A profile is a TOML file; every primitive carries its source or its derivation in a comment (see `profiles/`).
-//! The loader is strict: an unknown key, a missing key or a value that is not a finite non-negative number is
-//! an error naming the file and the key. A profile never stores a benchmark's answer; totals emerge from
-//! primitives times mechanism.
+//! A profile is a TOML file. Every primitive is an inline table with its value, its provenance and its source:
+//!
+//! ```toml
+//! [hw]
+//! exit = { value = 1931, provenance = "published", source = "Adams & Agesen 2006, Table 1: page-fault VM exit" }
+//! ```
+//!
+//! Provenance says how far a value can be trusted as evidence ([`Provenance`]): a `calibrated` primitive was set
+//! from a column of a table the lab validates against, so the cells it dominates are not evidence. The loader
+//! is strict: an unknown key, a missing key, a primitive without provenance or source, or a value outside its
+//! unit's range is an error naming the file and the key. A profile never stores a benchmark's answer; totals
+//! emerge from primitives times mechanism.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::Deserialize;
+pub use crate::primitive::{Primitive, Unit};
 
 /// Profiles shipped with the lab, by name.
 pub const BUILT_IN: [(&str, &str); 3] = [
@@ -16,99 +25,64 @@ pub const BUILT_IN: [(&str, &str); 3] = [
     ("sandybridge-2011", include_str!("../profiles/sandybridge-2011.toml")),
 ];
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where a primitive's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provenance {
+    /// A figure published for this processor (or monitor), cited in `source`.
+    Published,
+    /// Computed from published figures or from code, with the computation in `source`.
+    Derived,
+    /// No published figure at hand: reasoning in `source`; fixed from sources outside any validated table.
+    Estimate,
+    /// Set from a column of a table the lab validates against (the paper's native column): the cells it
+    /// dominates are not evidence.
+    Calibrated,
+    /// Measured on the machine at hand (`virtlab calibrate host`).
+    Measured,
+    /// Given on the command line (`--set`).
+    Set,
+}
+
+impl Provenance {
+    pub const ALL: [Provenance; 6] = [
+        Provenance::Published,
+        Provenance::Derived,
+        Provenance::Estimate,
+        Provenance::Calibrated,
+        Provenance::Measured,
+        Provenance::Set,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provenance::Published => "published",
+            Provenance::Derived => "derived",
+            Provenance::Estimate => "estimate",
+            Provenance::Calibrated => "calibrated",
+            Provenance::Measured => "measured",
+            Provenance::Set => "set",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Provenance> {
+        Provenance::ALL.into_iter().find(|p| p.name() == text && *p != Provenance::Set)
+    }
+}
+
+/// One primitive's value, provenance and source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub value: f64,
+    pub provenance: Provenance,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
     pub name: String,
     pub description: String,
     pub clock_ghz: f64,
-    pub native: Native,
-    pub monitor: Monitor,
-    pub bt: BinaryTranslation,
-    pub paravirt: Paravirt,
-    pub hw: Hardware,
-}
-
-/// What the bare processor charges.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Native {
-    pub cycles_per_instruction: f64,
-    pub call_return: f64,
-    pub divide: f64,
-    pub multiply: f64,
-    pub rep_startup: f64,
-    pub rep_movs_bytes_per_cycle: f64,
-    pub rep_stos_bytes_per_cycle: f64,
-    pub rep_element: f64,
-    pub syscall: f64,
-    pub sysret: f64,
-    pub exception: f64,
-    pub iret: f64,
-    pub mov_to_cr: f64,
-    pub mov_from_cr: f64,
-    pub cli_sti: f64,
-    pub popf_pushf: f64,
-    pub invlpg: f64,
-    pub tlb_fill: f64,
-    pub port_io: f64,
-    pub mmio: f64,
-    pub cpuid: f64,
-    pub rdtsc: f64,
-    pub msr: f64,
-    pub descriptor_load: f64,
-    pub descriptor_store: f64,
-    pub swapgs: f64,
-    pub hlt: f64,
-}
-
-/// The software monitor's own work, shared by trap-and-emulate, hybrid, BT and the hardware-assisted VMM.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Monitor {
-    pub trap: f64,
-    pub decode: f64,
-    pub emulate: f64,
-    pub reflect: f64,
-    pub device: f64,
-    pub interpret: f64,
-    pub shadow_fill: f64,
-    pub shadow_switch: f64,
-    pub shadow_invalidate: f64,
-    pub shadow_update: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BinaryTranslation {
-    pub translate_per_instruction: f64,
-    pub indirect_lookup: f64,
-    pub callout: f64,
-    pub continuation: f64,
-    pub in_tc_helper: f64,
-    pub pending_interrupt_check: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Paravirt {
-    pub hypercall: f64,
-    pub update_validation: f64,
-    pub page_table_switch: f64,
-    pub upcall: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hardware {
-    pub exit: f64,
-    pub entry: f64,
-    pub vmread: f64,
-    pub vmreads_per_exit: f64,
-    pub vmwrite: f64,
-    pub vmwrites_per_injection: f64,
-    pub ept_violation: f64,
-    pub user_space_exit: f64,
+    entries: Vec<Entry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +98,9 @@ pub enum ProfileError {
     #[error("--set {key}: {message}")]
     BadOverride { key: String, message: String },
 }
+
+const TOP_LEVEL: [&str; 3] = ["name", "description", "clock_ghz"];
+const ENTRY_FIELDS: [&str; 3] = ["value", "provenance", "source"];
 
 impl Profile {
     /// A built-in profile by name, or a TOML file by path.
@@ -148,45 +125,141 @@ impl Profile {
     /// Parse profile text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str, overrides: &[(String, String)]) -> Result<Profile, ProfileError> {
         let invalid = |message: String| ProfileError::Invalid { origin: origin.to_string(), message };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
-        for (key, value) in overrides {
-            apply_override(&mut table, key, value)?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        let known_sections: Vec<&str> = Primitive::ALL.iter().map(|p| p.section()).collect();
+        for (key, value) in &table {
+            match value {
+                toml::Value::Table(section) if known_sections.contains(&key.as_str()) => {
+                    for name in section.keys() {
+                        if !Primitive::ALL.iter().any(|p| p.section() == key && p.name() == name) {
+                            return Err(invalid(format!("unknown primitive `{key}.{name}`")));
+                        }
+                    }
+                }
+                _ if TOP_LEVEL.contains(&key.as_str()) => {}
+                _ => return Err(invalid(format!("unknown key `{key}`"))),
+            }
         }
-        let profile: Profile = table.try_into().map_err(|e: toml::de::Error| invalid(e.message().to_string()))?;
+        let string = |key: &str| -> Result<String, ProfileError> {
+            match table.get(key) {
+                Some(toml::Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(invalid(format!("`{key}` must be a string"))),
+                None => Err(invalid(format!("missing `{key}`"))),
+            }
+        };
+        let name = string("name")?;
+        let description = string("description")?;
+        let clock_ghz = match table.get("clock_ghz").and_then(number) {
+            Some(clock) => clock,
+            None => return Err(invalid("missing or non-numeric `clock_ghz`".into())),
+        };
+        let mut entries = Vec::with_capacity(Primitive::COUNT);
+        for &primitive in Primitive::ALL {
+            let field = table.get(primitive.section()).and_then(|s| s.as_table()).and_then(|s| s.get(primitive.name()));
+            entries.push(entry(primitive, field).map_err(invalid)?);
+        }
+        let mut profile = Profile { name, description, clock_ghz, entries };
+        for (key, value) in overrides {
+            profile.apply_override(key, value)?;
+        }
         profile.validate(origin)?;
         Ok(profile)
     }
 
     /// Whether `section.key` names a primitive of a profile (as opposed to an engine option).
     pub fn has_key(key: &str) -> bool {
-        let Some((section, field)) = key.split_once('.') else { return false };
-        let table: toml::Table = BUILT_IN[0].1.parse().expect("built-in profiles parse");
-        table.get(section).and_then(|s| s.as_table()).is_some_and(|s| s.contains_key(field))
+        Primitive::ALL.iter().any(|p| p.key() == key)
+    }
+
+    pub fn entry(&self, primitive: Primitive) -> &Entry {
+        &self.entries[primitive as usize]
+    }
+
+    pub fn get(&self, primitive: Primitive) -> f64 {
+        self.entry(primitive).value
+    }
+
+    /// The primitive in millicycles, rounded: the unit engines add up.
+    pub fn mc(&self, primitive: Primitive) -> u64 {
+        mc(self.get(primitive))
+    }
+
+    /// A flag primitive.
+    pub fn flag(&self, primitive: Primitive) -> bool {
+        self.get(primitive) != 0.0
+    }
+
+    /// A count primitive.
+    pub fn count(&self, primitive: Primitive) -> u64 {
+        self.get(primitive) as u64
+    }
+
+    /// Replace a primitive (what `calibrate host` measured); the profile stays valid only for in-range values,
+    /// which [`Profile::parse`] of [`Profile::to_toml`] checks.
+    pub fn set(&mut self, primitive: Primitive, entry: Entry) {
+        self.entries[primitive as usize] = entry;
+    }
+
+    /// Every primitive with its entry, in profile order.
+    pub fn entries(&self) -> impl Iterator<Item = (Primitive, &Entry)> {
+        Primitive::ALL.iter().map(move |&p| (p, self.entry(p)))
+    }
+
+    /// The profile as TOML that [`Profile::parse`] reads back, `header` lines first as comments.
+    pub fn to_toml(&self, header: &[String]) -> String {
+        let mut out = String::new();
+        for line in header {
+            let _ = writeln!(out, "# {line}");
+        }
+        let _ = writeln!(out, "\nname = {}", quoted(&self.name));
+        let _ = writeln!(out, "description = {}", quoted(&self.description));
+        let _ = writeln!(out, "clock_ghz = {}", self.clock_ghz);
+        let mut section = "";
+        for (primitive, entry) in self.entries() {
+            if primitive.section() != section {
+                section = primitive.section();
+                let _ = writeln!(out, "\n[{section}]");
+            }
+            let _ = writeln!(
+                out,
+                "{} = {{ value = {}, provenance = \"{}\", source = {} }}",
+                primitive.name(),
+                entry.value,
+                entry.provenance.name(),
+                quoted(&entry.source)
+            );
+        }
+        out
+    }
+
+    fn apply_override(&mut self, key: &str, value: &str) -> Result<(), ProfileError> {
+        let bad = |message: String| ProfileError::BadOverride { key: key.to_string(), message };
+        let primitive =
+            Primitive::ALL.iter().copied().find(|p| p.key() == key).ok_or_else(|| {
+                bad("no such primitive in the profile (`virtlab replay --help` lists the keys)".into())
+            })?;
+        let number: f64 = value.parse().map_err(|_| bad(format!("`{value}` is not a number")))?;
+        self.entries[primitive as usize] =
+            Entry { value: number, provenance: Provenance::Set, source: format!("--set {key}={value}") };
+        Ok(())
     }
 
     fn validate(&self, origin: &str) -> Result<(), ProfileError> {
-        for (key, value) in self.primitives() {
-            if !(0.0..=MAX_PRIMITIVE).contains(&value) {
+        for (primitive, entry) in self.entries() {
+            let (range, expected) = match primitive.unit() {
+                Unit::Cycles => (0.0..=MAX_PRIMITIVE, "cycles from 0 to 1e9"),
+                // A rate divides: zero would make a copy infinitely slow.
+                Unit::BytesPerCycle => (MIN_RATE..=1e6, "a rate from 0.001 to 1e6 bytes per cycle"),
+                Unit::Count => (0.0..=1e6, "a whole count from 0 to 1e6"),
+                Unit::Flag => (0.0..=1.0, "0 or 1"),
+            };
+            let whole = !matches!(primitive.unit(), Unit::Count | Unit::Flag) || entry.value.fract() == 0.0;
+            if !range.contains(&entry.value) || !whole {
                 return Err(ProfileError::BadValue {
                     origin: origin.to_string(),
-                    key: key.to_string(),
-                    value,
-                    expected: "cycles from 0 to 1e9",
-                });
-            }
-        }
-        let rates = [
-            ("native.rep_movs_bytes_per_cycle", self.native.rep_movs_bytes_per_cycle),
-            ("native.rep_stos_bytes_per_cycle", self.native.rep_stos_bytes_per_cycle),
-        ];
-        for (key, value) in rates {
-            // A rate divides: zero would make a copy infinitely slow.
-            if value < MIN_RATE {
-                return Err(ProfileError::BadValue {
-                    origin: origin.to_string(),
-                    key: key.to_string(),
-                    value,
-                    expected: "a rate of at least 0.001 bytes per cycle",
+                    key: primitive.key().to_string(),
+                    value: entry.value,
+                    expected,
                 });
             }
         }
@@ -200,87 +273,58 @@ impl Profile {
         }
         Ok(())
     }
+}
 
-    /// Every primitive with its `section.key` name, in file order.
-    pub fn primitives(&self) -> Vec<(&'static str, f64)> {
-        let n = &self.native;
-        let m = &self.monitor;
-        let b = &self.bt;
-        let p = &self.paravirt;
-        let h = &self.hw;
-        vec![
-            ("native.cycles_per_instruction", n.cycles_per_instruction),
-            ("native.call_return", n.call_return),
-            ("native.divide", n.divide),
-            ("native.multiply", n.multiply),
-            ("native.rep_startup", n.rep_startup),
-            ("native.rep_movs_bytes_per_cycle", n.rep_movs_bytes_per_cycle),
-            ("native.rep_stos_bytes_per_cycle", n.rep_stos_bytes_per_cycle),
-            ("native.rep_element", n.rep_element),
-            ("native.syscall", n.syscall),
-            ("native.sysret", n.sysret),
-            ("native.exception", n.exception),
-            ("native.iret", n.iret),
-            ("native.mov_to_cr", n.mov_to_cr),
-            ("native.mov_from_cr", n.mov_from_cr),
-            ("native.cli_sti", n.cli_sti),
-            ("native.popf_pushf", n.popf_pushf),
-            ("native.invlpg", n.invlpg),
-            ("native.tlb_fill", n.tlb_fill),
-            ("native.port_io", n.port_io),
-            ("native.mmio", n.mmio),
-            ("native.cpuid", n.cpuid),
-            ("native.rdtsc", n.rdtsc),
-            ("native.msr", n.msr),
-            ("native.descriptor_load", n.descriptor_load),
-            ("native.descriptor_store", n.descriptor_store),
-            ("native.swapgs", n.swapgs),
-            ("native.hlt", n.hlt),
-            ("monitor.trap", m.trap),
-            ("monitor.decode", m.decode),
-            ("monitor.emulate", m.emulate),
-            ("monitor.reflect", m.reflect),
-            ("monitor.device", m.device),
-            ("monitor.interpret", m.interpret),
-            ("monitor.shadow_fill", m.shadow_fill),
-            ("monitor.shadow_switch", m.shadow_switch),
-            ("monitor.shadow_invalidate", m.shadow_invalidate),
-            ("monitor.shadow_update", m.shadow_update),
-            ("bt.translate_per_instruction", b.translate_per_instruction),
-            ("bt.indirect_lookup", b.indirect_lookup),
-            ("bt.callout", b.callout),
-            ("bt.continuation", b.continuation),
-            ("bt.in_tc_helper", b.in_tc_helper),
-            ("bt.pending_interrupt_check", b.pending_interrupt_check),
-            ("paravirt.hypercall", p.hypercall),
-            ("paravirt.update_validation", p.update_validation),
-            ("paravirt.page_table_switch", p.page_table_switch),
-            ("paravirt.upcall", p.upcall),
-            ("hw.exit", h.exit),
-            ("hw.entry", h.entry),
-            ("hw.vmread", h.vmread),
-            ("hw.vmreads_per_exit", h.vmreads_per_exit),
-            ("hw.vmwrite", h.vmwrite),
-            ("hw.vmwrites_per_injection", h.vmwrites_per_injection),
-            ("hw.ept_violation", h.ept_violation),
-            ("hw.user_space_exit", h.user_space_exit),
-        ]
+fn number(value: &toml::Value) -> Option<f64> {
+    match value {
+        toml::Value::Integer(i) => Some(*i as f64),
+        toml::Value::Float(f) => Some(*f),
+        _ => None,
     }
 }
 
-fn apply_override(table: &mut toml::Table, key: &str, value: &str) -> Result<(), ProfileError> {
-    let bad = |message: &str| ProfileError::BadOverride { key: key.to_string(), message: message.to_string() };
-    let (section, field) = key
-        .split_once('.')
-        .ok_or_else(|| bad("expected section.key, for example native.cycles_per_instruction=0.3"))?;
-    let number: f64 = value.parse().map_err(|_| bad(&format!("`{value}` is not a number")))?;
-    let slot = table
-        .get_mut(section)
-        .and_then(|s| s.as_table_mut())
-        .and_then(|s| s.get_mut(field))
-        .ok_or_else(|| bad("no such primitive in the profile (see `virtlab replay --help` for the keys)"))?;
-    *slot = toml::Value::Float(number);
-    Ok(())
+fn entry(primitive: Primitive, field: Option<&toml::Value>) -> Result<Entry, String> {
+    let key = primitive.key();
+    let expected = "an inline table { value = …, provenance = \"published|derived|estimate|calibrated|measured\", \
+                    source = \"…\" }";
+    let Some(field) = field else { return Err(format!("missing primitive `{key}`")) };
+    let Some(table) = field.as_table() else { return Err(format!("`{key}` must be {expected}")) };
+    if let Some(unknown) = table.keys().find(|k| !ENTRY_FIELDS.contains(&k.as_str())) {
+        return Err(format!("`{key}` has an unknown field `{unknown}`; expected {expected}"));
+    }
+    let value = table
+        .get("value")
+        .and_then(number)
+        .ok_or_else(|| format!("`{key}` has no numeric `value`; expected {expected}"))?;
+    let provenance = table
+        .get("provenance")
+        .and_then(|p| p.as_str())
+        .and_then(Provenance::parse)
+        .ok_or_else(|| format!("`{key}` has no valid `provenance`; expected {expected}"))?;
+    let source = table
+        .get("source")
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| format!("`{key}` has no `source`; expected {expected}"))?;
+    Ok(Entry { value, provenance, source: source.to_string() })
+}
+
+/// A TOML basic string.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The largest primitive the loader accepts, in cycles: far above any real cost, and small enough that no sum of
@@ -290,7 +334,7 @@ const MAX_PRIMITIVE: f64 = 1e9;
 /// The slowest string bandwidth the loader accepts, in bytes per cycle.
 const MIN_RATE: f64 = 0.001;
 
-/// Millicycles of a cycle count, rounded: the unit engines add up.
+/// Millicycles of a cycle count, rounded.
 pub(crate) fn mc(cycles: f64) -> u64 {
     (cycles * 1000.0).round() as u64
 }
@@ -300,39 +344,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_built_in_profile_loads() {
-        for (name, _) in BUILT_IN {
+    fn every_built_in_profile_loads_with_a_provenance_and_source_for_every_primitive() {
+        for (name, text) in BUILT_IN {
             let profile = Profile::load(name).unwrap();
             assert_eq!(profile.name, name);
-            assert_eq!(profile.primitives().len(), 55);
+            assert_eq!(profile.entries().count(), Primitive::COUNT);
+            assert!(profile.entries().all(|(_, e)| !e.source.is_empty()));
+            // What to_toml writes reads back to the same profile.
+            let again = Profile::parse(&profile.to_toml(&["round trip".into()]), "again", &[]).unwrap();
+            assert_eq!(again, profile, "{name}");
+            assert!(text.contains("provenance"));
         }
     }
 
     #[test]
-    fn unknown_and_missing_keys_are_named() {
+    fn unknown_missing_and_unsourced_primitives_are_named() {
         let text = BUILT_IN[0].1;
-        let extra = text.replace("[native]\n", "[native]\nturbo = 1\n");
+        let extra =
+            text.replace("[native]\n", "[native]\nturbo = { value = 1, provenance = \"estimate\", source = \"x\" }\n");
         let err = Profile::parse(&extra, "x.toml", &[]).unwrap_err().to_string();
-        assert!(err.contains("x.toml") && err.contains("turbo"), "{err}");
+        assert!(err.contains("x.toml") && err.contains("native.turbo"), "{err}");
 
         let missing: String = text.lines().filter(|l| !l.starts_with("iret ")).collect::<Vec<_>>().join("\n");
         let err = Profile::parse(&missing, "y.toml", &[]).unwrap_err().to_string();
-        assert!(err.contains("y.toml") && err.contains("iret"), "{err}");
+        assert!(err.contains("y.toml") && err.contains("native.iret"), "{err}");
 
-        let negative = text.replace("swapgs = ", "swapgs = -");
-        let err = Profile::parse(&negative, "z.toml", &[]).unwrap_err().to_string();
-        assert!(err.contains("native.swapgs"), "{err}");
+        let unsourced: String = text
+            .lines()
+            .map(|l| if l.starts_with("iret ") { "iret = { value = 300, provenance = \"estimate\" }" } else { l })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let err = Profile::parse(&unsourced, "z.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("native.iret") && err.contains("no `source`"), "{err}");
 
-        let stalled = Profile::load_with("p4-2006", &[("native.rep_movs_bytes_per_cycle".into(), "0".into())]);
-        let err = stalled.unwrap_err().to_string();
-        assert!(err.contains("native.rep_movs_bytes_per_cycle") && err.contains("at least"), "{err}");
+        let unknown_provenance = text.replacen("provenance = \"estimate\"", "provenance = \"guess\"", 1);
+        let err = Profile::parse(&unknown_provenance, "w.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("no valid `provenance`"), "{err}");
+
+        let bare = text.replacen("swapgs = {", "swapgs = 20\nignored = {", 1);
+        let err = Profile::parse(&bare, "v.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("v.toml"), "{err}");
     }
 
     #[test]
-    fn overrides_replace_one_primitive_and_reject_unknown_keys() {
+    fn overrides_replace_one_primitive_mark_it_set_and_reject_unknown_keys() {
         let set = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
         let profile = Profile::load_with("p4-2006", &set("bt.callout", "999")).unwrap();
-        assert_eq!(profile.bt.callout, 999.0);
+        assert_eq!(profile.get(Primitive::Callout), 999.0);
+        assert_eq!(profile.entry(Primitive::Callout).provenance, Provenance::Set);
         let err = Profile::load_with("p4-2006", &set("bt.warp", "1")).unwrap_err().to_string();
         assert!(err.contains("bt.warp"), "{err}");
         let err = Profile::load_with("p4-2006", &set("bt.callout", "fast")).unwrap_err().to_string();
@@ -340,6 +399,10 @@ mod tests {
         assert!(Profile::has_key("hw.exit") && !Profile::has_key("bt.lmsle"));
         let err = Profile::load_with("p4-2006", &set("hw.exit", "1e300")).unwrap_err().to_string();
         assert!(err.contains("hw.exit") && err.contains("0 to 1e9"), "{err}");
+        let err = Profile::load_with("p4-2006", &set("native.rep_movs_bytes_per_cycle", "0")).unwrap_err().to_string();
+        assert!(err.contains("native.rep_movs_bytes_per_cycle") && err.contains("0.001"), "{err}");
+        let err = Profile::load_with("p4-2006", &set("hw.vpid", "0.5")).unwrap_err().to_string();
+        assert!(err.contains("hw.vpid") && err.contains("0 or 1"), "{err}");
     }
 
     #[test]
@@ -349,7 +412,7 @@ mod tests {
         let path = dir.join("mine.toml");
         std::fs::write(&path, BUILT_IN[2].1.replace("name = \"sandybridge-2011\"", "name = \"mine\"")).unwrap();
         let profile = Profile::load(path.to_str().unwrap()).unwrap();
-        assert_eq!((profile.name.as_str(), profile.hw.exit), ("mine", 438.0));
+        assert_eq!((profile.name.as_str(), profile.get(Primitive::Exit)), ("mine", 438.0));
         let missing = dir.join("gone.toml");
         let err = Profile::load(missing.to_str().unwrap()).unwrap_err();
         assert!(matches!(err, ProfileError::Read { .. }) && err.to_string().contains("gone.toml"), "{err}");

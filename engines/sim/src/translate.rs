@@ -14,17 +14,23 @@
 //! allows: it has no red zone, since interrupts write there too. Each guest instruction is translated by the first
 //! rule that applies:
 //!
-//! - **Callout**: instructions in `forced_callouts` (adaptive BT, §3.2: innocuous instructions that keep taking
-//!   tracing faults), uses of `%gs` itself (MOV/PUSH/POP GS, LGS, SWAPGS, RD/WRGSBASE), and the sensitive
+//! - **HelperCall** (in-TC helpers, reached by a CALL through the vCPU area and running in the TC's context):
+//!   instructions in `guilty` (adaptive BT, §3.2: innocuous instructions that keep taking tracing faults call
+//!   [`vcpu::WRITE_HELPER`], which performs the store and propagates it into the shadows), and IN/OUT with an
+//!   immediate port listed in `in_tc_ports` (emulated by [`vcpu::IO_HELPER`] against the device model). The CCF
+//!   stores the instruction's guest address in SCRATCH first.
+//! - **Callout**: uses of `%gs` itself (MOV/PUSH/POP GS, LGS, SWAPGS, RD/WRGSBASE), and the sensitive
 //!   instructions no rule below handles: privileged ones, far transfers, LAR/LSL/VERR/VERW, CPUID, RDTSCP,
-//!   SYSCALL/SYSRET, IRET, INT n, HLT, port I/O outside `in_tc_ports`. The CCF stores the instruction's guest
-//!   address in SCRATCH and calls through [`vcpu::CALLOUT`] (the monitor emulates it and returns), or jumps through
+//!   SYSCALL/SYSRET, IRET, INT n, HLT, other port I/O. The CCF stores the instruction's guest address in SCRATCH
+//!   and calls through [`vcpu::CALLOUT`] (the monitor emulates it and returns), or jumps through
 //!   [`vcpu::CALLOUT_LEAVE`] when control does not come back to the next instruction (SYSCALL, SYSRET, IRET, INT n,
 //!   HLT, far transfers, UD2). A rewrite that cannot be expressed (see below) falls back to a callout.
 //! - **InTc** (§3.1: simple privileged operations run in the TC against the virtual CPU state): CLI/STI,
-//!   PUSHF/POPF, MOV to/from CR8, MOV from CR0/CR2/CR3/CR4, SGDT/SIDT/SLDT/STR/SMSW, MOV from and PUSH of CS/SS,
-//!   RDTSC, and IN/OUT with an immediate port listed in `in_tc_ports` (IN loads all ones, OUT is a NOP) are
-//!   emulated by a few instructions against the vCPU area; [`vcpu`] gives each field's use.
+//!   PUSHF/POPF, MOV to/from CR8, MOV from CR0/CR2/CR3/CR4, SGDT/SIDT/SLDT/STR/SMSW, MOV from and PUSH of CS/SS
+//!   and RDTSC are emulated by a few instructions against the vCPU area; [`vcpu`] gives each field's use. STI,
+//!   POPF and a CR8 write can unmask a pending virtual interrupt: their sequence ends with a check of
+//!   [`vcpu::PENDING`] (kept inside PUSHF/POPF, since the test clobbers the flags) that calls
+//!   [`vcpu::INTERRUPT_HELPER`] when one is deliverable.
 //! - **DirectBranch** (JMP, Jcc, LOOP, JrCXZ) and **DirectCall** (CALL rel, which pushes the *guest* return
 //!   address): every exit is a continuation stub that stores the guest target in SCRATCH and jumps through
 //!   [`vcpu::CONTINUATION`]. The monitor later patches a stub into a direct jump to the target's CCF (chaining), so
@@ -55,6 +61,7 @@ use iced_x86::{
 use virtlab_traces::Block;
 
 use crate::classify::{classify, Op};
+use crate::strategy::Emitted;
 
 /// The monitor's per-vCPU area, reached through `%gs`: byte offsets of its fields. Every field is 8 bytes unless
 /// noted; 16- and 32-bit code reads the low 2 or 4 bytes.
@@ -102,42 +109,79 @@ pub mod vcpu {
     /// Continuation (translator) entry: translate the guest address in SCRATCH if needed, chain the calling stub
     /// to its CCF, and jump there.
     pub const CONTINUATION: u32 = 0xb0;
+    /// In-TC helper: emulate the port access at SCRATCH against the monitor's device model and return to the CCF
+    /// (a call that stays in the translation cache's context, unlike a callout).
+    pub const IO_HELPER: u32 = 0xb8;
+    /// In-TC helper: perform the guest page-table store at SCRATCH and propagate it into the shadows (adaptive
+    /// BT's retranslation of an instruction that kept taking tracing faults).
+    pub const WRITE_HELPER: u32 = 0xc0;
+    /// In-TC helper: deliver the virtual interrupt that unmasking made deliverable.
+    pub const INTERRUPT_HELPER: u32 = 0xc8;
+    /// Nonzero when a virtual interrupt is pending at a priority the virtual TPR would let through (one byte).
+    pub const PENDING: u32 = 0xd0;
     /// Size of the area.
-    pub const SIZE: u32 = 0xb8;
+    pub const SIZE: u32 = 0xd8;
 }
 
 /// What the engine tells the translator beyond the block itself.
 pub struct TranslateOptions<'a> {
-    /// Ports with no device side effects that the translator emulates inside the TC (the POST port 0x80: reads
-    /// give 0xff, writes are dropped). IN/OUT with an immediate port in this list are in-TC; all other port I/O is
-    /// a callout.
+    /// Ports the translator emulates through the in-TC I/O helper (the POST port 0x80). IN/OUT with an immediate
+    /// port in this list call the helper; all other port I/O is a callout.
     pub in_tc_ports: &'a [u16],
     /// Indices (within the block) of instructions that adaptive BT has found guilty of repeated tracing faults
-    /// (writes to write-protected guest page tables): translate each of them as a callout even though they are
-    /// innocuous. Indices past the block are ignored.
-    pub forced_callouts: &'a [u32],
+    /// (writes to write-protected guest page tables): translate each of them as a call to the page-table write
+    /// helper even though they are innocuous (one that is also a control transfer becomes a callout). Indices
+    /// past the block are ignored.
+    pub guilty: &'a [u32],
 }
 
-/// How a non-IDENT guest instruction was translated (the module documentation gives the rules).
+/// How a non-IDENT guest instruction was translated (the module documentation gives the rules): the mechanism
+/// its emitted code implements, which is what the engine charges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SiteKind {
     PcRelative,
     SegmentRewrite,
+    /// Continuation stubs, chained once followed.
     DirectBranch,
     DirectCall,
+    /// A jump through the indirect-branch lookup.
     IndirectBranch,
+    /// A sequence against the vCPU area, in the translation cache.
     InTc,
+    /// A call to a monitor helper that runs in the translation cache's context.
+    HelperCall,
+    /// A call or jump out of the translation cache into the monitor.
     Callout,
 }
 
+impl SiteKind {
+    /// Whether code of this kind (`None`: an IDENT copy) is what a table row's [`Emitted`] says the translator
+    /// emits.
+    pub fn implements(kind: Option<SiteKind>, emitted: Emitted) -> bool {
+        use SiteKind as K;
+        match emitted {
+            Emitted::Ident => matches!(
+                kind,
+                None | Some(K::PcRelative | K::SegmentRewrite | K::DirectBranch | K::DirectCall | K::IndirectBranch)
+            ),
+            Emitted::InTc => matches!(kind, Some(K::InTc | K::Callout)),
+            Emitted::Callout => kind == Some(K::Callout),
+            Emitted::PortIo => matches!(kind, Some(K::HelperCall | K::Callout)),
+        }
+    }
+}
+
 /// One non-IDENT guest instruction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
     /// Index of the instruction within the block.
     pub index: u32,
     pub kind: SiteKind,
     /// TC instructions emitted for this guest instruction, its exit stubs included.
     pub emitted: u16,
+    /// The emitted instructions that cost the processor more than a simple one (PUSHF/POPF around a sequence,
+    /// a real RDTSC), by the lab's classification.
+    pub native_ops: Vec<Op>,
 }
 
 /// The CCF of one block, in the numbers the engine charges costs by.
@@ -192,7 +236,7 @@ pub fn translate_with_code(
     let mut ends_ccf = false;
     for (index, instruction) in instructions.iter().enumerate() {
         let index = index as u32;
-        let plan = plan(instruction, options.forced_callouts.contains(&index), options.in_tc_ports);
+        let plan = plan(instruction, options.guilty.contains(&index), options.in_tc_ports);
         ends_ccf = plan.ends_ccf();
         if ends_ccf && index as usize != last {
             return Err(TranslateError::ExitInsideBlock { address, index, at: instruction.ip() });
@@ -205,7 +249,9 @@ pub fn translate_with_code(
             message: error.to_string(),
         })?;
         if let Some(kind) = kind {
-            sites.push(Site { index, kind, emitted: (emitter.code.len() - start) as u16 });
+            let emitted = &emitter.code[start..];
+            let native_ops = emitted.iter().map(classify).filter(|op| *op != Op::Innocuous).collect();
+            sites.push(Site { index, kind, emitted: emitted.len() as u16, native_ops });
         }
     }
     if !ends_ccf {
@@ -275,12 +321,16 @@ enum Plan {
     Callout {
         leaves: bool,
     },
+    /// A call to the in-TC helper at this vCPU field.
+    Helper {
+        entry: u32,
+    },
 }
 
 impl Plan {
     fn ends_ccf(self) -> bool {
         match self {
-            Plan::Copy => false,
+            Plan::Copy | Plan::Helper { .. } => false,
             Plan::Direct | Plan::DirectCall | Plan::Indirect => true,
             Plan::Sensitive { leaves, .. } | Plan::Callout { leaves } => leaves,
         }
@@ -291,7 +341,13 @@ fn plan(instruction: &Instruction, forced: bool, in_tc_ports: &[u16]) -> Plan {
     let op = classify(instruction);
     let flow = instruction.flow_control();
     let leaves = flow != FlowControl::Next || op == Op::Hlt;
-    if forced || uses_gs_register(instruction) {
+    if uses_gs_register(instruction) {
+        return Plan::Callout { leaves };
+    }
+    if forced && flow == FlowControl::Next && op == Op::Innocuous {
+        return Plan::Helper { entry: vcpu::WRITE_HELPER };
+    }
+    if forced {
         return Plan::Callout { leaves };
     }
     match (op, flow) {
@@ -303,13 +359,17 @@ fn plan(instruction: &Instruction, forced: bool, in_tc_ports: &[u16]) -> Plan {
         }
         // SYSENTER, UD2, XBEGIN/XEND/XABORT: the TC cannot follow where they go.
         (Op::Innocuous, _) => Plan::Callout { leaves },
-        (Op::PortIn | Op::PortOut, _) if !in_tc_port(instruction, in_tc_ports) => Plan::Callout { leaves },
+        (Op::PortIn | Op::PortOut, _) if in_tc_port(instruction, in_tc_ports) => {
+            Plan::Helper { entry: vcpu::IO_HELPER }
+        }
+        (Op::PortIn | Op::PortOut, _) => Plan::Callout { leaves },
         (op, _) => Plan::Sensitive { op, leaves },
     }
 }
 
-/// The monitor owns `%gs`: the guest may not read or load its selector or base.
-fn uses_gs_register(instruction: &Instruction) -> bool {
+/// The monitor owns `%gs`: the guest may not read or load its selector or base (such an instruction is a callout
+/// whatever its class).
+pub fn uses_gs_register(instruction: &Instruction) -> bool {
     matches!(instruction.mnemonic(), Mnemonic::Lgs | Mnemonic::Rdgsbase | Mnemonic::Wrgsbase | Mnemonic::Swapgs)
         || (0..instruction.op_count())
             .any(|n| instruction.op_kind(n) == OpKind::Register && instruction.op_register(n) == Register::GS)
@@ -417,16 +477,44 @@ impl Emitter {
                 true
             }
             Plan::Callout { leaves } => leaves,
+            Plan::Helper { entry } => {
+                self.store_guest_address(vcpu::SCRATCH, instruction.ip())?;
+                self.call_through(entry)?;
+                return Ok(Some(SiteKind::HelperCall));
+            }
         };
         self.code.truncate(mark);
         self.store_guest_address(vcpu::SCRATCH, instruction.ip())?;
         if leaves {
             self.jump_through(vcpu::CALLOUT_LEAVE)?;
         } else {
-            let call = self.by_bitness([Code::Call_rm16, Code::Call_rm32, Code::Call_rm64]);
-            self.emit(Instruction::with1(call, self.vcpu(vcpu::CALLOUT))?);
+            self.call_through(vcpu::CALLOUT)?;
         }
         Ok(Some(SiteKind::Callout))
+    }
+
+    fn call_through(&mut self, field: u32) -> Result<(), IcedError> {
+        let call = self.by_bitness([Code::Call_rm16, Code::Call_rm32, Code::Call_rm64]);
+        self.emit(Instruction::with1(call, self.vcpu(field))?);
+        Ok(())
+    }
+
+    /// After an instruction that can unmask a virtual interrupt (STI, POPF, a CR8 write): if one is now
+    /// deliverable, call the helper that delivers it. The test clobbers the flags, so PUSHF/POPF keep the guest's.
+    fn pending_interrupt_check(&mut self) -> Result<(), IcedError> {
+        self.emit(Instruction::with(self.by_bitness([Code::Pushfw, Code::Pushfd, Code::Pushfq])));
+        self.emit(Instruction::with2(Code::Test_rm8_imm8, self.vcpu(vcpu::PENDING), 0xffu32)?);
+        let branch = self.code.len();
+        let jz = match self.bitness {
+            16 => Code::Je_rel16,
+            32 => Code::Je_rel32_32,
+            _ => Code::Je_rel32_64,
+        };
+        self.emit(Instruction::with_branch(jz, 0)?);
+        self.call_through(vcpu::INTERRUPT_HELPER)?;
+        self.branches.push((branch, self.code.len()));
+        self.emit(Instruction::with(self.by_bitness([Code::Popfw, Code::Popfd, Code::Popfq])));
+        Ok(())
     }
 
     fn jump_through(&mut self, field: u32) -> Result<(), IcedError> {
@@ -555,6 +643,9 @@ impl Emitter {
             Op::Cli | Op::Sti => {
                 let value = if op == Op::Sti { 0x02u32 } else { 0 };
                 self.emit(Instruction::with2(Code::Mov_rm8_imm8, self.vcpu(vcpu::IF), value)?);
+                if op == Op::Sti {
+                    self.pending_interrupt_check()?;
+                }
             }
             Op::Pushf => {
                 // Replace the real IF in the pushed image by the virtual one. AND and OR clobber the live flags,
@@ -581,11 +672,13 @@ impl Emitter {
                 self.emit(Instruction::with2(Code::Mov_rm8_r8, self.vcpu(vcpu::IF), Register::AL)?);
                 self.emit(Instruction::with2(Code::Mov_r8_rm8, Register::AL, self.vcpu(vcpu::SPILL))?);
                 self.emit(*instruction);
+                self.pending_interrupt_check()?;
             }
             Op::MovToCr(8) => {
                 let source = instruction.op1_register();
                 let mov = by_size(source.size(), [Code::Mov_rm16_r16, Code::Mov_rm32_r32, Code::Mov_rm64_r64]);
                 self.emit(Instruction::with2(mov, self.vcpu(vcpu::TPR), source)?);
+                self.pending_interrupt_check()?;
             }
             Op::MovFromCr(n @ (0 | 2 | 3 | 4 | 8)) => {
                 let field = match n {
@@ -637,17 +730,6 @@ impl Emitter {
                 self.emit(Instruction::with2(Code::Adc_r32_rm32, Register::EDX, self.vcpu(vcpu::TSC_OFFSET + 4))?);
                 self.emit(Instruction::with(self.by_bitness([Code::Popfw, Code::Popfd, Code::Popfq])));
             }
-            // `plan` sends only IN/OUT with a listed immediate port here.
-            Op::PortIn => {
-                let target = instruction.op0_register();
-                let mov = match target.size() {
-                    1 => Instruction::with2(Code::Mov_r8_imm8, target, 0xffu32)?,
-                    2 => Instruction::with2(Code::Mov_r16_imm16, target, 0xffffu32)?,
-                    _ => Instruction::with2(Code::Mov_r32_imm32, target, u32::MAX)?,
-                };
-                self.emit(mov);
-            }
-            Op::PortOut => self.emit(Instruction::with(self.by_bitness([Code::Nopw, Code::Nopd, Code::Nopd]))),
             _ => return Ok(false),
         }
         Ok(true)
@@ -866,7 +948,7 @@ mod tests {
 
     const KERNEL: u64 = 0xffff_ffff_8100_0000;
     const TC: u64 = 0x7fff_f000_0000;
-    const OPTIONS: TranslateOptions = TranslateOptions { in_tc_ports: &[0x80], forced_callouts: &[] };
+    const OPTIONS: TranslateOptions = TranslateOptions { in_tc_ports: &[0x80], guilty: &[] };
 
     fn block(mode: CodeMode, address: u64, bytes: &[u8]) -> Block {
         let instructions = Decoder::with_ip(mode.bitness(), bytes, address, DecoderOptions::NONE).into_iter().count();
@@ -895,7 +977,7 @@ mod tests {
     fn site_of(bytes: &[u8], options: &TranslateOptions) -> (Site, Vec<Instruction>) {
         let (translation, decoded) = translate_checked(&block(CodeMode::Bits64, KERNEL, bytes), TC, options);
         assert_eq!(translation.sites.len(), 1, "{bytes:02x?}");
-        (translation.sites[0], decoded)
+        (translation.sites[0].clone(), decoded)
     }
 
     fn is_vcpu(instruction: &Instruction, field: u32) -> bool {
@@ -917,7 +999,7 @@ mod tests {
                 guest_instructions: 4,
                 ident: 3,
                 non_ident: 1,
-                sites: vec![Site { index: 3, kind: SiteKind::DirectBranch, emitted: 5 }],
+                sites: vec![Site { index: 3, kind: SiteKind::DirectBranch, emitted: 5, native_ops: Vec::new() }],
                 emitted_instructions: 8,
                 // 10 copied bytes, jne short (2), two stubs of 13 + 8 bytes.
                 tc_bytes: 54,
@@ -939,7 +1021,10 @@ mod tests {
     fn ret_jumps_through_the_indirect_branch_lookup() {
         let (translation, decoded) = translate_checked(&block(CodeMode::Bits64, KERNEL, &[0xc3]), TC, &OPTIONS);
         // pop qword ptr gs:[SCRATCH]; jmp qword ptr gs:[IBL]
-        assert_eq!(translation.sites, vec![Site { index: 0, kind: SiteKind::IndirectBranch, emitted: 2 }]);
+        assert_eq!(
+            translation.sites,
+            vec![Site { index: 0, kind: SiteKind::IndirectBranch, emitted: 2, native_ops: Vec::new() }]
+        );
         assert_eq!(translation.chain_slots, 0);
         assert_eq!(decoded[0].code(), Code::Pop_rm64);
         assert!(is_vcpu(&decoded[0], vcpu::SCRATCH));
@@ -952,7 +1037,7 @@ mod tests {
     fn indirect_calls_push_the_guest_return_address() {
         // call qword ptr [rax+8]: push [rax+8]; pop gs:[SCRATCH]; push imm32 (the guest return address); jmp IBL.
         let (site, decoded) = site_of(&[0xff, 0x50, 0x08], &OPTIONS);
-        assert_eq!(site, Site { index: 0, kind: SiteKind::IndirectBranch, emitted: 4 });
+        assert_eq!(site, Site { index: 0, kind: SiteKind::IndirectBranch, emitted: 4, native_ops: Vec::new() });
         assert_eq!(decoded[2].code(), Code::Pushq_imm32);
         assert_eq!(decoded[2].immediate32to64() as u64, KERNEL + 3);
         // ret 0x10 releases its operand bytes with a LEA, which leaves the flags alone.
@@ -966,7 +1051,10 @@ mod tests {
         // call rel32 0: push imm32; mov qword ptr gs:[SCRATCH], imm32; jmp qword ptr gs:[CONTINUATION]
         let (translation, decoded) =
             translate_checked(&block(CodeMode::Bits64, KERNEL, &[0xe8, 0, 0, 0, 0]), TC, &OPTIONS);
-        assert_eq!(translation.sites, vec![Site { index: 0, kind: SiteKind::DirectCall, emitted: 3 }]);
+        assert_eq!(
+            translation.sites,
+            vec![Site { index: 0, kind: SiteKind::DirectCall, emitted: 3, native_ops: Vec::new() }]
+        );
         assert_eq!(translation.chain_slots, 1);
         assert_eq!(decoded[0].immediate32to64() as u64, KERNEL + 5);
         assert_eq!(decoded[1].immediate32to64() as u64, KERNEL + 5);
@@ -974,28 +1062,41 @@ mod tests {
 
     #[test]
     fn sensitive_instructions_are_emulated_in_the_tc_or_called_out() {
-        let forced = TranslateOptions { in_tc_ports: &[0x80], forced_callouts: &[0] };
-        let cases: [(&[u8], &TranslateOptions, SiteKind, u16); 11] = [
-            (&[0xfa], &OPTIONS, SiteKind::InTc, 1), // cli: mov byte ptr gs:[IF], 0
-            (&[0x44, 0x0f, 0x22, 0xc0], &OPTIONS, SiteKind::InTc, 1), // mov cr8, rax: mov gs:[TPR], rax
-            (&[0x0f, 0x20, 0xd8], &OPTIONS, SiteKind::InTc, 1), // mov rax, cr3: mov rax, gs:[CR3]
-            (&[0xe4, 0x80], &OPTIONS, SiteKind::InTc, 1), // in al, 0x80: mov al, 0xff
-            (&[0x0f, 0x01, 0x00], &OPTIONS, SiteKind::InTc, 4), // sgdt [rax]: two push/pop pairs
-            (&[0x9c], &OPTIONS, SiteKind::InTc, 8), // pushfq, see Emitter::in_tc
-            (&[0x0f, 0x31], &OPTIONS, SiteKind::InTc, 5), // rdtsc between pushfq and popfq
-            // A callout is `mov qword ptr gs:[SCRATCH], imm32` + `call qword ptr gs:[CALLOUT]`.
-            (&[0x0f, 0x22, 0xd8], &OPTIONS, SiteKind::Callout, 2), // mov cr3, rax
-            (&[0xe4, 0x71], &OPTIONS, SiteKind::Callout, 2),       // in al, 0x71
-            (&[0x0f, 0xa2], &OPTIONS, SiteKind::Callout, 2),       // cpuid
-            (&[0x48, 0x89, 0x18], &forced, SiteKind::Callout, 2),  // mov [rax], rbx, forced
+        let guilty = TranslateOptions { in_tc_ports: &[0x80], guilty: &[0] };
+        // The pending-interrupt check after STI, POPF and a CR8 write: pushf, test, jz, call, popf.
+        let check = [Op::Pushf, Op::Popf];
+        // Bytes, options, the site's kind, instructions emitted, costly instructions among them.
+        type Case<'a> = (&'a [u8], &'a TranslateOptions<'a>, SiteKind, u16, &'a [Op]);
+        let cases: [Case; 13] = [
+            (&[0xfa], &OPTIONS, SiteKind::InTc, 1, &[]), // cli: mov byte ptr gs:[IF], 0
+            (&[0xfb], &OPTIONS, SiteKind::InTc, 6, &check), // sti: mov byte ptr gs:[IF], 2 and the check
+            (&[0x44, 0x0f, 0x22, 0xc0], &OPTIONS, SiteKind::InTc, 6, &check), // mov cr8, rax: mov gs:[TPR], rax
+            (&[0x0f, 0x20, 0xd8], &OPTIONS, SiteKind::InTc, 1, &[]), // mov rax, cr3: mov rax, gs:[CR3]
+            (&[0x0f, 0x01, 0x00], &OPTIONS, SiteKind::InTc, 4, &[]), // sgdt [rax]: two push/pop pairs
+            (&[0x9c], &OPTIONS, SiteKind::InTc, 8, &[Op::Pushf, Op::Popf]), // pushfq, see Emitter::in_tc
+            (&[0x9d], &OPTIONS, SiteKind::InTc, 11, &[Op::Popf, Op::Pushf, Op::Popf]), // popfq and the check
+            (&[0x0f, 0x31], &OPTIONS, SiteKind::InTc, 5, &[Op::Pushf, Op::Rdtsc, Op::Popf]), // rdtsc
+            // A helper call or a callout is `mov qword ptr gs:[SCRATCH], imm32` + `call qword ptr gs:[entry]`.
+            (&[0xe4, 0x80], &OPTIONS, SiteKind::HelperCall, 2, &[]), // in al, 0x80: the I/O helper
+            (&[0x48, 0x89, 0x18], &guilty, SiteKind::HelperCall, 2, &[]), // mov [rax], rbx, guilty
+            (&[0x0f, 0x22, 0xd8], &OPTIONS, SiteKind::Callout, 2, &[]), // mov cr3, rax
+            (&[0xe4, 0x71], &OPTIONS, SiteKind::Callout, 2, &[]),    // in al, 0x71
+            (&[0x0f, 0xa2], &OPTIONS, SiteKind::Callout, 2, &[]),    // cpuid
         ];
-        for (bytes, options, kind, emitted) in cases {
+        for (bytes, options, kind, emitted, native_ops) in cases {
             let (site, decoded) = site_of(bytes, options);
             assert_eq!((site.kind, site.emitted), (kind, emitted), "{bytes:02x?}");
-            if kind == SiteKind::Callout {
+            assert_eq!(site.native_ops, native_ops, "{bytes:02x?}");
+            let entry = match (kind, bytes) {
+                (SiteKind::Callout, _) => Some(vcpu::CALLOUT),
+                (SiteKind::HelperCall, [0xe4, ..]) => Some(vcpu::IO_HELPER),
+                (SiteKind::HelperCall, _) => Some(vcpu::WRITE_HELPER),
+                _ => None,
+            };
+            if let Some(entry) = entry {
                 assert_eq!(decoded[0].immediate32to64() as u64, KERNEL);
                 assert_eq!(decoded[1].code(), Code::Call_rm64);
-                assert!(is_vcpu(&decoded[1], vcpu::CALLOUT));
+                assert!(is_vcpu(&decoded[1], entry), "{bytes:02x?}");
             }
         }
         // hlt leaves the CCF through the other callout entry, with no fall-through stub.
@@ -1012,7 +1113,10 @@ mod tests {
         // mov rax, [rip+0x100]: 7 bytes, so the operand names guest address + 7 + 0x100.
         let bytes = [0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00];
         let (translation, decoded) = translate_checked(&block(CodeMode::Bits64, 0x101000, &bytes), TC, &OPTIONS);
-        assert_eq!(translation.sites, vec![Site { index: 0, kind: SiteKind::PcRelative, emitted: 1 }]);
+        assert_eq!(
+            translation.sites,
+            vec![Site { index: 0, kind: SiteKind::PcRelative, emitted: 1, native_ops: Vec::new() }]
+        );
         assert!(decoded[0].is_ip_rel_memory_operand());
         assert_eq!(decoded[0].ip_rel_memory_address(), 0x101000 + 7 + 0x100);
         // A kernel-image address, beyond ±2 GiB of the TC but in the top 2 GiB: an absolute disp32.
@@ -1111,7 +1215,7 @@ mod tests {
                         bytes.truncate(first.len());
                         for address in [KERNEL, 0x101000, 0xffff_8881_0000_0000] {
                             let forced = [u32::from(opcode[opcode.len() - 1] % 2)];
-                            let options = TranslateOptions { in_tc_ports: &[0x80, 0x11], forced_callouts: &forced };
+                            let options = TranslateOptions { in_tc_ports: &[0x80, 0x11], guilty: &forced };
                             let (translation, _) = translate_checked(&block(mode, address, &bytes), TC, &options);
                             sites += translation.sites.len();
                         }
@@ -1148,7 +1252,7 @@ mod tests {
                 guest.bytes.truncate(length / 2);
             }
             let forced = [(next() % 4) as u32];
-            let options = TranslateOptions { in_tc_ports: &[0x80, 0x71], forced_callouts: &forced };
+            let options = TranslateOptions { in_tc_ports: &[0x80, 0x71], guilty: &forced };
             let tc = [TC, 0x1000, next()][round % 3];
             if let Ok((translation, code)) = translate_with_code(&guest, tc, &options) {
                 let decoded = Decoder::with_ip(mode.bitness(), &code, tc, DecoderOptions::NONE).into_iter().count();

@@ -15,86 +15,121 @@
 //! ```
 //!
 //! Events: K1 with CrWrite(cr3 0x1000→0x2000)@1, Context(cr3 0x2000)@1, Context(IF=1)@2, Io(0x80 read)@3,
-//! Sysret@6, Context(CPL 3)@6; U1 with PageTouch(0x400000→0x9000)@0, Cpuid@1, Syscall@2, Context(CPL 0)@2; then
-//! K2 five times, each with PageTableWrite(0x3008, level 1, 0x5067→0x6067)@0, Invlpg(0x401000)@1, Hlt@2.
+//! Sysret@6, Context(CPL 3)@6; U1 with PageTouch(0x400000→0x9000, walked through the PML4 at frame 2, a PDPT at
+//! 0x10, a page directory at 0x11 and the page table at frame 3)@0, Cpuid@1, Syscall@2, Context(CPL 0)@2; then K2
+//! five times, each with PageTableWrite(0x3008, level 1, 0x5067→0x6067)@0, Invlpg(0x401000)@1, Hlt@2. The
+//! written entry is entry 1 of the page table the touch walked through: the one that maps 0x401000.
 //! Instructions: user 3, kernel 7 + 5 × 3 = 22.
+//!
+//! Shadow paging, in every engine that has it: the initial context builds the root of CR3 0x1000 (its table
+//! traced); the CR3 write builds the root of 0x2000 (frame 2 traced: one `shadow_protect`); the user touch misses,
+//! walks 4 levels and fills, tracing the PDPT, the page directory and the page table (3 × `shadow_protect`); each
+//! write to the page table is traced and re-creates entry 1 (mapping 0x401000 to 0x6000) in the one root that
+//! shadows the table, and the INVLPG after it drops that entry again.
 
 use std::io::Cursor;
 
 use virtlab_engines::{
-    engine, CycleCause, Engine, EngineError, ExitReason, Hypercall, Metrics, Options, PreparedTrace, Profile,
+    engine, CycleCause, Engine, EngineError, ExitReason, Hypercall, Metrics, Options, PreparedTrace, Primitive, Profile,
 };
 use virtlab_traces::{
     check, Access, Block, BootState, CodeMode, Context, Direction, EndReason, Ending, Event, Metadata, PageSize,
     PagingMode, TraceView, TraceWriter, Walk,
 };
 
-/// Round numbers, so that every total below can be checked by hand.
-const UNIT: &str = r#"
-name = "unit"
-description = "round numbers for golden tests"
-clock_ghz = 1.0
-[native]
-cycles_per_instruction = 1
-call_return = 0
-divide = 20
-multiply = 3
-rep_startup = 10
-rep_movs_bytes_per_cycle = 4
-rep_stos_bytes_per_cycle = 8
-rep_element = 2
-syscall = 10
-sysret = 10
-exception = 20
-iret = 10
-mov_to_cr = 5
-mov_from_cr = 0
-cli_sti = 2
-popf_pushf = 3
-invlpg = 4
-tlb_fill = 1
-port_io = 100
-mmio = 50
-cpuid = 7
-rdtsc = 0
-msr = 6
-descriptor_load = 0
-descriptor_store = 1
-swapgs = 0
-hlt = 0
-[monitor]
-trap = 1000
-decode = 100
-emulate = 10
-reflect = 20
-device = 30
-interpret = 5
-shadow_fill = 200
-shadow_switch = 40
-shadow_invalidate = 8
-shadow_update = 16
-[bt]
-translate_per_instruction = 1000
-indirect_lookup = 9
-callout = 500
-continuation = 60
-in_tc_helper = 70
-pending_interrupt_check = 3
-[paravirt]
-hypercall = 300
-update_validation = 11
-page_table_switch = 80
-upcall = 90
-[hw]
-exit = 400
-entry = 600
-vmread = 10
-vmreads_per_exit = 2
-vmwrite = 5
-vmwrites_per_injection = 2
-ept_violation = 250
-user_space_exit = 2000
-"#;
+/// Round numbers, so that every total below can be checked by hand: `section.key = value`, written into a
+/// profile whose every primitive says it is a round number.
+const UNIT: &[(&str, &[(&str, f64)])] = &[
+    (
+        "native",
+        &[
+            ("cycles_per_instruction", 1.0),
+            ("call_return", 0.0),
+            ("divide", 20.0),
+            ("multiply", 3.0),
+            ("rep_startup", 10.0),
+            ("rep_movs_bytes_per_cycle", 4.0),
+            ("rep_stos_bytes_per_cycle", 8.0),
+            ("rep_element", 2.0),
+            ("syscall", 10.0),
+            ("sysret", 10.0),
+            ("exception", 20.0),
+            ("iret", 10.0),
+            ("mov_to_cr", 5.0),
+            ("mov_from_cr", 0.0),
+            ("cli_sti", 2.0),
+            ("popf_pushf", 3.0),
+            ("invlpg", 4.0),
+            ("walk_reference", 1.0),
+            ("tlb_entries", 64.0),
+            ("port_io", 100.0),
+            ("mmio", 50.0),
+            ("cpuid", 7.0),
+            ("rdtsc", 0.0),
+            ("msr", 6.0),
+            ("descriptor_load", 0.0),
+            ("descriptor_store", 1.0),
+            ("swapgs", 0.0),
+            ("hlt", 0.0),
+        ],
+    ),
+    (
+        "monitor",
+        &[
+            ("trap", 1000.0),
+            ("decode", 100.0),
+            ("emulate", 10.0),
+            ("reflect", 20.0),
+            ("device", 30.0),
+            ("interpret", 5.0),
+            ("guest_walk_level", 2.0),
+            ("shadow_fill", 200.0),
+            ("shadow_switch", 40.0),
+            ("shadow_invalidate", 8.0),
+            ("shadow_update", 16.0),
+            ("shadow_protect", 3.0),
+            ("unsync_leaf_tables", 0.0),
+            ("resync_table", 50.0),
+            ("write_flood_threshold", 0.0),
+        ],
+    ),
+    (
+        "bt",
+        &[
+            ("translate_per_instruction", 1000.0),
+            ("indirect_lookup", 9.0),
+            ("callout", 500.0),
+            ("continuation", 60.0),
+            ("in_tc_helper", 70.0),
+        ],
+    ),
+    ("paravirt", &[("hypercall", 300.0), ("update_validation", 11.0), ("upcall", 90.0)]),
+    (
+        "hw",
+        &[
+            ("exit", 400.0),
+            ("entry", 600.0),
+            ("vmread", 10.0),
+            ("vmwrite", 5.0),
+            ("vpid", 1.0),
+            ("ept_violation", 250.0),
+            ("nested_walk_cache", 1.0),
+            ("user_space_exit", 2000.0),
+        ],
+    ),
+];
+
+fn unit_profile(overrides: &[(&str, f64)]) -> Profile {
+    let mut text = String::from("name = \"unit\"\ndescription = \"round numbers for golden tests\"\nclock_ghz = 1.0\n");
+    for (section, primitives) in UNIT {
+        text += &format!("[{section}]\n");
+        for (key, value) in *primitives {
+            let value = overrides.iter().find(|(k, _)| *k == format!("{section}.{key}")).map_or(*value, |(_, v)| *v);
+            text += &format!("{key} = {{ value = {value}, provenance = \"estimate\", source = \"a round number\" }}\n");
+        }
+    }
+    Profile::parse(&text, "unit", &[]).unwrap()
+}
 
 fn context(cpl: u8, interrupts_enabled: bool, cr3: u64) -> Context {
     Context { cpl, interrupts_enabled, paging: PagingMode::FourLevel, cr3 }
@@ -148,7 +183,7 @@ fn golden_trace() -> Vec<u8> {
             access: Access::Execute,
             user: true,
             size: PageSize::Size4K,
-            walk: Walk::default(),
+            walk: Walk::new(&[2, 0x10, 0x11, 3]).unwrap(),
         },
         Event::Cpuid { at: 1, leaf: 0, subleaf: 0 },
         Event::Syscall { at: 2 },
@@ -180,7 +215,7 @@ fn replay(name: &str, options: &Options) -> Result<Metrics, EngineError> {
 fn replay_trace(bytes: &[u8], name: &str, options: &Options) -> Result<Metrics, EngineError> {
     check(Cursor::new(bytes)).expect("the golden trace is a valid trace");
     let trace = PreparedTrace::new(TraceView::open(bytes).unwrap()).unwrap();
-    let profile = Profile::parse(UNIT, "unit", &[]).unwrap();
+    let profile = unit_profile(&[]);
     let engine: Box<dyn Engine> = engine::by_name(name).unwrap();
     engine.replay(&trace, &profile, options)
 }
@@ -210,8 +245,10 @@ fn native_has_no_exits_and_costs_the_processor_only() {
     assert_split(&m);
     assert_eq!(m.exits_total(), 0);
     // 25 instructions × 1; cli 2 + sti 2 + sgdt 1 + popfq 3 (K1); sgdt 1 (U1); CR3 write 5; IN 100; SYSRET 10;
-    // TLB fill 1; CPUID 7; SYSCALL 10; 5 × INVLPG 4 = 20.  25 + 8 + 1 + 5 + 100 + 10 + 1 + 7 + 10 + 20 = 187.
-    assert_eq!(m.cycles(), 187);
+    // TLB fill of a 4-level walk, 4 references × 1; CPUID 7; SYSCALL 10; 5 × INVLPG 4 = 20.
+    // 25 + 8 + 1 + 5 + 100 + 10 + 4 + 7 + 10 + 20 = 190.
+    assert_eq!(m.cycles(), 190);
+    assert_eq!((m.mechanism.tlb_fills, m.mechanism.walk_references), (1, 4));
     assert!(m.holes().is_empty() && m.detectable_events().is_empty());
 }
 
@@ -241,13 +278,19 @@ fn trap_and_emulate_traps_privileged_instructions_and_falls_into_the_holes() {
         findings(m.detectable_events()),
         [("cpuid_reports_host", 0x40_0003, 1), ("sgdt_reveals_monitor_gdt", 0x40_0000, 1)]
     );
-    assert_eq!((m.shadow.hidden_faults, m.shadow.root_switches, m.shadow.traced_pages), (1, 1, 1));
+    let shadow = m.shadow;
+    assert_eq!((shadow.hidden_faults, shadow.root_switches, shadow.traced_pages), (1, 1, 4));
+    assert_eq!((shadow.shadow_updates, shadow.invalidations, shadow.untraced_writes), (5, 5, 0));
+    assert_eq!(m.mechanism.guest_walk_references, 4);
     // Instructions 25. K1: cli and sti trap + decode + emulate = 2 × 1110, sgdt 1 and popfq 3 run directly;
-    // U1: sgdt 1. CR3: 1110 + shadow switch 40 = 1150. IN: 1110 + device 30 = 1140. SYSRET: 1110.
-    // Touch: TLB fill 1 + trap 1000 + shadow fill 200 = 1201. CPUID natively 7. SYSCALL: trap 1000 + reflect
-    // 20 = 1020. K2 × 5: write 1110 + shadow update 16, INVLPG 1110 + invalidate 8, HLT 1110 = 3354 each.
-    // 25 + 2224 + 1 + 1150 + 1140 + 1110 + 1201 + 7 + 1020 + 16770 = 24648.
-    assert_eq!(m.cycles(), 24_648);
+    // U1: sgdt 1. CR3: 1110 + shadow switch 40 + protecting the new root's table 3 = 1153. IN: 1110 + device 30.
+    // SYSRET: 1110. Touch: TLB fill 4 + trap 1000 + guest walk 4 × 2 + fill 200 + protecting 3 tables 9 = 1221.
+    // CPUID natively 7. SYSCALL: trap 1000 + reflect 20. K2 × 5: write 1110 + shadow update 16, INVLPG 1110 +
+    // invalidate 8, HLT 1110 = 3354 each.
+    // 25 + 2224 + 1 + 1153 + 1140 + 1110 + 1221 + 7 + 1020 + 16770 = 24671.
+    assert_eq!(m.cycles(), 24_671);
+    // 22 traps: cli, sti, mov cr3, in, sysret, the touch, the SYSCALL and 3 in each K2.
+    assert_eq!(m.cycles_by(Primitive::Trap), 22 * 1000);
     // Five exits each at 0x100100, 0x100103 and 0x100106: ties go by address.
     let top: Vec<_> = m.top_sites(3).iter().map(|s| (s.address, s.cause.name(), s.count)).collect();
     assert_eq!(
@@ -269,10 +312,11 @@ fn hybrid_interprets_the_kernel_and_runs_user_code_directly() {
     assert_eq!(m.emulated_instructions, 22, "every kernel instruction is interpreted");
     assert!(m.holes().is_empty());
     assert_eq!(findings(m.detectable_events()).len(), 2);
-    // Kernel 22 × 5 = 110; user 3 + sgdt 1 = 4; CR3 shadow switch 40; IN device 30; touch 1 + 1000 + 200 =
-    // 1201; CPUID 7; SYSCALL 1020; K2 × 5: shadow update 16 + invalidate 8 = 120.
-    // 110 + 4 + 40 + 30 + 1201 + 7 + 1020 + 120 = 2532.
-    assert_eq!(m.cycles(), 2_532);
+    // Kernel 22 × 5 = 110; user 3 + sgdt 1 = 4; CR3: shadow switch 40 + protect 3 = 43; IN device 30; touch 1221
+    // (as trap-and-emulate); CPUID 7; SYSCALL 1020; K2 × 5: the interpreter sees the traced store (no trap) and
+    // updates the shadow 16, INVLPG invalidates 8.
+    // 110 + 4 + 43 + 30 + 1221 + 7 + 1020 + 120 = 2555.
+    assert_eq!(m.cycles(), 2_555);
 }
 
 #[test]
@@ -281,24 +325,32 @@ fn paravirt_turns_privileged_operations_into_hypercalls_and_batches_page_table_u
     assert_split(&m);
     let calls: Vec<_> =
         Hypercall::ALL.iter().filter(|h| m.hypercalls_by(**h) > 0).map(|h| (h.name(), m.hypercalls_by(*h))).collect();
-    // mmuext_op: the CR3 switch and 5 INVLPGs; each INVLPG first flushes the one queued update (mmu_update);
-    // SYSRET of a 64-bit kernel is HYPERVISOR_iret; HLT is sched_op. The POST-port IN disappears.
-    assert_eq!(calls, [("mmu_update", 5), ("mmuext_op", 6), ("sched_op", 5), ("iret", 1)]);
+    // mmuext_op: the CR3 switch and 5 INVLPGs; the CR3 switch also tells Xen the new kernel stack; each INVLPG
+    // first flushes the one queued update (mmu_update); SYSRET of a 64-bit kernel is HYPERVISOR_iret; HLT is
+    // sched_op. The POST-port IN disappears.
+    assert_eq!(calls, [("mmu_update", 5), ("mmuext_op", 6), ("stack_switch", 1), ("sched_op", 5), ("iret", 1)]);
     assert_eq!(m.page_table_updates_batched, 5);
     assert_eq!(exits(&m), [("system_call", 1)], "a 64-bit guest's system call goes through the hypervisor");
-    // 25 instructions; U1 sgdt 1; CR3 300; SYSRET 300; to user: page-table switch 80; touch 1; CPUID 7;
-    // SYSCALL trap 1000 + reflect 20; to kernel: 80; K2 × 5: mmu_update 300 + 11, mmuext_op 300, sched_op 300.
-    // 25 + 1 + 300 + 300 + 80 + 1 + 7 + 1020 + 80 + 4555 = 6369.
-    assert_eq!(m.cycles(), 6_369);
+    assert_eq!((m.mechanism.tlb_flushes, m.mechanism.tlb_refills), (2, 2));
+    // A 64-bit hypercall is SYSCALL 10 + Xen's work 300 + SYSRET 10 = 320.
+    // 25 instructions; sgdt 1 in K1 and in U1 (CLI, STI, POPF are shared memory); CR3: mmuext_op and
+    // stack_switch 640; SYSRET: iret 320; to user: page-table switch (a CR3 load, 5) flushes the TLB: U1's code
+    // page is refilled (4 references); the touch's own fill 4; CPUID 7; SYSCALL bounced through Xen: SYSCALL 10
+    // + Xen 300 + bounce frame 20 + the return 10 = 340; to kernel: switch 5, K2's code page refilled 4; K2 × 5:
+    // INVLPG's mmuext_op 320 and the flushed batch's mmu_update 320 + validating 1 entry 11, sched_op 320.
+    // 25 + 2 + 640 + 320 + 5 + 4 + 4 + 7 + 340 + 5 + 4 + 5 × 971 = 6211.
+    assert_eq!(m.cycles(), 6_211);
 
     let mut bits32 = Options::default();
     bits32.set("paravirt.guest_bits", "32").unwrap();
     let m32 = replay("paravirt", &bits32).unwrap();
-    // A 32-bit PV kernel: the fast system-call handler and a native return; no page-table switches.
+    // A 32-bit PV kernel: the fast system-call handler and a native return; no page-table switches; its
+    // hypercalls are traps (exception 20 + Xen 300 + IRET 10 = 330).
     assert_eq!(m32.exits_total(), 0);
     assert_eq!(m32.hypercalls_by(Hypercall::Iret), 0);
-    // 6369 - 300 (iret) - 160 (switches) - 1020 (trap) + 10 (native SYSRET) + 10 (native SYSCALL) = 4909.
-    assert_eq!(m32.cycles(), 4_909);
+    assert_eq!(m32.mechanism.tlb_flushes, 0);
+    // 25 + 2 + CR3 660 + native SYSRET 10 + touch 4 + CPUID 7 + native SYSCALL 10 + 5 × (330 + 341 + 330) = 5723.
+    assert_eq!(m32.cycles(), 5_723);
 }
 
 #[test]
@@ -306,11 +358,24 @@ fn hardware_assist_with_nested_paging_exits_on_io_cpuid_hlt_and_first_touches() 
     let m = run("hw-ept");
     assert_split(&m);
     assert_eq!(exits(&m), [("cpuid", 1), ("hlt", 5), ("io_instruction", 1), ("ept_violation", 1)]);
-    // Exit round trip 400 + 600 + 2 × 10 = 1020. 25 + K1 and U1 natively 9; CR3 5; IN 1020 + 10 + device 30 +
-    // user space 2000 = 3060; SYSRET 10; touch 1 + 1020 + 250 = 1271; CPUID 1030; SYSCALL 10;
-    // K2 × 5: INVLPG 4 + HLT 1030. 25 + 9 + 5 + 3060 + 10 + 1271 + 1030 + 10 + 5170 = 10590.
-    assert_eq!(m.cycles(), 10_590);
+    // VMCS accesses (reads, writes): every round trip 4 + 3 reads and 6 writes; CPUID and HLT add 3 reads and 2
+    // writes (skip the instruction), I/O 2 reads and 2 writes, the EPT violation 2 reads.
+    assert_eq!((m.mechanism.vmcs_reads, m.mechanism.vmcs_writes), (10 + 5 * 10 + 9 + 9, 8 + 5 * 8 + 8 + 6));
+    // Exit 400 + entry 600 + reads × 10 + writes × 5. 25 + K1 and U1 natively 9; CR3 5; IN: 1000 + 90 + 40 +
+    // emulate 10 + device 30 + user space 2000 = 3170; SYSRET 10; touch: a 2-D walk with the nested walk cache,
+    // 4 guest + 4 host references = 8, and the frame's first touch exits: 1000 + 90 + 30 + 250 = 1370; CPUID:
+    // 1000 + 100 + 40 + 10 = 1150; SYSCALL 10; K2 × 5: INVLPG 4 + HLT 1000 + 100 + 40 = 1144.
+    // 25 + 9 + 5 + 3170 + 10 + 1378 + 1150 + 10 + 5720 = 11477.
+    assert_eq!(m.cycles(), 11_477);
+    assert_eq!(m.mechanism.walk_references, 8);
     assert!(m.holes().is_empty() && m.detectable_events().is_empty());
+
+    // Without the nested walk cache the same touch walks (4 + 1) × (4 + 1) - 1 = 24 references.
+    let bytes = golden_trace();
+    let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
+    let profile = unit_profile(&[("hw.nested_walk_cache", 0.0)]);
+    let uncached = engine::by_name("hw-ept").unwrap().replay(&trace, &profile, &Options::default()).unwrap();
+    assert_eq!((uncached.mechanism.walk_references, uncached.cycles()), (24, 11_477 + 16));
 }
 
 #[test]
@@ -329,10 +394,25 @@ fn first_generation_hardware_assist_exits_for_shadow_paging_too() {
             ("tracing_fault", 5)
         ]
     );
-    // 34 as hw-ept; CR3 1020 + 10 + 40 = 1070; IN 3060; SYSRET 10; touch 1 + 200 + 1020 = 1221; CPUID 1030;
-    // SYSCALL 10; K2 × 5: write 1020 + 10 + 100 + 16 = 1146, INVLPG 1020 + 10 + 8 = 1038, HLT 1030.
-    // 34 + 1070 + 3060 + 10 + 1221 + 1030 + 10 + 16070 = 22505.
-    assert_eq!(m.cycles(), 22_505);
+    // 34 as hw-ept; CR3: 1000 + 13 reads 130 + 8 writes 40 + emulate 10 + shadow switch 40 + protect 3 = 1223;
+    // IN 3170; SYSRET 10; touch: fill 4 + exit 1000 + 12 reads 120 + 6 writes 30 + guest walk 8 + fill 200 +
+    // protect 9 = 1371; CPUID 1150; SYSCALL 10; K2 × 5: the traced write exits and is fetched and decoded: 1000 +
+    // 15 reads 150 + 8 writes 40 + fetch walk 8 + decode 100 + emulate 10 + shadow update 16 = 1324; INVLPG 1000 +
+    // 10 reads 100 + 40 + 10 + invalidate 8 = 1158; HLT 1140.
+    // 34 + 1223 + 3170 + 10 + 1371 + 1150 + 10 + 5 × 3622 = 25078.
+    assert_eq!(m.cycles(), 25_078);
+
+    // Without VPID every transition flushes the TLB: after each exit the guest refills the pages it touches
+    // next, here the code page of the block that runs next (4 references each, at most once per exit).
+    let bytes = golden_trace();
+    let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
+    let no_vpid =
+        engine::by_name("hw-shadow").unwrap().replay(&trace, &unit_profile(&[("hw.vpid", 0.0)]), &Options::default());
+    let no_vpid = no_vpid.unwrap();
+    assert_eq!(no_vpid.mechanism.tlb_flushes, no_vpid.exits_total());
+    // Every refill is a page touched after an exit, at 4 references of 1 cycle each.
+    assert!(no_vpid.mechanism.tlb_refills > 0);
+    assert_eq!(no_vpid.cycles() - m.cycles(), 4 * no_vpid.mechanism.tlb_refills);
 }
 
 #[test]
@@ -356,17 +436,26 @@ fn binary_translation_translates_kernel_blocks_and_adapts_to_page_table_writers(
     // K1 and K2 translated, then K2 again once its mov [rdi] took 2 tracing faults: 3 CCFs, 7 + 3 + 3 guest
     // instructions, one retranslation.
     assert_eq!((t.blocks, t.instructions, t.retranslations), (3, 13, 1));
-    // Callouts: mov cr3 and sysret (K1); 5 × invlpg and hlt (K2); the guilty write in its last 3 executions.
-    assert_eq!(t.callouts, 15);
-    // In the TC: cli, sti, sgdt, popfq and the POST-port IN.
-    assert_eq!(t.in_tc_emulations, 5);
+    // Callouts: mov cr3 and sysret (K1); invlpg and hlt in each of the 5 executions of K2.
+    assert_eq!(t.callouts, 12);
+    // In the TC: cli, sti, sgdt and popfq; helper calls: the POST-port IN, and the guilty write in K2's last 3
+    // executions.
+    assert_eq!((t.in_tc_emulations, t.helper_calls), (4, 4));
     // Exits: only the user SYSCALL, the user touch's hidden fault and the first two tracing faults.
     assert_eq!(exits(&m), [("system_call", 1), ("shadow_page_fault", 1), ("tracing_fault", 2)]);
     assert_eq!(m.cycles_for(CycleCause::Translation), 13 * 1000);
-    // 12 callouts at 500 (cr3, sysret, 5 invlpg, 5 hlt) and 3 adaptive writes through the in-TC helper at 70.
-    assert_eq!(m.cycles_for(CycleCause::Callouts), 12 * 500 + 3 * 70);
+    assert_eq!(m.cycles_for(CycleCause::Callouts), 12 * 500);
+    assert_eq!(m.cycles_by(Primitive::InTcHelper), 4 * 70);
     assert!(m.holes().is_empty(), "translated sensitive instructions see virtual values");
     assert_eq!(findings(m.detectable_events()).len(), 2, "user-mode SGDT and CPUID still run directly");
+    // What the CCFs' code costs, per execution: K1 = cli 1 + mov cr3 (2 emitted + callout 500 + emulate 10) +
+    // sti (6 emitted + PUSHF 3 + POPF 3) + in (2 emitted + helper 70) + sgdt 4 + popfq (11 emitted + 3 × 3) +
+    // sysret 512 = 1133; K2 first = mov IDENT 1 + invlpg 512 + hlt 512 = 1025, twice; K2 retranslated = the write
+    // helper call 2 + 70 = 72, + 1024 = 1096, three times.
+    // Translation 13000; K1 1133; U1 3 + sgdt 1; CR3's shadow switch 40 + protect 3; touch 1221; CPUID 7;
+    // SYSCALL 1020; K2 2050 + 3288; the two trapped writes 2 × 1110; 5 shadow updates 80; 5 invalidations 40.
+    // 13000 + 1133 + 4 + 43 + 1221 + 7 + 1020 + 5338 + 2220 + 80 + 40 = 24106.
+    assert_eq!(m.cycles(), 24_106);
 }
 
 #[test]

@@ -429,7 +429,7 @@ fn emit_page_fault_handler(k: &mut Kernel) -> AsmResult {
 
     // Not the kernel's to resolve: a user fault goes to the process's trap handler, if it has one.
     k.bind(&mut unresolved)?;
-    k.a.test(byte_ptr(rsp + error_code), PF_USER as u32)?;
+    k.a.test(byte_ptr(rsp + error_code), PF_USER)?;
     k.a.jz(fatal)?;
     k.a.mov(rax, qword_ptr(VAR_CURRENT_PROCESS))?;
     k.a.mov(rax, qword_ptr(rax + PROC_TRAP_HANDLER))?;

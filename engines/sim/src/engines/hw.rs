@@ -1,28 +1,121 @@
 //! `hw-ept` and `hw-shadow`: a VT-x/AMD-V monitor. The guest kernel runs in guest mode at its own CPL 0, so
 //! sensitive instructions give the guest's own values and most privileged ones do not exit; what exits is what
 //! the VMCS controls say (CPUID and HLT always; I/O; MSRs outside the bitmap; CR0/CR4 bits the host owns; CR8
-//! without a TPR shadow). With nested paging (EPT/NPT) page tables are the guest's business and only the first
-//! touch of each guest-physical page exits; without it (first-generation VT-x, Adams & Agesen 2006) the monitor
-//! keeps shadow page tables: CR3 writes, INVLPG, hidden faults, true page faults and traced page-table writes all
-//! exit. Each exit costs the hardware's exit and entry plus the VMCS reads of a typical handler (profile `hw`).
+//! without a TPR shadow). With nested paging (EPT/NPT) page tables are the guest's business: a TLB fill is a
+//! two-dimensional walk and only the first touch of each guest-physical page exits; without it (first-generation
+//! VT-x, Adams & Agesen 2006) the monitor keeps shadow page tables: CR3 writes, INVLPG, hidden faults, true page
+//! faults and traced page-table writes all exit.
+//!
+//! Each exit is handled as first-generation monitors did (`vmcs_accesses`): the VMCS fields every handler reads
+//! and writes, those its exit reason needs, the guest instruction fetched through a software walk and decoded
+//! for exits that emulate a memory access, and, without VPID, the TLB flush on every transition.
 
-use virtlab_traces::Event;
-
-use super::{MonitorCosts, Shadowing, PAGE_FAULT};
-use crate::classify::{Op, Priced};
+use super::d;
 use crate::engine::{Engine, EngineError, Options, Run};
-use crate::fasthash::FastSet;
-use crate::metrics::{CycleCause, ExitReason};
-use crate::profile::{mc, Profile};
-use crate::replay::{exit_reason_of, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
+use crate::mechanism::{Monitor, MonitorParts};
+use crate::metrics::ExitReason as R;
+use crate::profile::Profile;
+use crate::replay::Session;
+use crate::strategy::{Action, Disposition, Handling, Mechanism, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
-
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 pub struct HardwareAssist {
     pub nested_paging: bool,
+}
+
+/// VMCS reads and writes of one exit and the entry after it, as first-generation VT-x handlers make them (KVM in
+/// Linux 2.6.20, `drivers/kvm/vmx.c`, counted from the code; shared refs §9): every exit reads 4 fields
+/// (interruptibility, IDT-vectoring information, exit reason, instruction length), and every entry is preceded by
+/// 3 reads and 6 writes (host selectors and bases, controls, HOST_RSP). The handler's own reads: 5 for a #PF exit
+/// (9 in all), 6 for MOV CR (qualification, RSP, RIP, then RIP, length and interruptibility to skip the
+/// instruction: 10 in all), 2 for non-string I/O (6 in all); the lab gives the other emulating handlers the
+/// skip's 3, an external interrupt its interruption information, an EPT exit its qualification and address.
+/// Skipping an emulated instruction writes RIP and interruptibility; injecting an event writes the entry
+/// interruption information, error code and instruction length; fetching the guest instruction to decode it
+/// reads CS, RIP and CR0 before the software walk.
+pub fn vmcs_accesses(reason: R, handling: Handling) -> (u64, u64) {
+    const EXIT_READS: u64 = 4;
+    const ENTRY_READS: u64 = 3;
+    const ENTRY_WRITES: u64 = 6;
+    const SKIP_WRITES: u64 = 2;
+    const INJECT_WRITES: u64 = 3;
+    const FETCH_READS: u64 = 3;
+    let handler_reads = match reason {
+        R::ExceptionNmi | R::ShadowPageFault | R::TracingFault | R::Mmio => 5,
+        R::CrAccess => 6,
+        R::IoInstruction | R::EptViolation | R::EptMisconfig => 2,
+        R::ExternalInterrupt => 1,
+        _ => 3,
+    };
+    let (fetch_reads, writes) = match handling {
+        Handling::Emulate | Handling::Halt => (0, SKIP_WRITES),
+        Handling::FetchDecodeEmulate => (FETCH_READS, SKIP_WRITES),
+        Handling::Inject => (0, INJECT_WRITES),
+        Handling::MapGuestPage | Handling::ShadowFill => (0, 0),
+    };
+    (EXIT_READS + handler_reads + fetch_reads + ENTRY_READS, ENTRY_WRITES + writes)
+}
+
+pub(crate) fn table(options: &Options, ept: bool) -> Table {
+    let mut table = Table::filled(d(Mechanism::GuestMode));
+    let exit = |reason, handling| d(Mechanism::VmExit(reason, handling));
+    let emulate = |reason| exit(reason, Handling::Emulate);
+    let device = |reason, handling| {
+        Disposition::with(Mechanism::VmExit(reason, handling), &[Action::Device, Action::UserSpaceDevice])
+    };
+    for (subject, reason) in [
+        (Subject::DebugRegister, R::DrAccess),
+        (Subject::Rdpmc, R::Rdpmc),
+        (Subject::CacheControl, R::Wbinvd),
+        (Subject::OtherPrivileged, R::PrivilegedInstruction),
+    ] {
+        table.set(subject, emulate(reason));
+    }
+    if !options.hw_tpr_shadow {
+        table.set(Subject::Cr8Read, emulate(R::CrAccess));
+        table.set(Subject::Cr8Write, emulate(R::CrAccess));
+    }
+    if !options.hw_msr_bitmap {
+        table.set(Subject::MsrReadSegmentBase, emulate(R::MsrRead));
+        table.set(Subject::MsrWriteSegmentBase, emulate(R::MsrWrite));
+    }
+    table
+        .set(Subject::MsrReadOther, emulate(R::MsrRead))
+        .set(Subject::MsrWriteSyscallSetup, emulate(R::MsrWrite))
+        .set(Subject::MsrWriteOther, emulate(R::MsrWrite))
+        .set(Subject::Cr0WriteOwned, emulate(R::CrAccess))
+        .set(Subject::Cr4WriteOwned, emulate(R::CrAccess))
+        .set(Subject::Interrupt, exit(R::ExternalInterrupt, Handling::Inject))
+        .set(Subject::PostPort, device(R::IoInstruction, Handling::Emulate))
+        .set(Subject::ConsolePort, device(R::IoInstruction, Handling::Emulate))
+        .set(Subject::OtherPort, device(R::IoInstruction, Handling::Emulate))
+        .set(Subject::Cpuid, emulate(R::Cpuid))
+        .set(Subject::Hlt, exit(R::Hlt, Handling::Halt));
+    if ept {
+        table
+            .set(Subject::Mmio, device(R::EptMisconfig, Handling::FetchDecodeEmulate))
+            .set(Subject::PageTouch, d(Mechanism::NestedWalk));
+        return table;
+    }
+    let shadow = |reason, action| Disposition::with(Mechanism::VmExit(reason, Handling::Emulate), action);
+    table
+        .set(Subject::Cr3Read, emulate(R::CrAccess))
+        .set(Subject::Cr3Write, shadow(R::CrAccess, &[Action::ShadowSwitch]))
+        .set(Subject::Cr3Reload, shadow(R::CrAccess, &[Action::ShadowSwitch]))
+        .set(Subject::Cr0WriteOwned, shadow(R::CrAccess, &[Action::ShadowRebuild]))
+        .set(Subject::Cr4WriteOwned, shadow(R::CrAccess, &[Action::ShadowRebuild]))
+        .set(Subject::Invlpg, shadow(R::Invlpg, &[Action::ShadowInvalidate]))
+        .set(Subject::Mmio, device(R::Mmio, Handling::FetchDecodeEmulate))
+        .set(
+            Subject::PageFault,
+            Disposition::with(
+                Mechanism::VmExit(R::ExceptionNmi, Handling::Inject),
+                &[Action::ClassifyFault, Action::TrueFault],
+            ),
+        )
+        .set(Subject::PageTableWrite, d(Mechanism::Traced(TraceHandling::VmExit)))
+        .set(Subject::PageTouch, d(Mechanism::ShadowTouch(TraceHandling::VmExit)));
+    table
 }
 
 impl Engine for HardwareAssist {
@@ -42,239 +135,24 @@ impl Engine for HardwareAssist {
         }
     }
 
+    fn table(&self, options: &Options) -> Table {
+        table(options, self.nested_paging)
+    }
+
     fn start<'t>(
         &self,
         trace: &'t PreparedTrace<'t>,
         profile: &Profile,
         options: &Options,
     ) -> Result<Box<dyn Run + 't>, EngineError> {
-        let h = &profile.hw;
-        let native = NativeCosts::new(profile);
-        let monitor = MonitorCosts::new(profile);
-        let vmexit = VmExit {
-            // An exit and the entry back, with the VMCS reads a typical handler makes.
-            round_trip: mc(h.exit + h.entry + h.vmread * h.vmreads_per_exit),
-            injection: mc(h.vmwrite * h.vmwrites_per_injection),
-            ept_violation: mc(h.ept_violation),
-            user_space_exit: if options.hw_user_space_devices { mc(h.user_space_exit) } else { 0 },
+        let parts = MonitorParts {
+            shadow: !self.nested_paging,
+            nested: self.nested_paging,
+            flushes: !profile.flag(crate::primitive::Primitive::Vpid),
+            user_space_devices: options.hw_user_space_devices,
+            ..MonitorParts::default()
         };
-        let policy =
-            GuestMode { monitor: &monitor, native: &native, vmexit: &vmexit, options, ept: self.nested_paging };
-        let plans = Plans::build(trace, &policy);
-        let engine = HwRun {
-            native,
-            monitor,
-            vmexit,
-            plans,
-            ept: self.nested_paging,
-            options: options.clone(),
-            shadow: Shadowing::default(),
-            mapped_frames: FastSet::default(),
-        };
-        Ok(Box::new(Session::new(trace, engine)))
-    }
-}
-
-struct VmExit {
-    round_trip: u64,
-    injection: u64,
-    ept_violation: u64,
-    user_space_exit: u64,
-}
-
-struct GuestMode<'a> {
-    monitor: &'a MonitorCosts,
-    native: &'a NativeCosts,
-    vmexit: &'a VmExit,
-    options: &'a Options,
-    ept: bool,
-}
-
-impl GuestMode<'_> {
-    fn exits(&self, op: Op) -> bool {
-        match op {
-            Op::MovFromCr(3) => !self.ept,
-            Op::MovFromCr(8) => !self.options.hw_tpr_shadow,
-            Op::MovDr | Op::CacheFlush | Op::Xsetbv | Op::Rdpmc | Op::OtherPrivileged => true,
-            _ => false,
-        }
-    }
-}
-
-impl OpPolicy for GuestMode<'_> {
-    fn instruction(&self, _kernel: bool) -> (u64, CycleCause) {
-        (self.native.instruction, CycleCause::GuestInstructions)
-    }
-
-    fn priced(&self, priced: Priced, _kernel: bool) -> u64 {
-        self.native.priced(priced)
-    }
-
-    fn static_op(&self, op: Op, _kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
-        if self.exits(op) {
-            let costs = [(CycleCause::Exits, self.vmexit.round_trip), (CycleCause::Emulation, self.monitor.emulate)];
-            return (costs, Effect::Trap(exit_reason_of(op)));
-        }
-        ([(CycleCause::NativeTransitions, self.native.static_op(op)), (CycleCause::Exits, 0)], Effect::Silent)
-    }
-}
-
-struct HwRun {
-    native: NativeCosts,
-    monitor: MonitorCosts,
-    vmexit: VmExit,
-    plans: Plans,
-    ept: bool,
-    options: Options,
-    shadow: Shadowing,
-    /// Guest-physical frames the host has mapped in the EPT.
-    mapped_frames: FastSet<u64>,
-}
-
-/// CR0 and CR4 bits the host owns (guest/host mask): a change exits.
-fn host_owned_bits_changed(cr: u8, old: u64, new: u64) -> bool {
-    let mask: u64 = match cr {
-        0 => 1 | (1 << 5) | (1 << 16) | (1 << 29) | (1 << 30) | (1 << 31),
-        4 => (1 << 4) | (1 << 5) | (1 << 7) | (1 << 12) | (1 << 13) | (1 << 17) | (1 << 18) | (1 << 20) | (1 << 21),
-        _ => 0,
-    };
-    (old ^ new) & mask != 0
-}
-
-impl HwRun {
-    /// An exit the monitor handles by emulating the instruction (the exit qualification says which, so there
-    /// is no decode).
-    fn emulate(&self, r: &mut Replay, reason: ExitReason, at: u32) {
-        r.exit(reason, at);
-        r.charge(CycleCause::Exits, self.vmexit.round_trip);
-        r.charge(CycleCause::Emulation, self.monitor.emulate);
-        r.metrics.emulated_instructions += 1;
-    }
-
-    /// An exit for a memory access: the monitor must fetch and decode the instruction.
-    fn decode_and_emulate(&self, r: &mut Replay, reason: ExitReason, at: u32) {
-        self.emulate(r, reason, at);
-        r.charge(CycleCause::Emulation, self.monitor.decode);
-    }
-
-    fn device(&self, r: &mut Replay) {
-        r.charge(CycleCause::DeviceEmulation, self.monitor.device + self.vmexit.user_space_exit);
-    }
-
-    /// An exit for an event the monitor injects back into the guest, which the guest then takes as native.
-    fn inject(&self, r: &mut Replay, reason: ExitReason, at: u32) {
-        r.exit(reason, at);
-        r.charge(CycleCause::Exits, self.vmexit.round_trip);
-        r.charge(CycleCause::Reflection, self.vmexit.injection);
-        r.charge(CycleCause::NativeTransitions, self.native.exception);
-    }
-
-    fn native(&self, r: &mut Replay, event: &Event) {
-        r.charge(NativeCosts::event_cause(event), self.native.event(event));
-    }
-}
-
-impl Strategy for HwRun {
-    fn block(&mut self, r: &mut Replay, block: usize, executed: u32, full: bool) {
-        self.plans.apply(r, block, executed, full);
-    }
-
-    // Out of line: the block path, which runs for most events, stays a tight loop.
-    #[inline(never)]
-    fn event(&mut self, r: &mut Replay, event: &Event) {
-        let m = &self.monitor;
-        match *event {
-            Event::Block(_) | Event::PartialBlock { .. } => {}
-            Event::Context { context, .. } => {
-                if !self.ept {
-                    self.shadow.context(&context);
-                }
-            }
-            Event::Syscall { .. }
-            | Event::Sysret { .. }
-            | Event::SoftwareInterrupt { .. }
-            | Event::Iret { .. }
-            | Event::DescriptorLoad { .. } => self.native(r, event),
-            Event::Exception { at, vector, .. } => {
-                if vector == PAGE_FAULT && !self.ept {
-                    r.metrics.shadow.true_faults += 1;
-                    self.inject(r, ExitReason::ExceptionNmi, at);
-                } else {
-                    self.native(r, event);
-                }
-            }
-            Event::Interrupt { at, .. } => self.inject(r, ExitReason::ExternalInterrupt, at),
-            Event::CrWrite { at, cr, old, new } => {
-                let exits = match cr {
-                    3 => !self.ept,
-                    8 => !self.options.hw_tpr_shadow,
-                    0 | 4 => host_owned_bits_changed(cr, old, new),
-                    _ => false,
-                };
-                if exits {
-                    self.emulate(r, ExitReason::CrAccess, at);
-                } else {
-                    self.native(r, event);
-                }
-                if !self.ept {
-                    self.shadow.cr_write(r, m, cr, old, new);
-                }
-            }
-            Event::MsrRead { at, index, .. } | Event::MsrWrite { at, index, .. } => {
-                let passed =
-                    self.options.hw_msr_bitmap && matches!(index, MSR_FS_BASE | MSR_GS_BASE | MSR_KERNEL_GS_BASE);
-                if passed {
-                    self.native(r, event);
-                } else {
-                    let reason =
-                        if matches!(event, Event::MsrRead { .. }) { ExitReason::MsrRead } else { ExitReason::MsrWrite };
-                    self.emulate(r, reason, at);
-                }
-            }
-            Event::Io { at, .. } => {
-                self.emulate(r, ExitReason::IoInstruction, at);
-                self.device(r);
-            }
-            Event::Mmio { at, .. } => {
-                let reason = if self.ept { ExitReason::EptMisconfig } else { ExitReason::Mmio };
-                self.decode_and_emulate(r, reason, at);
-                self.device(r);
-            }
-            Event::Cpuid { at, .. } => self.emulate(r, ExitReason::Cpuid, at),
-            Event::Hlt { at, .. } => self.emulate(r, ExitReason::Hlt, at),
-            Event::Invlpg { at, address } => {
-                if self.ept {
-                    self.native(r, event);
-                } else {
-                    self.emulate(r, ExitReason::Invlpg, at);
-                    self.shadow.invlpg(r, m, address);
-                }
-            }
-            Event::PageTableWrite { at, gpa, level, old, new } => {
-                if !self.ept && r.paging() {
-                    self.decode_and_emulate(r, ExitReason::TracingFault, at);
-                    self.shadow.write(r, m, gpa, level, old, new);
-                }
-            }
-            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
-            Event::PageTouch { at, page, frame, .. } => {
-                self.native(r, event);
-                if self.ept {
-                    if self.mapped_frames.insert(frame) {
-                        r.exit(ExitReason::EptViolation, at);
-                        r.charge(CycleCause::Exits, self.vmexit.round_trip);
-                        r.charge(CycleCause::NestedPaging, self.vmexit.ept_violation);
-                    }
-                } else if self.shadow.touch(r, m, page, frame) {
-                    r.exit(ExitReason::ShadowPageFault, at);
-                    r.charge(CycleCause::Exits, self.vmexit.round_trip);
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
-        self.plans.settle(r);
-        Ok(())
+        let monitor = Monitor::new(parts, profile);
+        Ok(Box::new(Session::new(trace, profile, table(options, self.nested_paging), monitor, None)))
     }
 }

@@ -4,17 +4,87 @@
 //! SIDT, SLDT, STR, SMSW and the segment checks still reveal the monitor (detectable). It is also what Linux
 //! KVM's PVM backend does with an unmodified kernel: the lab's own KVM host runs guest kernels this way.
 
-use virtlab_traces::Event;
-
-use super::{MonitorCosts, Shadowing, PAGE_FAULT};
-use crate::classify::{Op, Priced};
+use super::{d, monitor_tables_visible_to_user};
 use crate::engine::{Engine, EngineError, Options, Run};
-use crate::metrics::{CycleCause, ExitReason};
+use crate::mechanism::{Monitor, MonitorParts};
+use crate::metrics::ExitReason as R;
 use crate::profile::Profile;
-use crate::replay::{user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy};
+use crate::replay::Session;
+use crate::strategy::{Action, Disposition, Mechanism, Mode, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
 
 pub struct Hybrid;
+
+pub(crate) fn table(_options: &Options) -> Table {
+    let mut table = Table::filled(d(Mechanism::Native));
+    let kernel = |table: &mut Table, subject, disposition| {
+        table.set_in(subject, Mode::Kernel, disposition);
+    };
+    // Every instruction the kernel executes goes through the interpreter, which gives it its virtual-machine
+    // meaning: no hole, no trap.
+    for &subject in Subject::ALL.iter().filter(|s| s.is_instruction_class()) {
+        kernel(&mut table, subject, d(Mechanism::Interpreted));
+    }
+    monitor_tables_visible_to_user(&mut table);
+    // Leaving direct execution: the monitor takes over and interprets the kernel from its entry point.
+    for subject in [Subject::Syscall, Subject::SoftwareInterrupt] {
+        table.set_in(subject, Mode::User, d(Mechanism::Reflect(R::SystemCall)));
+        kernel(&mut table, subject, d(Mechanism::InterpretedTransfer));
+    }
+    table.set_in(Subject::Exception, Mode::User, d(Mechanism::Reflect(R::ExceptionNmi)));
+    table.set_in(
+        Subject::PageFault,
+        Mode::User,
+        Disposition::with(Mechanism::Reflect(R::ExceptionNmi), &[Action::ClassifyFault, Action::TrueFault]),
+    );
+    table.set_in(Subject::Interrupt, Mode::User, d(Mechanism::Reflect(R::ExternalInterrupt)));
+    // Inside the interpreter, transfers are virtual: the interpreter builds the frames itself, and its own
+    // software MMU knows a true fault from a hidden one.
+    kernel(&mut table, Subject::Exception, d(Mechanism::InterpretedTransfer));
+    kernel(&mut table, Subject::PageFault, Disposition::with(Mechanism::InterpretedTransfer, &[Action::TrueFault]));
+    kernel(&mut table, Subject::Interrupt, d(Mechanism::InterpretedTransfer));
+    for subject in
+        [Subject::Sysret, Subject::Iret, Subject::Cr0Write, Subject::Cr2Write, Subject::Cr4Write, Subject::Cr8Write]
+    {
+        kernel(&mut table, subject, d(Mechanism::Interpreted));
+    }
+    for subject in [Subject::Cr0WriteOwned, Subject::Cr4WriteOwned] {
+        kernel(&mut table, subject, Disposition::with(Mechanism::Interpreted, &[Action::ShadowRebuild]));
+    }
+    for subject in [Subject::Cr3Write, Subject::Cr3Reload] {
+        kernel(&mut table, subject, Disposition::with(Mechanism::Interpreted, &[Action::ShadowSwitch]));
+    }
+    for subject in [
+        Subject::MsrReadSegmentBase,
+        Subject::MsrReadOther,
+        Subject::MsrWriteSegmentBase,
+        Subject::MsrWriteSyscallSetup,
+        Subject::MsrWriteOther,
+        Subject::Cpuid,
+        Subject::GdtLoad,
+        Subject::IdtLoad,
+        Subject::LdtLoad,
+        Subject::TrLoad,
+    ] {
+        kernel(&mut table, subject, d(Mechanism::InterpretedEmulate));
+    }
+    table.set_in(Subject::Cpuid, Mode::User, d(Mechanism::Detectable("cpuid_reports_host")));
+    let device = |reason| Disposition::with(Mechanism::InterpretedDevice(reason), &[Action::Device]);
+    for subject in [Subject::PostPort, Subject::ConsolePort, Subject::OtherPort] {
+        table.set(subject, device(R::IoInstruction));
+    }
+    table.set(Subject::Mmio, device(R::Mmio));
+    table.set(Subject::Hlt, d(Mechanism::InterpretedDevice(R::Hlt)));
+    kernel(&mut table, Subject::Invlpg, Disposition::with(Mechanism::Interpreted, &[Action::ShadowInvalidate]));
+    // The interpreter sees the kernel's stores and translates kernel addresses itself; only directly executed
+    // user code walks the shadow tables in hardware.
+    table.set_in(Subject::PageTableWrite, Mode::User, d(Mechanism::Traced(TraceHandling::Trap)));
+    kernel(&mut table, Subject::PageTableWrite, d(Mechanism::Traced(TraceHandling::Interpreter)));
+    table.set_in(Subject::PageTouch, Mode::User, d(Mechanism::ShadowTouch(TraceHandling::Trap)));
+    kernel(&mut table, Subject::PageTouch, d(Mechanism::Interpreted));
+    kernel(&mut table, Subject::RepString, d(Mechanism::InterpretedString));
+    table
+}
 
 impl Engine for Hybrid {
     fn name(&self) -> &'static str {
@@ -25,141 +95,17 @@ impl Engine for Hybrid {
         "Popek & Goldberg's hybrid VMM: kernel interpreted, user direct, shadow paging (KVM's PVM)"
     }
 
+    fn table(&self, options: &Options) -> Table {
+        table(options)
+    }
+
     fn start<'t>(
         &self,
         trace: &'t PreparedTrace<'t>,
         profile: &Profile,
-        _options: &Options,
+        options: &Options,
     ) -> Result<Box<dyn Run + 't>, EngineError> {
-        let native = NativeCosts::new(profile);
-        let monitor = MonitorCosts::new(profile);
-        let plans = Plans::build(trace, &Interpreted { native: &native, monitor: &monitor });
-        Ok(Box::new(Session::new(trace, HybridRun { native, monitor, plans, shadow: Shadowing::default() })))
-    }
-}
-
-struct Interpreted<'a> {
-    native: &'a NativeCosts,
-    monitor: &'a MonitorCosts,
-}
-
-impl OpPolicy for Interpreted<'_> {
-    fn instruction(&self, kernel: bool) -> (u64, CycleCause) {
-        if kernel {
-            (self.monitor.interpret, CycleCause::Interpretation)
-        } else {
-            (self.native.instruction, CycleCause::GuestInstructions)
-        }
-    }
-
-    fn priced(&self, priced: Priced, kernel: bool) -> u64 {
-        // The interpreter's per-instruction cost covers a call or return; a division or multiplication it
-        // still performs with the host's own instruction.
-        if kernel && priced == Priced::CallReturn {
-            0
-        } else {
-            self.native.priced(priced)
-        }
-    }
-
-    fn static_op(&self, op: Op, kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
-        if kernel {
-            // The interpreter gives every instruction its virtual-machine meaning: no hole, no trap.
-            return ([(CycleCause::Interpretation, 0), (CycleCause::Interpretation, 0)], Effect::Silent);
-        }
-        let native = [(CycleCause::NativeTransitions, self.native.static_op(op)), (CycleCause::Exits, 0)];
-        (native, user_detectable(op).map_or(Effect::Silent, Effect::Detectable))
-    }
-}
-
-struct HybridRun {
-    native: NativeCosts,
-    monitor: MonitorCosts,
-    plans: Plans,
-    shadow: Shadowing,
-}
-
-impl Strategy for HybridRun {
-    fn block(&mut self, r: &mut Replay, block: usize, executed: u32, full: bool) {
-        if r.kernel() {
-            r.metrics.emulated_instructions += u64::from(executed);
-        }
-        self.plans.apply(r, block, executed, full);
-    }
-
-    // Out of line: the block path, which runs for most events, stays a tight loop.
-    #[inline(never)]
-    fn event(&mut self, r: &mut Replay, event: &Event) {
-        let m = &self.monitor;
-        let user = !r.kernel();
-        match *event {
-            Event::Block(_) | Event::PartialBlock { .. } => {}
-            Event::Context { context, .. } => self.shadow.context(&context),
-            // Leaving direct execution: the monitor takes over and interprets the kernel from its entry point.
-            Event::Syscall { at } | Event::SoftwareInterrupt { at, .. } if user => {
-                m.reflect(r, ExitReason::SystemCall, at, m.trap)
-            }
-            Event::Exception { at, vector, .. } if user => {
-                if vector == PAGE_FAULT {
-                    r.metrics.shadow.true_faults += 1;
-                }
-                m.reflect(r, ExitReason::ExceptionNmi, at, m.trap);
-            }
-            Event::Interrupt { at, .. } if user => m.reflect(r, ExitReason::ExternalInterrupt, at, m.trap),
-            // Inside the interpreter, transfers are virtual: the interpreter builds the frames itself.
-            Event::Syscall { .. }
-            | Event::SoftwareInterrupt { .. }
-            | Event::Exception { .. }
-            | Event::Interrupt { .. } => {
-                if let Event::Exception { vector: PAGE_FAULT, .. } = event {
-                    r.metrics.shadow.true_faults += 1;
-                }
-                r.charge(CycleCause::Reflection, m.reflect)
-            }
-            Event::Sysret { .. } | Event::Iret { .. } => {}
-            Event::CrWrite { cr, old, new, .. } => self.shadow.cr_write(r, m, cr, old, new),
-            Event::Cpuid { at, .. } if user => super::host_cpuid(r, self.native.cpuid, at),
-            Event::MsrRead { .. } | Event::MsrWrite { .. } | Event::Cpuid { .. } | Event::DescriptorLoad { .. } => {
-                r.charge(CycleCause::Emulation, m.emulate)
-            }
-            Event::Io { at, .. } => {
-                r.exit(ExitReason::IoInstruction, at);
-                r.charge(CycleCause::DeviceEmulation, m.device);
-            }
-            Event::Mmio { at, .. } => {
-                r.exit(ExitReason::Mmio, at);
-                r.charge(CycleCause::DeviceEmulation, m.device);
-            }
-            Event::Hlt { at, .. } => r.exit(ExitReason::Hlt, at),
-            Event::Invlpg { address, .. } => self.shadow.invlpg(r, m, address),
-            Event::PageTableWrite { at, gpa, level, old, new } => {
-                if r.paging() {
-                    if user {
-                        m.emulate(r, ExitReason::TracingFault, at, m.trap);
-                    }
-                    self.shadow.write(r, m, gpa, level, old, new);
-                }
-            }
-            // The interpreter steps a kernel string instruction one element at a time, as KVM's emulator does.
-            Event::RepString { elements, .. } if !user => {
-                r.charge(CycleCause::Interpretation, elements.saturating_mul(m.interpret))
-            }
-            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
-            // The interpreter translates kernel addresses itself; only directly executed user code walks the
-            // shadow tables in hardware.
-            Event::PageTouch { at, page, frame, .. } if user => {
-                r.charge(CycleCause::TlbFills, self.native.tlb_fill);
-                if self.shadow.touch(r, m, page, frame) {
-                    r.exit(ExitReason::ShadowPageFault, at);
-                    r.charge(CycleCause::Exits, m.trap);
-                }
-            }
-            Event::PageTouch { .. } => {}
-        }
-    }
-
-    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
-        self.plans.settle(r);
-        Ok(())
+        let monitor = Monitor::new(MonitorParts { shadow: true, ..MonitorParts::default() }, profile);
+        Ok(Box::new(Session::new(trace, profile, table(options), monitor, None)))
     }
 }

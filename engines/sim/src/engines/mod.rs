@@ -1,5 +1,6 @@
-//! The seven engines. Each follows DESIGN.md's strategy-by-event table; the helpers here are the software
-//! monitor's pieces they share (entering the monitor to emulate or reflect, shadow paging).
+//! The seven engines. Each is its strategy table (what it does with each instruction class and event, as data)
+//! and the parts of the monitor's state it keeps; the replay driver does the rest. Shared here: the exit reason,
+//! hole and detectable event each sensitive instruction gives, and the rows several tables share.
 
 pub mod bt;
 pub mod hw;
@@ -8,133 +9,133 @@ pub mod native;
 pub mod paravirt;
 pub mod trap_emulate;
 
-use virtlab_traces::Context;
+use crate::classify::Op;
+use crate::metrics::ExitReason;
+use crate::strategy::{Action, Disposition, Mechanism, Mode, Subject, Table, TraceHandling};
 
-use crate::metrics::{CycleCause, ExitReason};
-use crate::profile::{mc, Profile};
-use crate::replay::Replay;
-use crate::shadow::{paging_bits_changed, ShadowMmu, Touch};
-
-/// The software monitor's primitive costs in millicycles.
-#[derive(Debug, Clone)]
-pub(crate) struct MonitorCosts {
-    pub trap: u64,
-    pub decode: u64,
-    pub emulate: u64,
-    pub reflect: u64,
-    pub device: u64,
-    pub interpret: u64,
-    pub shadow_fill: u64,
-    pub shadow_switch: u64,
-    pub shadow_invalidate: u64,
-    pub shadow_update: u64,
-}
-
-impl MonitorCosts {
-    pub fn new(profile: &Profile) -> MonitorCosts {
-        let m = &profile.monitor;
-        MonitorCosts {
-            trap: mc(m.trap),
-            decode: mc(m.decode),
-            emulate: mc(m.emulate),
-            reflect: mc(m.reflect),
-            device: mc(m.device),
-            interpret: mc(m.interpret),
-            shadow_fill: mc(m.shadow_fill),
-            shadow_switch: mc(m.shadow_switch),
-            shadow_invalidate: mc(m.shadow_invalidate),
-            shadow_update: mc(m.shadow_update),
-        }
-    }
-
-    /// Enter the monitor (at `entry` cost) for an instruction it decodes and emulates.
-    pub fn emulate(&self, r: &mut Replay, reason: ExitReason, at: u32, entry: u64) {
-        r.exit(reason, at);
-        r.charge(CycleCause::Exits, entry);
-        r.charge(CycleCause::Emulation, self.decode + self.emulate);
-        r.metrics.emulated_instructions += 1;
-    }
-
-    /// Enter the monitor for a transfer (system call, exception, interrupt) it reflects into the guest.
-    pub fn reflect(&self, r: &mut Replay, reason: ExitReason, at: u32, entry: u64) {
-        r.exit(reason, at);
-        r.charge(CycleCause::Exits, entry);
-        r.charge(CycleCause::Reflection, self.reflect);
+/// The exit reason hardware and software monitors give a trapping instruction.
+pub(crate) fn exit_reason_of(op: Op) -> ExitReason {
+    match op {
+        Op::Cli | Op::Sti | Op::Popf | Op::Pushf => ExitReason::InterruptFlag,
+        Op::MovToCr(_) | Op::MovFromCr(_) => ExitReason::CrAccess,
+        Op::MovDr => ExitReason::DrAccess,
+        Op::Lgdt | Op::Lidt | Op::Sgdt | Op::Sidt => ExitReason::GdtrIdtr,
+        Op::Lldt | Op::Ltr | Op::Sldt | Op::Str => ExitReason::LdtrTr,
+        Op::Smsw => ExitReason::CrAccess,
+        Op::Rdmsr => ExitReason::MsrRead,
+        Op::Wrmsr => ExitReason::MsrWrite,
+        Op::PortIn | Op::PortOut => ExitReason::IoInstruction,
+        Op::Hlt => ExitReason::Hlt,
+        Op::Invlpg => ExitReason::Invlpg,
+        Op::Cpuid => ExitReason::Cpuid,
+        Op::Rdtsc => ExitReason::Rdtsc,
+        Op::Rdpmc => ExitReason::Rdpmc,
+        Op::Swapgs => ExitReason::Swapgs,
+        Op::Syscall | Op::Sysret | Op::SoftwareInterrupt => ExitReason::SystemCall,
+        Op::Iret => ExitReason::Iret,
+        Op::CacheFlush => ExitReason::Wbinvd,
+        Op::Xsetbv => ExitReason::Xsetbv,
+        Op::Innocuous
+        | Op::Lar
+        | Op::Lsl
+        | Op::Verr
+        | Op::Verw
+        | Op::ReadCodeOrStackSelector
+        | Op::FarTransfer
+        | Op::OtherPrivileged => ExitReason::PrivilegedInstruction,
     }
 }
 
-/// Shadow paging as the software monitors (and first-generation VT-x) run it.
-#[derive(Debug, Default)]
-pub(crate) struct Shadowing {
-    mmu: ShadowMmu,
-}
-
-impl Shadowing {
-    /// Follow the guest's address space.
-    pub fn context(&mut self, context: &Context) {
-        self.mmu.switch(context.cr3);
-    }
-
-    /// A first touch; true when it is a hidden fault (the caller charges entering the monitor).
-    pub fn touch(&mut self, r: &mut Replay, costs: &MonitorCosts, page: u64, frame: u64) -> bool {
-        if !r.paging() {
-            return false;
-        }
-        match self.mmu.touch(page, frame) {
-            Touch::HiddenFault => {
-                r.metrics.shadow.hidden_faults += 1;
-                r.charge(CycleCause::ShadowPaging, costs.shadow_fill);
-                true
-            }
-            Touch::Hit | Touch::Propagated => false,
-        }
-    }
-
-    /// Propagate a guest page-table write into the shadow.
-    pub fn write(&mut self, r: &mut Replay, costs: &MonitorCosts, gpa: u64, level: u8, old: u64, new: u64) {
-        let propagation = self.mmu.write(gpa, level, old, new);
-        if propagation.newly_traced {
-            r.metrics.shadow.traced_pages += 1;
-        }
-        r.metrics.shadow.invalidations += propagation.invalidated;
-        r.charge(CycleCause::ShadowPaging, costs.shadow_update + propagation.invalidated * costs.shadow_invalidate);
-    }
-
-    /// A control-register write: CR3 switches roots, paging-mode changes drop them all.
-    pub fn cr_write(&mut self, r: &mut Replay, costs: &MonitorCosts, cr: u8, old: u64, new: u64) {
-        if cr == 3 {
-            self.mmu.switch(new);
-            r.metrics.shadow.root_switches += 1;
-            r.charge(CycleCause::ShadowPaging, costs.shadow_switch);
-        } else if paging_bits_changed(cr, old, new) {
-            let dropped = self.mmu.flush();
-            r.metrics.shadow.invalidations += dropped;
-            r.charge(CycleCause::ShadowPaging, dropped * costs.shadow_invalidate);
-        }
-    }
-
-    pub fn invlpg(&mut self, r: &mut Replay, costs: &MonitorCosts, address: u64) {
-        if self.mmu.invlpg(address) {
-            r.metrics.shadow.invalidations += 1;
-        }
-        r.charge(CycleCause::ShadowPaging, costs.shadow_invalidate);
+/// The hole a deprivileged kernel falls into when it runs a sensitive-unprivileged instruction directly.
+pub(crate) fn kernel_hole(op: Op) -> &'static str {
+    match op {
+        Op::Popf => "popf_ignores_if",
+        Op::Pushf => "pushf_reveals_real_if",
+        Op::Sgdt => "sgdt_reveals_monitor_gdt",
+        Op::Sidt => "sidt_reveals_monitor_idt",
+        Op::Sldt => "sldt_reveals_monitor_ldt",
+        Op::Str => "str_reveals_monitor_tr",
+        Op::Smsw => "smsw_reveals_monitor_cr0",
+        Op::Lar | Op::Lsl | Op::Verr | Op::Verw => "segment_check_sees_deprivileged_dpl",
+        Op::ReadCodeOrStackSelector => "selector_reveals_deprivileged_cpl",
+        _ => "far_transfer_sees_deprivileged_cpl",
     }
 }
 
-/// The exit reason of a descriptor-table load.
-pub(crate) fn descriptor_reason(load: &virtlab_traces::DescriptorLoad) -> ExitReason {
-    match load {
-        virtlab_traces::DescriptorLoad::Gdt { .. } | virtlab_traces::DescriptorLoad::Idt { .. } => ExitReason::GdtrIdtr,
-        virtlab_traces::DescriptorLoad::Ldt { .. } | virtlab_traces::DescriptorLoad::Tr { .. } => ExitReason::LdtrTr,
+/// What user mode can observe with a sensitive-unprivileged instruction when the monitor's own tables are loaded
+/// (the "red pill").
+pub(crate) fn user_detectable(op: Op) -> Option<&'static str> {
+    match op {
+        Op::Sgdt => Some("sgdt_reveals_monitor_gdt"),
+        Op::Sidt => Some("sidt_reveals_monitor_idt"),
+        Op::Sldt => Some("sldt_reveals_monitor_ldt"),
+        Op::Str => Some("str_reveals_monitor_tr"),
+        Op::Smsw => Some("smsw_reveals_monitor_cr0"),
+        Op::Lar | Op::Lsl | Op::Verr | Op::Verw => Some("segment_check_sees_deprivileged_dpl"),
+        _ => None,
     }
 }
 
-/// CPUID run directly: the guest sees the host processor's identity.
-pub(crate) fn host_cpuid(r: &mut Replay, native_cost: u64, at: u32) {
-    r.charge(CycleCause::NativeTransitions, native_cost);
-    let site = r.site(at);
-    r.metrics.detectable("cpuid_reports_host", site, 1);
+const fn d(mechanism: Mechanism) -> Disposition {
+    Disposition::new(mechanism)
 }
 
-/// Page faults are vector 14.
-pub(crate) const PAGE_FAULT: u8 = 14;
+/// User code run directly under a software monitor whose descriptor tables are loaded: the red-pill instructions
+/// see the monitor's.
+fn monitor_tables_visible_to_user(table: &mut Table) {
+    let detectable = d(Mechanism::Detectable("reveals the monitor's descriptor tables"));
+    table.set_in(Subject::DescriptorRead, Mode::User, detectable);
+    table.set_in(Subject::SegmentCheck, Mode::User, detectable);
+}
+
+/// What a software monitor (trap-and-emulate, BT, the hybrid monitor for user code) does with the guest's
+/// memory: shadow page tables traced by write protection, every guest #PF classified first.
+fn shadow_paging(table: &mut Table, touch: TraceHandling, write: TraceHandling) {
+    table
+        .set(Subject::PageTouch, d(Mechanism::ShadowTouch(touch)))
+        .set(Subject::PageTableWrite, d(Mechanism::Traced(write)))
+        .set(
+            Subject::PageFault,
+            Disposition::with(
+                Mechanism::Reflect(ExitReason::ExceptionNmi),
+                &[Action::ClassifyFault, Action::TrueFault],
+            ),
+        )
+        .set(Subject::Exception, d(Mechanism::Reflect(ExitReason::ExceptionNmi)))
+        .set(Subject::Interrupt, d(Mechanism::Reflect(ExitReason::ExternalInterrupt)));
+}
+
+/// A software monitor's traps on privileged events, with the shadow actions they take.
+fn trapping_privileged_events(table: &mut Table) {
+    use ExitReason as R;
+    let trap = |reason| d(Mechanism::Trap(reason));
+    let owned = Disposition::with(Mechanism::Trap(R::CrAccess), &[Action::ShadowRebuild]);
+    let cr3 = Disposition::with(Mechanism::Trap(R::CrAccess), &[Action::ShadowSwitch]);
+    let device = |reason| Disposition::with(Mechanism::Trap(reason), &[Action::Device]);
+    table
+        .set(Subject::Sysret, trap(R::SystemCall))
+        .set(Subject::Iret, trap(R::Iret))
+        .set(Subject::Cr0WriteOwned, owned)
+        .set(Subject::Cr4WriteOwned, owned)
+        .set(Subject::Cr0Write, trap(R::CrAccess))
+        .set(Subject::Cr2Write, trap(R::CrAccess))
+        .set(Subject::Cr4Write, trap(R::CrAccess))
+        .set(Subject::Cr8Write, trap(R::CrAccess))
+        .set(Subject::Cr3Write, cr3)
+        .set(Subject::Cr3Reload, cr3)
+        .set(Subject::MsrReadSegmentBase, trap(R::MsrRead))
+        .set(Subject::MsrReadOther, trap(R::MsrRead))
+        .set(Subject::MsrWriteSegmentBase, trap(R::MsrWrite))
+        .set(Subject::MsrWriteSyscallSetup, trap(R::MsrWrite))
+        .set(Subject::MsrWriteOther, trap(R::MsrWrite))
+        .set(Subject::PostPort, device(R::IoInstruction))
+        .set(Subject::ConsolePort, device(R::IoInstruction))
+        .set(Subject::OtherPort, device(R::IoInstruction))
+        .set(Subject::Mmio, device(R::Mmio))
+        .set(Subject::Invlpg, Disposition::with(Mechanism::Trap(R::Invlpg), &[Action::ShadowInvalidate]))
+        .set(Subject::GdtLoad, trap(R::GdtrIdtr))
+        .set(Subject::IdtLoad, trap(R::GdtrIdtr))
+        .set(Subject::LdtLoad, trap(R::LdtrTr))
+        .set(Subject::TrLoad, trap(R::LdtrTr))
+        .set(Subject::Hlt, trap(R::Hlt));
+}

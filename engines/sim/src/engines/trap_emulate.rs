@@ -4,19 +4,50 @@
 //! sensitive-unprivileged instructions (Robin & Irvine 2000) run without trapping and give wrong results, which
 //! this engine reports as holes with their addresses; CPUID and RDTSC run natively and are detectable.
 
-use virtlab_traces::Event;
-
-use super::{descriptor_reason, MonitorCosts, Shadowing, PAGE_FAULT};
-use crate::classify::{Op, Priced};
+use super::{d, monitor_tables_visible_to_user, shadow_paging, trapping_privileged_events};
 use crate::engine::{Engine, EngineError, Options, Run};
-use crate::metrics::{CycleCause, ExitReason};
+use crate::mechanism::{Monitor, MonitorParts};
+use crate::metrics::ExitReason as R;
 use crate::profile::Profile;
-use crate::replay::{
-    exit_reason_of, kernel_hole, user_detectable, Effect, NativeCosts, OpPolicy, Plans, Replay, Session, Strategy,
-};
+use crate::replay::Session;
+use crate::strategy::{Mechanism, Mode, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
 
 pub struct TrapEmulate;
+
+/// The deprivileged kernel's table; binary translation reuses its user-mode rows.
+pub(crate) fn table(_options: &Options) -> Table {
+    let mut table = Table::filled(d(Mechanism::Native));
+    let trap = |reason| d(Mechanism::Trap(reason));
+    let hole = d(Mechanism::Hole("the deprivileged kernel sees the monitor's state"));
+    for (subject, disposition) in [
+        (Subject::InterruptFlag, trap(R::InterruptFlag)),
+        (Subject::FlagsImage, hole),
+        (Subject::DescriptorRead, hole),
+        (Subject::SegmentCheck, hole),
+        (Subject::SelectorRead, hole),
+        (Subject::FarTransfer, hole),
+        (Subject::ControlRead, trap(R::CrAccess)),
+        (Subject::Cr3Read, trap(R::CrAccess)),
+        (Subject::Cr8Read, trap(R::CrAccess)),
+        (Subject::DebugRegister, trap(R::DrAccess)),
+        (Subject::Rdpmc, trap(R::Rdpmc)),
+        (Subject::Swapgs, trap(R::Swapgs)),
+        (Subject::CacheControl, trap(R::Wbinvd)),
+        (Subject::OtherPrivileged, trap(R::PrivilegedInstruction)),
+    ] {
+        table.set_in(subject, Mode::Kernel, disposition);
+    }
+    monitor_tables_visible_to_user(&mut table);
+    table
+        .set(Subject::TimeStamp, d(Mechanism::Detectable("rdtsc_shows_monitor_time")))
+        .set(Subject::Syscall, d(Mechanism::Reflect(R::SystemCall)))
+        .set(Subject::SoftwareInterrupt, d(Mechanism::Reflect(R::SystemCall)))
+        .set(Subject::Cpuid, d(Mechanism::Detectable("cpuid_reports_host")));
+    trapping_privileged_events(&mut table);
+    shadow_paging(&mut table, TraceHandling::Trap, TraceHandling::Trap);
+    table
+}
 
 impl Engine for TrapEmulate {
     fn name(&self) -> &'static str {
@@ -27,129 +58,17 @@ impl Engine for TrapEmulate {
         "deprivileged kernel run directly; privileged instructions trap; POPF, SGDT and friends are holes"
     }
 
+    fn table(&self, options: &Options) -> Table {
+        table(options)
+    }
+
     fn start<'t>(
         &self,
         trace: &'t PreparedTrace<'t>,
         profile: &Profile,
-        _options: &Options,
+        options: &Options,
     ) -> Result<Box<dyn Run + 't>, EngineError> {
-        let native = NativeCosts::new(profile);
-        let monitor = MonitorCosts::new(profile);
-        let plans = Plans::build(trace, &Deprivileged { native: &native, monitor: &monitor });
-        let engine = TrapRun { native, monitor, plans, shadow: Shadowing::default() };
-        Ok(Box::new(Session::new(trace, engine)))
-    }
-}
-
-/// A deprivileged kernel running directly: what trap-and-emulate does with event-less operations.
-pub(crate) struct Deprivileged<'a> {
-    pub native: &'a NativeCosts,
-    pub monitor: &'a MonitorCosts,
-}
-
-impl OpPolicy for Deprivileged<'_> {
-    fn instruction(&self, _kernel: bool) -> (u64, CycleCause) {
-        (self.native.instruction, CycleCause::GuestInstructions)
-    }
-
-    fn priced(&self, priced: Priced, _kernel: bool) -> u64 {
-        self.native.priced(priced)
-    }
-
-    fn static_op(&self, op: Op, kernel: bool) -> ([(CycleCause, u64); 2], Effect) {
-        let native = [(CycleCause::NativeTransitions, self.native.static_op(op)), (CycleCause::Exits, 0)];
-        if op == Op::Rdtsc {
-            return (native, Effect::Detectable("rdtsc_shows_monitor_time"));
-        }
-        if !kernel {
-            return (native, user_detectable(op).map_or(Effect::Silent, Effect::Detectable));
-        }
-        if op.is_privileged() {
-            let m = self.monitor;
-            return (
-                [(CycleCause::Exits, m.trap), (CycleCause::Emulation, m.decode + m.emulate)],
-                Effect::Trap(exit_reason_of(op)),
-            );
-        }
-        if op.is_sensitive_unprivileged() {
-            return (native, Effect::Hole(kernel_hole(op)));
-        }
-        (native, Effect::Silent)
-    }
-}
-
-struct TrapRun {
-    native: NativeCosts,
-    monitor: MonitorCosts,
-    plans: Plans,
-    shadow: Shadowing,
-}
-
-impl Strategy for TrapRun {
-    fn block(&mut self, r: &mut Replay, block: usize, executed: u32, full: bool) {
-        self.plans.apply(r, block, executed, full);
-    }
-
-    // Out of line: the block path, which runs for most events, stays a tight loop.
-    #[inline(never)]
-    fn event(&mut self, r: &mut Replay, event: &Event) {
-        let m = &self.monitor;
-        let trap = m.trap;
-        match *event {
-            Event::Block(_) | Event::PartialBlock { .. } => {}
-            Event::Context { context, .. } => self.shadow.context(&context),
-            Event::Syscall { at } | Event::SoftwareInterrupt { at, .. } => {
-                m.reflect(r, ExitReason::SystemCall, at, trap)
-            }
-            Event::Sysret { at } => m.emulate(r, ExitReason::SystemCall, at, trap),
-            Event::Iret { at } => m.emulate(r, ExitReason::Iret, at, trap),
-            Event::Exception { at, vector, .. } => {
-                if vector == PAGE_FAULT {
-                    r.metrics.shadow.true_faults += 1;
-                }
-                m.reflect(r, ExitReason::ExceptionNmi, at, trap);
-            }
-            Event::Interrupt { at, .. } => m.reflect(r, ExitReason::ExternalInterrupt, at, trap),
-            Event::CrWrite { at, cr, old, new } => {
-                m.emulate(r, ExitReason::CrAccess, at, trap);
-                self.shadow.cr_write(r, m, cr, old, new);
-            }
-            Event::MsrRead { at, .. } => m.emulate(r, ExitReason::MsrRead, at, trap),
-            Event::MsrWrite { at, .. } => m.emulate(r, ExitReason::MsrWrite, at, trap),
-            Event::Io { at, .. } => {
-                m.emulate(r, ExitReason::IoInstruction, at, trap);
-                r.charge(CycleCause::DeviceEmulation, m.device);
-            }
-            Event::Mmio { at, .. } => {
-                m.emulate(r, ExitReason::Mmio, at, trap);
-                r.charge(CycleCause::DeviceEmulation, m.device);
-            }
-            Event::Cpuid { at, .. } => super::host_cpuid(r, self.native.cpuid, at),
-            Event::Invlpg { at, address } => {
-                m.emulate(r, ExitReason::Invlpg, at, trap);
-                self.shadow.invlpg(r, m, address);
-            }
-            Event::DescriptorLoad { at, load } => m.emulate(r, descriptor_reason(&load), at, trap),
-            Event::Hlt { at, .. } => m.emulate(r, ExitReason::Hlt, at, trap),
-            Event::PageTableWrite { at, gpa, level, old, new } => {
-                if r.paging() {
-                    m.emulate(r, ExitReason::TracingFault, at, trap);
-                    self.shadow.write(r, m, gpa, level, old, new);
-                }
-            }
-            Event::RepString { at, elements } => self.native.charge_rep_string(r, at, elements),
-            Event::PageTouch { at, page, frame, .. } => {
-                r.charge(CycleCause::TlbFills, self.native.tlb_fill);
-                if self.shadow.touch(r, m, page, frame) {
-                    r.exit(ExitReason::ShadowPageFault, at);
-                    r.charge(CycleCause::Exits, trap);
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, r: &mut Replay) -> Result<(), EngineError> {
-        self.plans.settle(r);
-        Ok(())
+        let monitor = Monitor::new(MonitorParts { shadow: true, ..MonitorParts::default() }, profile);
+        Ok(Box::new(Session::new(trace, profile, table(options), monitor, None)))
     }
 }
