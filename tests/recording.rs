@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
 use virtlab_record::{record_to_file, RecordRequest};
-use virtlab_traces::{check, Direction, EndReason, Event, Metadata, TraceView};
+use virtlab_traces::{check, check_view, Direction, EndReason, Event, Metadata, TraceReader, TraceView};
 
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("virtlab-recording-{}", std::process::id()));
@@ -37,7 +37,20 @@ fn every_workload_records_a_valid_trace_that_agrees_with_an_unobserved_run() {
         let trace = record(spec.name, spec.name);
         let report = check(Cursor::new(&trace)).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
         let view = TraceView::open(&trace).unwrap();
+        assert_eq!(check_view(&view).unwrap(), report, "{}: the two checkers disagree", spec.name);
         let footer = view.footer();
+        // The view's loop takes block executions and repeated events on its fast path; the cursor and the
+        // streaming reader decode every event the general way.
+        let mut looped = Vec::new();
+        view.for_each_event(|event| looped.push(event)).unwrap();
+        let pulled: Vec<Event> = view.events().collect::<Result<_, _>>().unwrap();
+        let mut reader = TraceReader::new(Cursor::new(&trace)).unwrap();
+        let mut streamed = Vec::new();
+        while let Some(event) = reader.next_event().unwrap() {
+            streamed.push(event);
+        }
+        assert!(looped == pulled && looped == streamed, "{}: the decoding paths disagree", spec.name);
+        assert_eq!(looped.len() as u64, footer.totals.events_total(), "{}", spec.name);
 
         let image = virtlab_workloads::build(spec.name, &[]).unwrap();
         let mut machine = Machine::from_multiboot(&image.bytes, MachineConfig::default()).unwrap();

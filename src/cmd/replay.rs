@@ -140,10 +140,11 @@ pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> any
     Ok(Setup { engines, profile, options, kvm })
 }
 
-/// Open, check and prepare a trace held in memory.
+/// Open, check and prepare a trace held in memory: the view the engines replay is the one the checker read, in
+/// one pass over the events.
 pub fn prepare<'a>(bytes: &'a [u8], name: &str) -> anyhow::Result<PreparedTrace<'a>> {
-    virtlab_traces::check(std::io::Cursor::new(bytes)).with_context(|| format!("{name} is not a valid trace"))?;
-    let view = TraceView::open(bytes).with_context(|| format!("{name} is not a readable trace"))?;
+    let view = TraceView::open(bytes).with_context(|| format!("{name} is not a valid trace"))?;
+    virtlab_traces::check_view(&view).with_context(|| format!("{name} is not a valid trace"))?;
     PreparedTrace::new(view).with_context(|| format!("{name}: a block does not decode"))
 }
 

@@ -10,9 +10,10 @@ use iced_x86::{Code, Decoder, DecoderOptions};
 use crate::blocks::BlockTable;
 use crate::codec::{BlockShape, Header};
 use crate::error::TraceError;
-use crate::model::{Block, BlockId, CodeMode, Context, Event, EventKind, Footer, PagingMode, Segment, Totals};
+use crate::model::{
+    Block, BlockId, CodeMode, Context, Event, EventKind, Footer, GuestModes, PagingMode, Segment, Totals,
+};
 use crate::reader::{DecodeScratch, TraceReader, TraceView, Visit};
-use crate::tally::Tally;
 
 /// The rule a trace broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +128,7 @@ pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> R
     while let Some(info) = reader.next_events_chunk()? {
         pass.define_blocks(reader.blocks(), reader.blocks().len())?;
         progress(reader.bytes_read());
-        let mut rules = pass.chunk_rules(info.offset);
+        let mut rules = pass.rules(info.offset);
         let checked = reader.visit_chunk(&info, &mut rules);
         pass.state = rules.state;
         checked?;
@@ -141,8 +142,8 @@ pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> R
 /// already refused what its opening reads (the container, every chunk but the events, the footer), so a trace
 /// broken in several places can report another first problem than the streaming checker does.
 ///
-/// One decoding pass over the events at the decoder's own speed: what `PreparedTrace` runs before a replay, so
-/// that no command decodes a trace twice before replaying it.
+/// One decoding pass over the events, on the view a replay goes on to use: `virtlab replay` and `virtlab sweep`
+/// check this way, so that nothing decodes a trace twice before replaying it.
 pub fn check_view(view: &TraceView<'_>) -> Result<CheckReport, CheckError> {
     check_image(view.image(), view.header())?;
     let mut pass = Pass::default();
@@ -150,7 +151,7 @@ pub fn check_view(view: &TraceView<'_>) -> Result<CheckReport, CheckError> {
     for index in 0..view.event_chunk_count() {
         let (info, blocks_defined) = view.event_chunk(index);
         pass.define_blocks(view.blocks(), blocks_defined)?;
-        let mut rules = pass.chunk_rules(info.offset);
+        let mut rules = pass.rules(info.offset);
         let checked = view.visit_chunk(index, &mut scratch, &mut rules);
         pass.state = rules.state;
         checked?;
@@ -171,29 +172,68 @@ struct BlockRules {
     rep_sites: Vec<u32>,
 }
 
-/// One pass of the rules over the events in stream order: what they know of the blocks checked so far, and the
-/// state that changes with every event.
+/// One pass of the rules over the events in stream order: what they know of the blocks checked so far, what they
+/// have counted, and the state that changes with every event.
 #[derive(Default)]
 struct Pass {
-    /// Every block checked so far, by id; `shapes` repeats their shapes in the form the tally takes.
+    /// Every block checked so far, by id; `shapes` repeats their shapes.
     blocks: Vec<BlockRules>,
     shapes: Vec<BlockShape>,
+    counts: Counts,
     state: RuleState,
 }
 
-/// What changes with every event. `Copy`: each chunk's loop works on a local copy, whose fields the compiler keeps
-/// in registers, stored back after the chunk.
-#[derive(Default, Clone, Copy)]
+/// What the rules count, to recount the totals from at the end. A full block execution only adds one to its
+/// block's count in the current mode; the instructions it retired are multiplied out once, by [`Counts::totals`].
+#[derive(Default)]
+struct Counts {
+    /// Full executions per block: [kernel, user].
+    runs: Vec<[u64; 2]>,
+    /// Events of every kind but full block executions.
+    others: [u64; EventKind::COUNT],
+    /// Instructions retired by partial block executions: [kernel, user].
+    partial: [u64; 2],
+    /// Instructions a context change moved from the mode that counted them to the one they ran in: [out of
+    /// kernel into user, out of user into kernel].
+    moved: [u64; 2],
+    /// Paging modes the contexts showed, and code modes of partial executions.
+    modes: GuestModes,
+}
+
+/// What changes with every event. `Copy` and small: each chunk's loop works on a local copy, whose fields the
+/// compiler keeps in registers, stored back after the chunk.
+#[derive(Clone, Copy)]
 struct RuleState {
-    tally: Tally,
-    /// `None` until the initial context.
-    context: Option<Context>,
+    /// Events checked so far: the index of the next one.
+    events: u64,
+    /// Whether the initial context has come; `context` is meaningless before.
+    started: bool,
+    context: Context,
+    user: bool,
     /// Whether the current paging mode is one 64-bit code can run in.
     long_mode: bool,
-    /// The current block execution and how many instructions it retired (the limit for positions), and the last
-    /// position seen in it.
-    current: Option<(BlockId, u32)>,
+    /// Whether a block has run: every other event belongs to the last block execution, `current`, which
+    /// retired `retired` instructions (the limit for positions); `last_at` is the last position seen in it.
+    in_block: bool,
+    current: BlockId,
+    retired: u32,
     last_at: u32,
+}
+
+impl Default for RuleState {
+    fn default() -> Self {
+        RuleState {
+            events: 0,
+            started: false,
+            context: Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 },
+            user: false,
+            long_mode: false,
+            in_block: false,
+            current: BlockId(0),
+            retired: 0,
+            last_at: 0,
+        }
+    }
 }
 
 impl Pass {
@@ -202,9 +242,9 @@ impl Pass {
     fn define_blocks(&mut self, table: &BlockTable, defined: usize) -> Result<(), CheckError> {
         for (id, block) in table.iter().take(defined).skip(self.blocks.len()) {
             let rep_sites = check_block_decodes(id, block)?;
-            let shape = table.shapes()[id.index()];
             self.blocks.push(BlockRules { address: block.address, rep_sites });
-            self.shapes.push(shape);
+            self.shapes.push(table.shapes()[id.index()]);
+            self.counts.runs.push([0; 2]);
         }
         Ok(())
     }
@@ -212,15 +252,27 @@ impl Pass {
     /// The rules for the events chunk at `chunk_offset`, on a copy of the state: the caller stores it back once
     /// the chunk is done. The copy is a local of the decoding loop, which the compiler keeps in registers; the
     /// state itself, behind `&mut self`, would be reloaded and stored for every event.
-    fn chunk_rules(&self, chunk_offset: u64) -> ChunkRules<'_> {
-        ChunkRules { state: self.state, blocks: &self.blocks, shapes: &self.shapes, chunk_offset }
+    fn rules(&mut self, chunk_offset: u64) -> ChunkRules<'_> {
+        ChunkRules {
+            state: self.state,
+            blocks: &self.blocks,
+            shapes: &self.shapes,
+            counts: &mut self.counts,
+            chunk_offset,
+        }
     }
 
-    fn finish(&self, header: &Header, footer: &Footer, chunks: usize, file_bytes: u64) -> Result<CheckReport, CheckError> {
-        let tally = &self.state.tally;
-        check_totals(tally, self.blocks.len(), header, footer)?;
+    fn finish(
+        &self,
+        header: &Header,
+        footer: &Footer,
+        chunks: usize,
+        file_bytes: u64,
+    ) -> Result<CheckReport, CheckError> {
+        let (totals, modes) = self.counts.totals(&self.shapes);
+        check_totals(&totals, modes, header, footer)?;
         Ok(CheckReport {
-            events: tally.totals.events_total(),
+            events: self.state.events,
             blocks: self.blocks.len() as u64,
             instructions: footer.totals.instructions,
             chunks,
@@ -229,11 +281,36 @@ impl Pass {
     }
 }
 
-/// The rules over one events chunk: the state, and what they read of the blocks.
+impl Counts {
+    /// The totals the events add up to, and the guest modes they show.
+    fn totals(&self, shapes: &[BlockShape]) -> (Totals, GuestModes) {
+        let mut totals = Totals { events: self.others, blocks: shapes.len() as u64, ..Totals::default() };
+        let mut modes = self.modes;
+        let mut by_mode = self.partial;
+        for (runs, shape) in self.runs.iter().zip(shapes) {
+            for (sum, &count) in by_mode.iter_mut().zip(runs) {
+                *sum += count * u64::from(shape.instructions);
+            }
+            let executions = runs[0] + runs[1];
+            totals.events[EventKind::Block.index()] += executions;
+            if executions > 0 {
+                modes.add_code(shape.mode);
+            }
+        }
+        let [into_user, into_kernel] = self.moved;
+        totals.instructions_kernel = by_mode[0].wrapping_sub(into_user).wrapping_add(into_kernel);
+        totals.instructions_user = by_mode[1].wrapping_add(into_user).wrapping_sub(into_kernel);
+        totals.instructions = by_mode[0] + by_mode[1];
+        (totals, modes)
+    }
+}
+
+/// The rules over one events chunk: the state, what they read of the blocks, and the counts.
 struct ChunkRules<'p> {
     state: RuleState,
     blocks: &'p [BlockRules],
     shapes: &'p [BlockShape],
+    counts: &'p mut Counts,
     chunk_offset: u64,
 }
 
@@ -242,22 +319,26 @@ impl ChunkRules<'_> {
     /// go to the cold path.
     #[inline(always)]
     fn violation(&self, problem: (Rule, String)) -> CheckError {
-        event_violation(problem, self.state.tally.totals, self.chunk_offset)
+        event_violation(problem, self.state.events, self.chunk_offset)
     }
 
     /// An execution of block `id`, of this shape, that retired `retired` instructions: the rules on it, then
     /// the state it leaves.
     #[inline(always)]
     fn execution(&mut self, id: BlockId, shape: BlockShape, retired: u32) -> Result<(), CheckError> {
-        let state = &mut self.state;
-        let Some(context) = state.context else {
+        if !self.state.started {
             return Err(self.violation(initial_context(Event::Block(id)).expect_err("a block is not a context")));
-        };
-        if shape.mode == CodeMode::Bits64 && !state.long_mode {
+        }
+        if shape.mode == CodeMode::Bits64 && !self.state.long_mode {
+            let context = self.state.context;
             return Err(self.violation(code_mode_mismatch(id, self.blocks[id.index()].address, context)));
         }
-        state.current = Some((id, retired));
+        let state = &mut self.state;
+        state.in_block = true;
+        state.current = id;
+        state.retired = retired;
         state.last_at = 0;
+        state.events += 1;
         Ok(())
     }
 
@@ -265,14 +346,38 @@ impl ChunkRules<'_> {
     /// position lies in it, not before an earlier event's.
     #[inline(always)]
     fn position(&mut self, at: u32, event: Event) -> Result<BlockId, CheckError> {
-        let state = &mut self.state;
-        let Some((id, retired)) = state.current else { return Err(self.violation(before_any_block(event))) };
-        if at > retired || at < state.last_at {
-            let last_at = state.last_at;
+        let state = &self.state;
+        if !state.in_block {
+            return Err(self.violation(before_any_block(event)));
+        }
+        if at > state.retired || at < state.last_at {
+            let (id, retired, last_at) = (state.current, state.retired, state.last_at);
             return Err(self.violation(out_of_place(event, at, id, retired, last_at)));
         }
-        state.last_at = at;
-        Ok(id)
+        self.state.last_at = at;
+        Ok(self.state.current)
+    }
+
+    /// Counts an event that obeyed the rules, of a kind other than a full block execution.
+    #[inline(always)]
+    fn count(&mut self, kind: EventKind) {
+        self.state.events += 1;
+        self.counts.others[kind.index()] += 1;
+    }
+
+    /// Enters `context`, which takes effect after instruction `at` of the current block execution: instructions
+    /// after it ran in the new mode but were counted in the old one.
+    #[inline(always)]
+    fn enter(&mut self, at: u32, context: Context) {
+        let state = &mut self.state;
+        if context.is_user() != state.user {
+            let moved = u64::from(state.retired.saturating_sub(at.saturating_add(1)));
+            self.counts.moved[usize::from(state.user)] += moved;
+            state.user = context.is_user();
+        }
+        self.counts.modes.add_paging(context.paging);
+        state.context = context;
+        state.long_mode = matches!(context.paging, PagingMode::FourLevel | PagingMode::FiveLevel);
     }
 }
 
@@ -284,33 +389,36 @@ impl Visit for ChunkRules<'_> {
     fn block(&mut self, id: BlockId) -> Result<(), CheckError> {
         let shape = self.shapes[id.index()];
         self.execution(id, shape, shape.instructions)?;
-        self.state.tally.block(shape);
+        self.counts.runs[id.index()][usize::from(self.state.user)] += 1;
         Ok(())
     }
 
     /// Each kind is taken apart here, so that only its fields travel on.
     #[inline(always)]
     fn event(&mut self, event: Event) -> Result<(), CheckError> {
-        let Some(current) = self.state.context else {
+        if !self.state.started {
             let initial = initial_context(event).map_err(|problem| self.violation(problem))?;
-            self.state.enter(initial);
-            self.state.tally.context(0, initial);
+            self.state.started = true;
+            self.enter(0, initial);
+            self.count(EventKind::Context);
             return Ok(());
-        };
+        }
         match event {
-            Event::Block(id) => self.block(id)?,
+            Event::Block(id) => return self.block(id),
             Event::PartialBlock { block, executed } => {
                 let shape = self.shapes[block.index()];
                 self.execution(block, shape, executed)?;
-                self.state.tally.partial(shape, executed);
+                self.counts.others[EventKind::PartialBlock.index()] += 1;
+                self.counts.partial[usize::from(self.state.user)] += u64::from(executed);
+                self.counts.modes.add_code(shape.mode);
+                return Ok(());
             }
             Event::Context { at, context } => {
                 self.position(at, event)?;
-                if context == current {
-                    return Err(self.violation(context_repeats(current)));
+                if context == self.state.context {
+                    return Err(self.violation(context_repeats(context)));
                 }
-                self.state.enter(context);
-                self.state.tally.context(at, context);
+                self.enter(at, context);
             }
             Event::RepString { at, .. } => {
                 let id = self.position(at, event)?;
@@ -318,29 +426,20 @@ impl Visit for ChunkRules<'_> {
                 if !block.rep_sites.contains(&at) {
                     return Err(self.violation(not_a_rep_site(at, id, block.address)));
                 }
-                self.state.tally.other(EventKind::RepString);
             }
             other => {
                 self.position(other.at().expect("non-block events have a position"), other)?;
-                self.state.tally.other(other.kind());
             }
         }
+        self.count(event.kind());
         Ok(())
-    }
-}
-
-impl RuleState {
-    #[inline(always)]
-    fn enter(&mut self, context: Context) {
-        self.context = Some(context);
-        self.long_mode = matches!(context.paging, PagingMode::FourLevel | PagingMode::FiveLevel);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn event_violation((rule, message): (Rule, String), counted: Totals, chunk_offset: u64) -> CheckError {
-    violation(rule, Site::Event { index: counted.events_total(), chunk_offset }, message)
+fn event_violation((rule, message): (Rule, String), index: u64, chunk_offset: u64) -> CheckError {
+    violation(rule, Site::Event { index, chunk_offset }, message)
 }
 
 /// The initial context, which the first event must be.
@@ -378,7 +477,8 @@ fn before_any_block(event: Event) -> (Rule, String) {
 fn out_of_place(event: Event, at: u32, id: BlockId, retired: u32, last_at: u32) -> (Rule, String) {
     let kind = event.kind().name();
     if at > retired {
-        let message = format!("{kind} event at instruction {at} of block {id}, which retired only {retired} instructions");
+        let message =
+            format!("{kind} event at instruction {at} of block {id}, which retired only {retired} instructions");
         (Rule::PositionInBlock, message)
     } else {
         (Rule::PositionsInOrder, format!("{kind} event at instruction {at} of block {id} comes after one at {last_at}"))
@@ -467,8 +567,7 @@ fn check_image(image: &[Segment], header: &Header) -> Result<(), CheckError> {
     Ok(())
 }
 
-fn check_totals(tally: &Tally, blocks: usize, header: &Header, footer: &Footer) -> Result<(), CheckError> {
-    let recount = &tally.totals;
+fn check_totals(recount: &Totals, modes: GuestModes, header: &Header, footer: &Footer) -> Result<(), CheckError> {
     let stated = &footer.totals;
     let mismatch = |rule: Rule, what: String, stated: u64, counted: u64| {
         violation(rule, Site::Totals, format!("{what} is {stated} but the events add up to {counted}"))
@@ -477,7 +576,7 @@ fn check_totals(tally: &Tally, blocks: usize, header: &Header, footer: &Footer) 
         ("footer instruction total", stated.instructions, recount.instructions),
         ("footer user instruction total", stated.instructions_user, recount.instructions_user),
         ("footer kernel instruction total", stated.instructions_kernel, recount.instructions_kernel),
-        ("footer block total", stated.blocks, blocks as u64),
+        ("footer block total", stated.blocks, recount.blocks),
     ];
     for (what, stated, counted) in scalars {
         if stated != counted {
@@ -505,14 +604,14 @@ fn check_totals(tally: &Tally, blocks: usize, header: &Header, footer: &Footer) 
     if header.events != recount.events_total() {
         return Err(mismatch(Rule::HeaderTotals, "header event total".into(), header.events, recount.events_total()));
     }
-    if header.modes != tally.modes {
+    if header.modes != modes {
         return Err(violation(
             Rule::HeaderTotals,
             Site::Totals,
             format!(
                 "header guest modes {:?} differ from the modes the events show {:?}",
                 header.modes.names(),
-                tally.modes.names()
+                modes.names()
             ),
         ));
     }

@@ -1,4 +1,4 @@
-//! virtlab trace format v1.
+//! The virtlab trace format (writes 3.0, reads 2.x and 3.x).
 //!
 //! A trace is one recorded native execution of a guest: its image and boot state, the unique basic blocks it ran,
 //! and the stream of events (block executions, context changes, transfers and the values of privileged

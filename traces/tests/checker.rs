@@ -8,9 +8,14 @@ use common::*;
 use virtlab_traces::format::ChunkKind;
 use virtlab_traces::*;
 
+/// The violation the streaming checker finds, after checking that the view's checker finds the same one.
 fn violation(trace: &[u8]) -> Violation {
+    let viewed = check_view(&TraceView::open(trace).expect("the trace is well-formed"));
     match check(Cursor::new(trace)) {
-        Err(CheckError::Violation(v)) => v,
+        Err(CheckError::Violation(v)) => {
+            assert!(matches!(&viewed, Err(CheckError::Violation(w)) if *w == v), "the view's checker gave {viewed:?}");
+            v
+        }
         other => panic!("expected a violation, got {other:?}"),
     }
 }
