@@ -110,7 +110,7 @@ fn inspect_json_reports_the_known_counts() {
     let output = virtlab(&["inspect", &path, "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let json: Value = serde_json::from_str(&stdout(&output)).unwrap();
-    assert_eq!(json["format_version"], "2.0");
+    assert_eq!(json["format_version"], "3.0");
     assert_eq!(json["workload"], "handmade");
     assert_eq!(json["params"]["iterations"], "1");
     // 3 (block 1) + 1 (partial) + 2 (block 0), all at CPL 0.

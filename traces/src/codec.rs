@@ -366,6 +366,12 @@ pub(crate) fn decode_block(r: &mut PayloadReader<'_>) -> Result<Block, PayloadEr
 /// the head is this plus the event kind (kind 0, the block execution itself, then takes a varint index ≥ 224).
 pub(crate) const SHORT_BLOCK_HEADS: u8 = 0xe0;
 
+/// The head of a repeated event (format 3.0 on): one byte follows, its index in the chunk's event dictionary.
+pub(crate) const REPEAT_HEAD: u8 = head(EventKind::RepString) + 1;
+
+/// An events chunk's event dictionary holds at most this many events: a one-byte index names each.
+pub(crate) const MAX_REPEATED_EVENTS: usize = 256;
+
 const fn head(kind: EventKind) -> u8 {
     SHORT_BLOCK_HEADS + kind as u8
 }
@@ -409,11 +415,7 @@ pub(crate) fn encode_dictionary(out: &mut Vec<u8>, globals: &[u32]) {
 }
 
 /// Reads an events chunk's dictionary into `dictionary`. Its ids must be blocks defined before the chunk.
-pub(crate) fn decode_dictionary(
-    r: &mut PayloadReader<'_>,
-    defined: usize,
-    dictionary: &mut Vec<u32>,
-) -> Result<(), PayloadError> {
+fn decode_dictionary(r: &mut PayloadReader<'_>, defined: usize, dictionary: &mut Vec<u32>) -> Result<(), PayloadError> {
     dictionary.clear();
     let start = r.position();
     let count = r.varint("dictionary size")?;
@@ -435,6 +437,72 @@ pub(crate) fn decode_dictionary(
             ));
         }
         dictionary.push(id as u32);
+    }
+    Ok(())
+}
+
+/// What an events chunk names by index before its events: its blocks (local index n is global block
+/// `blocks[n]`) and, from format 3.0 on, the events it repeats (a repeat with index n is `events[n]`).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ChunkTables {
+    pub blocks: Vec<u32>,
+    pub events: Vec<Event>,
+}
+
+impl ChunkTables {
+    /// Reads the dictionaries at the start of an events payload, leaving `r` at its first event. `defined` blocks
+    /// are defined before the chunk; `repeats` says whether the format has an event dictionary (3.0 on).
+    pub fn decode(
+        &mut self,
+        r: &mut PayloadReader<'_>,
+        defined: usize,
+        shapes: &[BlockShape],
+        repeats: bool,
+    ) -> Result<(), PayloadError> {
+        decode_dictionary(r, defined, &mut self.blocks)?;
+        self.events.clear();
+        if repeats {
+            decode_event_dictionary(r, &self.blocks, shapes, &mut self.events)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes an event dictionary: its size, then each event as the stream would (none is a block execution).
+pub(crate) fn encode_event_dictionary(out: &mut Vec<u8>, events: &[Event]) {
+    put_varint(out, events.len() as u64);
+    for event in events {
+        encode_event(out, event, |_| unreachable!("a repeated event names no block"));
+    }
+}
+
+fn decode_event_dictionary(
+    r: &mut PayloadReader<'_>,
+    blocks: &[u32],
+    shapes: &[BlockShape],
+    events: &mut Vec<Event>,
+) -> Result<(), PayloadError> {
+    let start = r.position();
+    let count = r.varint("event dictionary size")?;
+    if count > MAX_REPEATED_EVENTS as u64 {
+        return Err(PayloadError::new(
+            start,
+            format!("event dictionary of {count} events: a chunk repeats at most {MAX_REPEATED_EVENTS}"),
+        ));
+    }
+    for index in 0..count {
+        let at = r.position();
+        let event = decode_event(r, blocks, &[], shapes)?;
+        if matches!(event, Event::Block(_) | Event::PartialBlock { .. }) {
+            return Err(PayloadError::new(
+                at,
+                format!(
+                    "event dictionary entry {index} is a {} event: blocks are named by the block dictionary",
+                    event.kind().name()
+                ),
+            ));
+        }
+        events.push(event);
     }
     Ok(())
 }
@@ -572,14 +640,22 @@ fn not_in_dictionary(position: usize, local: u64, dictionary: usize) -> PayloadE
 
 #[cold]
 #[inline(never)]
+fn not_repeated(position: usize, index: u8, dictionary: usize) -> PayloadError {
+    PayloadError::new(
+        position,
+        format!("repeated event {index} is not in this chunk's event dictionary of {dictionary} events"),
+    )
+}
+
+#[cold]
+#[inline(never)]
 fn unknown_head(position: usize, head_byte: u8) -> PayloadError {
     PayloadError::new(
         position,
         format!(
-            "unknown event head {head_byte:#04x} (format {}.x uses {:#04x} to {:#04x})",
+            "unknown event head {head_byte:#04x} (format {}.x uses {:#04x} to {REPEAT_HEAD:#04x})",
             crate::format::VERSION_MAJOR,
             SHORT_BLOCK_HEADS,
-            head(EventKind::RepString)
         ),
     )
 }
@@ -608,12 +684,14 @@ fn io_value_too_wide(position: usize, value: u32, size: u8) -> PayloadError {
     PayloadError::new(position, format!("I/O value {value:#x} does not fit {size} bytes"))
 }
 
-/// Decodes the event at the reader's position, resolving local block indices through `names`; partial
-/// executions are checked against their block's length in `shapes`.
+/// Decodes the event at the reader's position, resolving local block indices through `names` and repeats
+/// through `repeated` (the chunk's event dictionary); partial executions are checked against their block's
+/// length in `shapes`.
 #[inline(always)]
 pub(crate) fn decode_event<N: BlockNames + ?Sized>(
     r: &mut PayloadReader<'_>,
     names: &N,
+    repeated: &[Event],
     shapes: &[BlockShape],
 ) -> Result<Event, PayloadError> {
     let start = r.position();
@@ -624,6 +702,10 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
     };
     if head_byte < SHORT_BLOCK_HEADS {
         return Ok(Event::Block(resolve(head_byte.into())?));
+    }
+    if head_byte == REPEAT_HEAD {
+        let index = r.u8("repeated event index")?;
+        return repeated.get(usize::from(index)).copied().ok_or_else(|| not_repeated(start, index, repeated.len()));
     }
     let Some(&kind) = EventKind::ALL.get(usize::from(head_byte - SHORT_BLOCK_HEADS)) else {
         return Err(unknown_head(start, head_byte));
@@ -856,7 +938,7 @@ mod tests {
         for id in [0, 1, 223, 224, 299] {
             out.clear();
             encode_event(&mut out, &Event::Block(BlockId(id)), |b| b.0);
-            let decoded = decode_event(&mut PayloadReader::new(&out), dictionary.as_slice(), &shapes).unwrap();
+            let decoded = decode_event(&mut PayloadReader::new(&out), dictionary.as_slice(), &[], &shapes).unwrap();
             assert_eq!(decoded, Event::Block(BlockId(id)));
         }
     }

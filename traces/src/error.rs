@@ -17,10 +17,12 @@ pub enum TraceError {
     BadMagic { found: Vec<u8>, expected: [u8; 8] },
 
     #[error(
-        "trace format version {major}.{minor} cannot be read: this virtlab reads {supported_major}.x \
-         (re-record the trace with this virtlab, or use a virtlab that reads {major}.x)"
+        "trace format version {major}.{minor} cannot be read: this virtlab reads {oldest}.x to {newest}.x \
+         (re-record the trace with this virtlab, or use a virtlab that reads {major}.x)",
+        oldest = crate::format::OLDEST_READABLE_MAJOR,
+        newest = crate::format::VERSION_MAJOR
     )]
-    UnsupportedVersion { major: u16, minor: u16, supported_major: u16 },
+    UnsupportedVersion { major: u16, minor: u16 },
 
     #[error("bad preamble at offset {offset}: {message}")]
     BadPreamble { offset: u64, message: String },

@@ -6,8 +6,11 @@ use std::io::Read;
 use crate::error::TraceError;
 
 pub const MAGIC: [u8; 8] = *b"VLTRC\r\n\x1a";
-pub const VERSION_MAJOR: u16 = 2;
+/// The version this crate writes.
+pub const VERSION_MAJOR: u16 = 3;
 pub const VERSION_MINOR: u16 = 0;
+/// The oldest major version this crate still reads: 2.x differs from 3.x only by having no event dictionaries.
+pub const OLDEST_READABLE_MAJOR: u16 = 2;
 pub const PREAMBLE_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 24;
 
@@ -132,7 +135,7 @@ impl ChunkHeader {
             bad(
                 "kind",
                 bytes[0].into(),
-                "not a chunk kind of format 2.x (1–5 are required kinds, 0x80 and above optional ones): \
+                "not a chunk kind of format 2.x or 3.x (1–5 are required kinds, 0x80 and above optional ones): \
                  the trace was written by a newer virtlab or is corrupt"
                     .into(),
             )
@@ -256,6 +259,13 @@ pub struct Version {
     pub minor: u16,
 }
 
+impl Version {
+    /// Whether events chunks carry an event dictionary after their block dictionary (3.0 on).
+    pub fn has_event_dictionary(self) -> bool {
+        self.major >= 3
+    }
+}
+
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.major, self.minor)
@@ -277,8 +287,8 @@ pub fn parse_preamble(bytes: &[u8]) -> Result<Version, TraceError> {
     }
     let major = u16::from_le_bytes([bytes[8], bytes[9]]);
     let minor = u16::from_le_bytes([bytes[10], bytes[11]]);
-    if major != VERSION_MAJOR {
-        return Err(TraceError::UnsupportedVersion { major, minor, supported_major: VERSION_MAJOR });
+    if !(OLDEST_READABLE_MAJOR..=VERSION_MAJOR).contains(&major) {
+        return Err(TraceError::UnsupportedVersion { major, minor });
     }
     let reserved = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
     if reserved != 0 {

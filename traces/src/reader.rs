@@ -8,7 +8,7 @@
 use std::io::Read;
 
 use crate::blocks::BlockTable;
-use crate::codec::{self, BlockShape, Header, PayloadReader};
+use crate::codec::{self, BlockShape, ChunkTables, Header, PayloadReader};
 use crate::error::TraceError;
 use crate::format::{self, ChunkHeader, ChunkKind, Version, CHUNK_HEADER_LEN, PREAMBLE_LEN, VERSION_MINOR};
 use crate::model::{BlockId, BootState, Event, Footer, Metadata, Segment};
@@ -43,6 +43,7 @@ struct ChunkSequence {
 
 impl ChunkSequence {
     fn new(version: Version) -> Self {
+        // This reader knows minor 0 of every major it reads.
         ChunkSequence { stage: Stage::ExpectHeader, allow_trailing_fields: version.minor > VERSION_MINOR }
     }
 
@@ -123,26 +124,43 @@ impl<F: FnMut(Event)> Visit for EachEvent<F> {
     }
 }
 
+/// The events chunk `info`'s dictionaries, read into `tables`, and the position of its first event.
+fn decode_chunk_tables(
+    payload: &[u8],
+    info: &ChunkInfo,
+    version: Version,
+    shapes: &[BlockShape],
+    defined: usize,
+    tables: &mut ChunkTables,
+) -> Result<usize, TraceError> {
+    let mut r = PayloadReader::new(payload);
+    tables
+        .decode(&mut r, defined, shapes, version.has_event_dictionary())
+        .map_err(|e| e.in_chunk(ChunkKind::Events, info.offset))?;
+    Ok(r.position())
+}
+
 /// Decodes every event of one events chunk, handing each to `visitor`. `defined` is the number of blocks defined
-/// before the chunk; `dictionary` is a buffer reused across chunks.
+/// before the chunk; `tables` is a buffer reused across chunks.
 #[inline(always)]
 fn decode_event_chunk<V: Visit>(
     payload: &[u8],
     info: &ChunkInfo,
+    version: Version,
     shapes: &[BlockShape],
     defined: usize,
-    dictionary: &mut Vec<u32>,
+    tables: &mut ChunkTables,
     visitor: &mut V,
 ) -> Result<(), V::Error> {
     let in_chunk = |e: crate::error::PayloadError| e.in_chunk(ChunkKind::Events, info.offset);
-    let mut dictionary_reader = PayloadReader::new(payload);
-    codec::decode_dictionary(&mut dictionary_reader, defined, dictionary).map_err(in_chunk)?;
-    let names = dictionary.as_slice();
-    let mut position = dictionary_reader.position();
+    let mut position = decode_chunk_tables(payload, info, version, shapes, defined, tables)?;
+    let names = tables.blocks.as_slice();
+    let repeated = tables.events.as_slice();
     for _ in 0..info.header.items {
-        // Most events are executions of one of the chunk's 224 most frequent blocks: one byte, one lookup. The
-        // reader of the other events is a fresh one each time, never lent to a call that is not inlined, so that
-        // the position stays in a register.
+        // Most events are executions of one of the chunk's 224 most frequent blocks: one byte, one lookup; most
+        // of the others are repeats of the chunk's event dictionary: two bytes, one lookup. The reader of the
+        // rest is a fresh one each time, never lent to a call that is not inlined, so that the position stays
+        // in a register.
         let short = match payload.get(position) {
             Some(&head) if head < codec::SHORT_BLOCK_HEADS => names.get(usize::from(head)).map(|&id| BlockId(id)),
             _ => None,
@@ -157,25 +175,41 @@ fn decode_event_chunk<V: Visit>(
                 position += 1;
                 Event::Block(id)
             }
-            None => {
-                let mut r = PayloadReader::starting_at(payload, position);
-                let event = codec::decode_event(&mut r, names, shapes).map_err(in_chunk)?;
-                position = r.position();
-                event
-            }
+            None => match repeat_at(payload, position, repeated) {
+                Some(event) => {
+                    position += 2;
+                    event
+                }
+                None => {
+                    let mut r = PayloadReader::starting_at(payload, position);
+                    let event = codec::decode_event(&mut r, names, repeated, shapes).map_err(in_chunk)?;
+                    position = r.position();
+                    event
+                }
+            },
         };
         visitor.event(event)?;
     }
     Ok(PayloadReader::starting_at(payload, position).expect_end("events").map_err(in_chunk)?)
 }
 
+/// The repeated event at `position`, when a well-formed repeat is there (anything else takes the general path,
+/// which also names what is wrong).
+#[inline(always)]
+fn repeat_at(payload: &[u8], position: usize, repeated: &[Event]) -> Option<Event> {
+    match payload.get(position..position + 2)? {
+        &[codec::REPEAT_HEAD, index] => repeated.get(usize::from(index)).copied(),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Buffers reused across the chunks one consumer decodes: the decompressed payload and the block dictionary.
+/// Buffers reused across the chunks one consumer decodes: the decompressed payload and the chunk's dictionaries.
 #[derive(Debug, Default)]
 pub struct DecodeScratch {
     payload: Vec<u8>,
-    dictionary: Vec<u32>,
+    tables: ChunkTables,
 }
 
 /// An events chunk and the number of blocks defined before it (the ids it may use).
@@ -325,9 +359,10 @@ impl<'a> TraceView<'a> {
         decode_event_chunk(
             payload,
             &chunk.info,
+            self.version,
             self.blocks.shapes(),
             chunk.blocks_defined,
-            &mut scratch.dictionary,
+            &mut scratch.tables,
             visitor,
         )
     }
@@ -389,23 +424,27 @@ fn chunk_at(bytes: &[u8], offset: u64) -> Result<(ChunkInfo, &[u8]), TraceError>
 }
 
 /// Where a pull reader stands inside one events chunk. The payload lives elsewhere (the view's bytes, or a
-/// buffer), so the cursor is handed it on every step; the chunk's block dictionary is the cursor's own.
+/// buffer), so the cursor is handed it on every step; the chunk's dictionaries are the cursor's own.
 #[derive(Debug, Clone)]
 struct ChunkCursor {
     info: ChunkInfo,
-    dictionary: Vec<u32>,
+    tables: ChunkTables,
     position: usize,
     left: u32,
 }
 
 impl ChunkCursor {
     /// Starts reading `payload`, the chunk's raw payload, whose blocks must be among the `defined` first.
-    fn new(info: ChunkInfo, payload: &[u8], defined: usize) -> Result<Self, TraceError> {
-        let mut r = PayloadReader::new(payload);
-        let mut dictionary = Vec::new();
-        codec::decode_dictionary(&mut r, defined, &mut dictionary)
-            .map_err(|e| e.in_chunk(ChunkKind::Events, info.offset))?;
-        Ok(ChunkCursor { info, dictionary, position: r.position(), left: info.header.items })
+    fn new(
+        info: ChunkInfo,
+        payload: &[u8],
+        version: Version,
+        shapes: &[BlockShape],
+        defined: usize,
+    ) -> Result<Self, TraceError> {
+        let mut tables = ChunkTables::default();
+        let position = decode_chunk_tables(payload, &info, version, shapes, defined, &mut tables)?;
+        Ok(ChunkCursor { info, tables, position, left: info.header.items })
     }
 
     /// The next event, or `None` once the chunk's events are used up (and nothing else is left in it).
@@ -416,7 +455,8 @@ impl ChunkCursor {
             r.expect_end("events").map_err(in_chunk)?;
             return Ok(None);
         }
-        let event = codec::decode_event(&mut r, self.dictionary.as_slice(), shapes).map_err(in_chunk)?;
+        let tables = &self.tables;
+        let event = codec::decode_event(&mut r, tables.blocks.as_slice(), &tables.events, shapes).map_err(in_chunk)?;
         self.position = r.position();
         self.left -= 1;
         Ok(Some(event))
@@ -439,7 +479,8 @@ impl EventCursor<'_, '_> {
                 let Some(chunk) = self.view.event_chunks.get(self.next_chunk) else { return Ok(None) };
                 self.next_chunk += 1;
                 let payload = self.view.event_payload(chunk, &mut self.scratch)?;
-                self.current = Some(ChunkCursor::new(chunk.info, payload, chunk.blocks_defined)?);
+                let (version, shapes) = (self.view.version, self.view.blocks.shapes());
+                self.current = Some(ChunkCursor::new(chunk.info, payload, version, shapes, chunk.blocks_defined)?);
                 continue;
             };
             let payload: &[u8] = if cursor.info.header.codec == format::Codec::Stored {
@@ -525,8 +566,8 @@ pub struct TraceReader<R: Read> {
     lookahead: Option<ChunkInfo>,
     scratch: Vec<u8>,
     current: Option<ChunkCursor>,
-    /// The block dictionary of the chunk being decoded whole.
-    dictionary: Vec<u32>,
+    /// The dictionaries of the chunk being decoded whole.
+    tables: ChunkTables,
 }
 
 impl<R: Read> TraceReader<R> {
@@ -567,7 +608,7 @@ impl<R: Read> TraceReader<R> {
             lookahead: Some(lookahead),
             scratch,
             current: None,
-            dictionary: Vec::new(),
+            tables: ChunkTables::default(),
         })
     }
 
@@ -614,7 +655,8 @@ impl<R: Read> TraceReader<R> {
             }
             let Some(info) = self.next_events_chunk()? else { return Ok(None) };
             let payload = self.stream.payload(&info, &self.scratch);
-            self.current = Some(ChunkCursor::new(info, payload, self.blocks.len())?);
+            let (shapes, defined) = (self.blocks.shapes(), self.blocks.len());
+            self.current = Some(ChunkCursor::new(info, payload, self.version, shapes, defined)?);
         }
     }
 
@@ -656,7 +698,8 @@ impl<R: Read> TraceReader<R> {
     #[inline(always)]
     pub(crate) fn visit_chunk<V: Visit>(&mut self, info: &ChunkInfo, visitor: &mut V) -> Result<(), V::Error> {
         let payload = self.stream.payload(info, &self.scratch);
-        decode_event_chunk(payload, info, self.blocks.shapes(), self.blocks.len(), &mut self.dictionary, visitor)
+        let (shapes, defined) = (self.blocks.shapes(), self.blocks.len());
+        decode_event_chunk(payload, info, self.version, shapes, defined, &mut self.tables, visitor)
     }
 }
 

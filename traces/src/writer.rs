@@ -1,6 +1,7 @@
 //! The streaming writer recorders use: bounded memory (one chunk of events and one of new blocks), deterministic
 //! bytes (the same calls give the same file).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ pub struct TraceWriter<W: Write + Seek> {
     /// Executions per block in the pending chunk, by global id; `chunk_blocks` lists the non-zero ones.
     chunk_counts: Vec<u32>,
     chunk_blocks: Vec<u32>,
+    /// The pending chunk's other events, for its event dictionary.
+    repeats: Repeats,
     /// The pending chunk re-encoded for output, kept to reuse its allocation.
     chunk_payload: Vec<u8>,
     tally: Tally,
@@ -79,6 +82,7 @@ impl<W: Write + Seek> TraceWriter<W> {
             pending_event_count: 0,
             chunk_counts: Vec::new(),
             chunk_blocks: Vec::new(),
+            repeats: Repeats::default(),
             chunk_payload: Vec::new(),
             tally: Tally::default(),
         };
@@ -163,6 +167,7 @@ impl<W: Write + Seek> TraceWriter<W> {
                 if let Some(reason) = event_problem(event) {
                     return Err(WriteError::InvalidEvent { kind: event.kind().name(), reason });
                 }
+                self.repeats.count(event);
             }
         }
         codec::encode_event(&mut self.pending_events, event, |id| id.0);
@@ -200,9 +205,10 @@ impl<W: Write + Seek> TraceWriter<W> {
         Ok(())
     }
 
-    /// Writes pending events, after the blocks they may name. The chunk's dictionary lists the blocks it executes,
-    /// most executed first (ties by id), so the 224 hottest take one byte per execution; the staged events are
-    /// re-encoded with those local indices.
+    /// Writes pending events, after the blocks they may name. The chunk's block dictionary lists the blocks it
+    /// executes, most executed first (ties by id), so the 224 hottest take one byte per execution; its event
+    /// dictionary lists the other events it repeats, most repeated first, so that those take two bytes and
+    /// decode by one lookup. The staged events are re-encoded with those local indices.
     fn flush_events(&mut self) -> Result<(), WriteError> {
         self.flush_blocks()?;
         if self.pending_event_count == 0 {
@@ -212,16 +218,26 @@ impl<W: Write + Seek> TraceWriter<W> {
         self.chunk_blocks.sort_unstable_by_key(|&id| (std::cmp::Reverse(counts[id as usize]), id));
         self.chunk_payload.clear();
         codec::encode_dictionary(&mut self.chunk_payload, &self.chunk_blocks);
+        codec::encode_event_dictionary(&mut self.chunk_payload, &self.repeats.choose());
         // From here on `chunk_counts` holds each block's local index.
         for (local, &id) in self.chunk_blocks.iter().enumerate() {
             self.chunk_counts[id as usize] = local as u32;
         }
         let staged_names = codec::IdentityNames(self.shapes.len());
         let mut staged = codec::PayloadReader::new(&self.pending_events);
+        let mut others = self.repeats.sequence.iter();
         for _ in 0..self.pending_event_count {
-            let event = codec::decode_event(&mut staged, &staged_names, &self.shapes)
+            let event = codec::decode_event(&mut staged, &staged_names, &[], &self.shapes)
                 .expect("the writer decodes what it staged itself");
-            codec::encode_event(&mut self.chunk_payload, &event, |id| self.chunk_counts[id.index()]);
+            if matches!(event, Event::Block(_) | Event::PartialBlock { .. }) {
+                codec::encode_event(&mut self.chunk_payload, &event, |id| self.chunk_counts[id.index()]);
+                continue;
+            }
+            let distinct = *others.next().expect("every other event was counted");
+            match self.repeats.slot[distinct as usize] {
+                Some(index) => self.chunk_payload.extend_from_slice(&[codec::REPEAT_HEAD, index]),
+                None => codec::encode_event(&mut self.chunk_payload, &event, |_| unreachable!("names no block")),
+            }
         }
         if self.chunk_payload.len() > MAX_CHUNK_BYTES as usize {
             return Err(WriteError::TooLarge {
@@ -237,6 +253,7 @@ impl<W: Write + Seek> TraceWriter<W> {
             self.chunk_counts[id as usize] = 0;
         }
         self.chunk_blocks.clear();
+        self.repeats.clear();
         self.pending_events.clear();
         self.pending_event_count = 0;
         Ok(())
@@ -273,6 +290,52 @@ impl<W: Write + Seek> TraceWriter<W> {
         self.out.seek(SeekFrom::Start(end))?;
         self.out.flush()?;
         Ok(self.out)
+    }
+}
+
+/// The events other than block executions of the chunk being built, each distinct one numbered by its first
+/// appearance, to choose the chunk's event dictionary from.
+#[derive(Default)]
+struct Repeats {
+    numbers: HashMap<Event, u32>,
+    /// Each distinct event, with its count.
+    distinct: Vec<(Event, u32)>,
+    /// The number of each event in the order they came.
+    sequence: Vec<u32>,
+    /// After [`Repeats::choose`], each distinct event's index in the dictionary, if it has one.
+    slot: Vec<Option<u8>>,
+}
+
+impl Repeats {
+    fn count(&mut self, event: &Event) {
+        let next = self.distinct.len() as u32;
+        let number = *self.numbers.entry(*event).or_insert(next);
+        if number == next {
+            self.distinct.push((*event, 0));
+        }
+        self.distinct[number as usize].1 += 1;
+        self.sequence.push(number);
+    }
+
+    /// The event dictionary: events that come more than once, most often first (ties by first appearance), as
+    /// many as one-byte indices can name.
+    fn choose(&mut self) -> Vec<Event> {
+        let mut chosen: Vec<u32> =
+            (0..self.distinct.len() as u32).filter(|&n| self.distinct[n as usize].1 > 1).collect();
+        chosen.sort_unstable_by_key(|&n| (std::cmp::Reverse(self.distinct[n as usize].1), n));
+        chosen.truncate(codec::MAX_REPEATED_EVENTS);
+        self.slot = vec![None; self.distinct.len()];
+        for (index, &n) in chosen.iter().enumerate() {
+            self.slot[n as usize] = Some(index as u8);
+        }
+        chosen.iter().map(|&n| self.distinct[n as usize].0).collect()
+    }
+
+    fn clear(&mut self) {
+        self.numbers.clear();
+        self.distinct.clear();
+        self.sequence.clear();
+        self.slot.clear();
     }
 }
 

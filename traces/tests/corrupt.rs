@@ -38,10 +38,10 @@ fn wrong_magic_is_refused_at_offset_zero() {
 #[test]
 fn unknown_major_version_is_refused_by_name() {
     let mut trace = small_trace();
-    trace[8] = 3;
+    trace[8] = 4;
     let err = read_error(&trace);
-    assert!(matches!(err, TraceError::UnsupportedVersion { major: 3, minor: 0, supported_major: 2 }), "{err}");
-    assert!(err.to_string().contains("version 3.0"), "{err}");
+    assert!(matches!(err, TraceError::UnsupportedVersion { major: 4, minor: 0 }), "{err}");
+    assert!(err.to_string().contains("version 4.0 cannot be read: this virtlab reads 2.x to 3.x"), "{err}");
 }
 
 #[test]
@@ -49,7 +49,7 @@ fn a_version_1_trace_is_refused_with_the_advice_to_re_record() {
     let mut trace = small_trace();
     trace[8] = 1;
     let err = read_error(&trace);
-    assert!(matches!(err, TraceError::UnsupportedVersion { major: 1, minor: 0, supported_major: 2 }), "{err}");
+    assert!(matches!(err, TraceError::UnsupportedVersion { major: 1, minor: 0 }), "{err}");
     let text = err.to_string();
     assert!(text.contains("version 1.0") && text.contains("re-record"), "{text}");
 }
@@ -149,20 +149,21 @@ fn a_block_id_out_of_range_names_the_id_and_the_defined_count() {
     let trace = small_trace();
     // Events chunk whose dictionary names block 9 (the trace defines 2), then executes it (local index 0).
     let footer = chunk_index(&trace, ChunkKind::Footer);
-    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[1, 9, 0]));
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[1, 9, 0, 0]));
     assert!(matches!(err, TraceError::Malformed { kind: ChunkKind::Events, position: 1, .. }), "{err}");
     assert!(err.to_string().contains("block id 9 is out of range: 2 blocks are defined"), "{err}");
-    // A local index past the dictionary: one entry, index 5.
-    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[1, 0, 5]));
-    assert!(matches!(err, TraceError::Malformed { position: 2, .. }), "{err}");
+    // A local index past the dictionary: one entry, no repeated events, index 5.
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[1, 0, 0, 5]));
+    assert!(matches!(err, TraceError::Malformed { position: 3, .. }), "{err}");
     assert!(err.to_string().contains("local block index 5 is not in this chunk's dictionary of 1 blocks"), "{err}");
 }
 
 #[test]
 fn a_partial_block_longer_than_its_block_is_refused() {
     let trace = small_trace();
-    // Dictionary [block 1 (2 instructions)], then a partial block (head 0xe1) of local 0 retiring 5.
-    let payload = [1, 1, 0xe1, 0, 5];
+    // Dictionary [block 1 (2 instructions)], no repeated events, then a partial block (head 0xe1) of local 0
+    // retiring 5.
+    let payload = [1, 1, 0, 0xe1, 0, 5];
     let edited = insert_stored_chunk(&trace, chunk_index(&trace, ChunkKind::Footer), ChunkKind::Events, 1, &payload);
     let err = read_error(&edited);
     assert!(err.to_string().contains("retires 5 instructions, but the block has 2"), "{err}");
@@ -173,7 +174,7 @@ fn a_block_used_before_its_definition_is_out_of_range_there() {
     // The events chunk comes before the blocks chunk that defines its id.
     let trace = small_trace();
     let blocks_at = chunk_index(&trace, ChunkKind::Blocks);
-    let edited = insert_stored_chunk(&trace, blocks_at, ChunkKind::Events, 1, &[1, 0, 0]);
+    let edited = insert_stored_chunk(&trace, blocks_at, ChunkKind::Events, 1, &[1, 0, 0, 0]);
     let err = read_error(&edited);
     assert!(err.to_string().contains("block id 0 is out of range: 0 blocks are defined"), "{err}");
 }
@@ -251,15 +252,37 @@ fn a_zstd_payload_that_does_not_decompress_is_named() {
 fn invalid_enumerations_inside_events_are_named_with_their_position() {
     let trace = small_trace();
     let footer = chunk_index(&trace, ChunkKind::Footer);
-    // Dictionary [block 0], block 0, then an I/O event (kind 12: head 0xec) at 0, port 0x3f8, size byte 3 (not
-    // 1, 2 or 4).
-    let payload = [1, 0, 0, 0xec, 0, 0xf8, 0x07, 3, 0];
+    // Dictionary [block 0], no repeated events, block 0, then an I/O event (kind 12: head 0xec) at 0, port
+    // 0x3f8, size byte 3 (not 1, 2 or 4).
+    let payload = [1, 0, 0, 0, 0xec, 0, 0xf8, 0x07, 3, 0];
     let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 2, &payload));
-    assert!(matches!(err, TraceError::Malformed { position: 7, .. }), "{err}");
+    assert!(matches!(err, TraceError::Malformed { position: 8, .. }), "{err}");
     assert!(err.to_string().contains("I/O size and direction 0x03 is not valid"), "{err}");
-    // A head beyond the 2.x kinds (0xe0 + 21).
-    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[0, 0xf5]));
-    assert!(err.to_string().contains("unknown event head 0xf5"), "{err}");
+    // A head beyond the 3.x heads (the 21 kinds from 0xe0, then the repeat 0xf5).
+    let err = read_error(&insert_stored_chunk(&trace, footer, ChunkKind::Events, 1, &[0, 0, 0xf6]));
+    assert!(err.to_string().contains("unknown event head 0xf6 (format 3.x uses 0xe0 to 0xf5)"), "{err}");
+}
+
+#[test]
+fn event_dictionaries_are_bounded_and_hold_no_block_executions() {
+    let trace = small_trace();
+    let footer = chunk_index(&trace, ChunkKind::Footer);
+    let insert = |payload: &[u8], items| insert_stored_chunk(&trace, footer, ChunkKind::Events, items, payload);
+    // No blocks; 257 repeated events (varint 0x81 0x02).
+    let err = read_error(&insert(&[0, 0x81, 0x02], 0));
+    assert!(matches!(err, TraceError::Malformed { position: 1, .. }), "{err}");
+    assert!(err.to_string().contains("event dictionary of 257 events: a chunk repeats at most 256"), "{err}");
+    // A dictionary entry that is a block execution (local index 0 of a one-block dictionary).
+    let err = read_error(&insert(&[1, 0, 1, 0], 0));
+    assert!(matches!(err, TraceError::Malformed { position: 3, .. }), "{err}");
+    assert!(err.to_string().contains("event dictionary entry 0 is a block event"), "{err}");
+    // A repeat of an entry the dictionary does not have: one entry (a syscall at 0), repeat 1.
+    let err = read_error(&insert(&[0, 1, 0xe6, 0, 0xf5, 1], 1));
+    assert!(matches!(err, TraceError::Malformed { position: 4, .. }), "{err}");
+    assert!(err.to_string().contains("repeated event 1 is not in this chunk's event dictionary of 1 events"), "{err}");
+    // A repeat cut off before its index.
+    let err = read_error(&insert(&[0, 1, 0xe6, 0, 0xf5], 1));
+    assert!(err.to_string().contains("payload ends before repeated event index"), "{err}");
 }
 
 /// CRC-32 (IEEE), bitwise: the tests check the format's checksum independently of the crate's implementation.

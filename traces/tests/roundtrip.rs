@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use common::*;
 use proptest::prelude::*;
-use virtlab_traces::format::ChunkKind;
+use virtlab_traces::format::{self, ChunkKind};
 use virtlab_traces::synth::{self, EventHasher, SynthConfig};
 use virtlab_traces::*;
 
@@ -87,6 +87,17 @@ fn stream() -> impl Strategy<Value = (u32, Vec<Event>)> {
         .prop_map(|(blocks, _, events)| (blocks, events))
 }
 
+/// Streams drawn from a pool of events, so that most events repeat; pools larger than a chunk's event dictionary
+/// (256 events) leave some repeated events written out in full.
+fn repeating_stream() -> impl Strategy<Value = (u32, Vec<Event>)> {
+    (1u32..300, 2u32..6, 1usize..400)
+        .prop_flat_map(|(blocks, instructions, pool)| {
+            let pool = prop::collection::vec(event(blocks, instructions), pool);
+            (Just(blocks), pool, prop::collection::vec(any::<prop::sample::Index>(), 0..2000))
+        })
+        .prop_map(|(blocks, pool, picks)| (blocks, picks.iter().map(|pick| pool[pick.index(pool.len())]).collect()))
+}
+
 fn blocks(count: u32) -> Vec<Block> {
     // Above 224 distinct blocks in a chunk, local indices take the two-byte form; every block has 5 instructions, so partials up to 4 fit.
     (0..count).map(|i| nop_block(0x10_0000 + u64::from(i) * 8, 5)).collect()
@@ -112,6 +123,15 @@ proptest! {
         prop_assert_eq!(view.header().events, events.len() as u64);
         // Same events, same bytes.
         prop_assert_eq!(write(&table, &events), trace);
+    }
+
+    #[test]
+    fn streams_of_repeated_events_read_back_identical((count, events) in repeating_stream()) {
+        let trace = write(&blocks(count), &events);
+        // `read_all` compares the view's loop (which takes repeats on its fast path) with the cursor and the
+        // streaming reader (which decode every event one at a time).
+        prop_assert_eq!(read_all(&trace).unwrap(), events.clone());
+        prop_assert_eq!(write(&blocks(count), &events), trace);
     }
 
     #[test]
@@ -249,4 +269,52 @@ fn one_view_serves_many_threads_with_identical_results() {
         passes.into_iter().map(|pass| pass.join().unwrap()).collect()
     });
     assert!(hashes.iter().all(|hash| *hash == summary.event_hash), "{hashes:x?}");
+}
+
+/// `trace` (written by this crate, with no repeated event: every events chunk's event dictionary is empty) as
+/// format 2.0 wrote it: no event dictionary after each block dictionary, version 2.0 in the preamble.
+fn as_format_2(trace: &[u8]) -> Vec<u8> {
+    let varint_len = |bytes: &[u8]| bytes.iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    let view = TraceView::open(trace).unwrap();
+    let mut out = trace[..format::PREAMBLE_LEN].to_vec();
+    out[8..12].copy_from_slice(&[2, 0, 0, 0]);
+    for info in view.chunks() {
+        let start = info.offset as usize;
+        let end = start + info.total_len() as usize;
+        if info.header.kind != ChunkKind::Events {
+            out.extend_from_slice(&trace[start..end]);
+            continue;
+        }
+        let stored = &trace[start + format::CHUNK_HEADER_LEN..end];
+        let mut raw = zstd::bulk::decompress(stored, info.header.raw_len as usize).unwrap();
+        let mut at = varint_len(&raw);
+        let blocks = raw[..at].iter().fold((0u64, 0), |(v, s), b| (v | u64::from(b & 0x7f) << s, s + 7)).0;
+        for _ in 0..blocks {
+            at += varint_len(&raw[at..]);
+        }
+        assert_eq!(raw.remove(at), 0, "this trace repeats no event");
+        let chunk =
+            format::chunk_bytes(ChunkKind::Events, format::Codec::Stored, info.header.items, raw.len() as u32, &raw);
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+#[test]
+fn format_2_traces_still_read_and_check() {
+    let trace = small_trace();
+    let old = as_format_2(&trace);
+    assert_eq!(TraceView::open(&old).unwrap().version(), format::Version { major: 2, minor: 0 });
+    assert_eq!(read_all(&old).unwrap(), read_all(&trace).unwrap());
+    let report = check(Cursor::new(&old)).unwrap();
+    assert_eq!(report.events, 7);
+    assert_eq!(
+        check_view(&TraceView::open(&old).unwrap()).unwrap(),
+        CheckReport { file_bytes: old.len() as u64, ..report }
+    );
+    // In 2.x the byte after the block dictionary is the first event, and no chunk has repeats.
+    let footer = chunk_index(&old, ChunkKind::Footer);
+    let err = read_error(&insert_stored_chunk(&old, footer, ChunkKind::Events, 1, &[1, 0, 0xf5, 0]));
+    assert!(matches!(err, TraceError::Malformed { position: 2, .. }), "{err}");
+    assert!(err.to_string().contains("repeated event 0 is not in this chunk's event dictionary of 0 events"), "{err}");
 }

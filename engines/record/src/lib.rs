@@ -1,5 +1,5 @@
-//! Recording: the reference machine runs a guest and [`TraceRecorder`] turns what it observes into trace
-//! format v1. The machine knows nothing of the trace format and the format nothing of the machine; this crate is
+//! Recording: the reference machine runs a guest and [`TraceRecorder`] turns what it observes into a trace
+//! (`traces/FORMAT.md`). The machine knows nothing of the trace format and the format nothing of the machine; this crate is
 //! the only place the two meet.
 
 use std::collections::HashMap;

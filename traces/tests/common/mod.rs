@@ -142,5 +142,17 @@ pub fn read_error(trace: &[u8]) -> TraceError {
     })()
     .expect_err("the streaming reader read the whole trace without error");
     assert_eq!(from_view.to_string(), from_stream.to_string(), "the readers report different errors");
+    let mut looped = None;
+    if let Ok(view) = TraceView::open(trace) {
+        looped = view.for_each_event(|_| {}).err();
+    }
+    let looped = looped.unwrap_or_else(|| TraceView::open(trace).err().expect("the view's loop read the whole trace"));
+    assert_eq!(looped.to_string(), from_view.to_string(), "the view's loop and its cursor report different errors");
+    // Both checkers refuse it as malformed, with the readers' words.
+    let checked = check(Cursor::new(trace)).expect_err("the streaming checker accepted a malformed trace");
+    assert_eq!(checked.to_string(), from_view.to_string(), "the streaming checker reports another error");
+    let viewed = TraceView::open(trace).map_err(CheckError::from).and_then(|view| check_view(&view));
+    let viewed = viewed.expect_err("the view's checker accepted a malformed trace");
+    assert_eq!(viewed.to_string(), from_view.to_string(), "the view's checker reports another error");
     from_view
 }
