@@ -110,6 +110,9 @@ pub struct ShadowMmu {
     roots: FastMap<u64, Root>,
     current: u64,
     tables: FastMap<u32, GuestTable>,
+    /// Tables that went out of sync since the last re-synchronization (some may have gone since): what a CR3
+    /// load or INVLPG re-synchronizes, without a look at every traced table.
+    out_of_sync: Vec<u32>,
     last_written: Option<u32>,
     writes_in_a_row: u64,
 }
@@ -229,6 +232,7 @@ impl ShadowMmu {
                 if let Some(state) = self.tables.get_mut(&table) {
                     state.unsync = true;
                     outcome.unsynced = true;
+                    self.out_of_sync.push(table);
                 }
             }
         } else if old & PRESENT != 0 && old != new {
@@ -253,6 +257,7 @@ impl ShadowMmu {
         let untraced = self.tables.values().filter(|t| t.in_use()).count() as u32;
         self.roots.clear();
         self.tables.clear();
+        self.out_of_sync.clear();
         (dropped, untraced)
     }
 
@@ -365,9 +370,11 @@ impl ShadowMmu {
 
     fn resync_all(&mut self) -> u64 {
         let mut resynced = 0;
-        for state in self.tables.values_mut().filter(|t| t.unsync) {
-            state.unsync = false;
-            resynced += 1;
+        for table in self.out_of_sync.drain(..) {
+            if let Some(state) = self.tables.get_mut(&table).filter(|t| t.unsync) {
+                state.unsync = false;
+                resynced += 1;
+            }
         }
         resynced
     }
