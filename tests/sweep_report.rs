@@ -215,6 +215,82 @@ fn a_refusing_engine_is_a_row_with_its_reason_and_a_bad_trace_writes_nothing() {
     assert!(!lab.path("bad").exists(), "nothing is written when a trace fails");
 }
 
+/// A trace the readers accept and the checker refuses (a context event that changes nothing), which every engine
+/// can still replay.
+fn checker_refuses() -> Vec<u8> {
+    use virtlab_traces::*;
+    let boot = BootState {
+        rip: 0x1000,
+        rax: 0,
+        rbx: 0,
+        rsp: 0,
+        rflags: 2,
+        cr0: 0x11,
+        mode: CodeMode::Bits32,
+        ram_bytes: 1 << 20,
+    };
+    let meta = Metadata { workload: "handmade".into(), recorder: "tests".into(), ..Metadata::default() };
+    let mut writer = TraceWriter::new(std::io::Cursor::new(Vec::new()), meta, boot, &[]).unwrap();
+    let block = Block { address: 0x1000, mode: CodeMode::Bits32, tag: 0, instructions: 2, bytes: vec![0x90, 0x90] };
+    let id = writer.add_block(&block).unwrap();
+    let context = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 };
+    for event in [Event::Context { at: 0, context }, Event::Block(id), Event::Context { at: 1, context }] {
+        writer.push(&event).unwrap();
+    }
+    let ending = Ending {
+        reason: EndReason::GuestExit,
+        exit_status: 0,
+        detail: String::new(),
+        serial: Vec::new(),
+        state_digest: [0; 32],
+    };
+    writer.finish(ending).unwrap().into_inner()
+}
+
+#[test]
+fn verdicts_are_kept_by_digest_and_a_trace_the_cache_holds_is_not_checked_again() {
+    let lab = Lab::new("verdicts");
+    lab.sweep(&["--engine", "native", "-o", "unchecked"]);
+    lab.sweep(&["--engine", "native", "--verdicts", "verdicts.json", "-o", "first"]);
+    lab.sweep(&["--engine", "native", "--verdicts", "verdicts.json", "-o", "second"]);
+    let cache: Value = serde_json::from_slice(&lab.read("verdicts.json")).unwrap();
+    let valid = cache["valid"].as_object().unwrap();
+    assert_eq!(valid.len(), 3, "{cache}");
+    let syscall = &valid[&blake3::hash(&lab.read("syscall.vlt")).to_hex().to_string()];
+    let view = virtlab_traces::TraceView::open(&lab.read("syscall.vlt")).unwrap().footer().totals.clone();
+    assert_eq!(
+        (syscall["events"].as_u64(), syscall["instructions"].as_u64()),
+        (Some(view.events_total()), Some(view.instructions))
+    );
+    for run in ["first", "second"] {
+        assert_eq!(lab.read(&format!("{run}/results.csv")), lab.read("unchecked/results.csv"), "{run}");
+    }
+
+    // The checker refuses this trace; a cache that holds its digest (as no checker would have written it)
+    // shows that a cached trace is hashed, not checked.
+    let bad = checker_refuses();
+    std::fs::write(lab.path("bad.vlt"), &bad).unwrap();
+    let output = lab.run(&["sweep", "bad.vlt", "--engine", "native", "--verdicts", "verdicts.json", "-o", "bad"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("context-changes"), "{}", text(&output.stderr));
+    let mut forged = cache.clone();
+    let digest = blake3::hash(&bad).to_hex().to_string();
+    forged["valid"][&digest] = serde_json::json!({ "events": 3, "instructions": 2 });
+    std::fs::write(lab.path("verdicts.json"), forged.to_string()).unwrap();
+    let output = lab.run(&["sweep", "bad.vlt", "--engine", "native", "--verdicts", "verdicts.json", "-o", "bad"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // The same entries under another checker are not trusted.
+    forged["checker"] = Value::from("virtlab 0.0.0 writing format 1.0, checker rules revision 0");
+    std::fs::write(lab.path("verdicts.json"), forged.to_string()).unwrap();
+    let output = lab.run(&["sweep", "bad.vlt", "--engine", "native", "--verdicts", "verdicts.json", "-o", "bad2"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    // And a cache that is not one is named.
+    std::fs::write(lab.path("verdicts.json"), "[1, 2").unwrap();
+    let output = lab.run(&["sweep", "in.vlt", "--verdicts", "verdicts.json", "-o", "bad3"]);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("verdicts.json is not a verdict cache"), "{}", text(&output.stderr));
+}
+
 fn without_timestamp(html: &[u8]) -> String {
     text(html).lines().filter(|l| !l.starts_with("<p class=\"timestamp\">")).collect::<Vec<_>>().join("\n")
 }

@@ -13,6 +13,7 @@ pub mod run;
 pub mod sweep;
 pub mod validate;
 pub mod validate_kvm;
+pub mod verdicts;
 pub mod workloads;
 
 use std::path::Path;

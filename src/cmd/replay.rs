@@ -9,7 +9,7 @@ use virtlab_engines::{
     engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace,
     Primitive, Profile,
 };
-use virtlab_traces::TraceView;
+use virtlab_traces::{CheckReport, TraceView};
 
 use super::kvm_engine;
 
@@ -143,9 +143,19 @@ pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> any
 /// Open, check and prepare a trace held in memory: the view the engines replay is the one the checker read, in
 /// one pass over the events.
 pub fn prepare<'a>(bytes: &'a [u8], name: &str) -> anyhow::Result<PreparedTrace<'a>> {
-    let view = TraceView::open(bytes).with_context(|| format!("{name} is not a valid trace"))?;
-    virtlab_traces::check_view(&view).with_context(|| format!("{name} is not a valid trace"))?;
-    PreparedTrace::new(view).with_context(|| format!("{name}: a block does not decode"))
+    Ok(check_and_prepare(open_view(bytes, name)?, name)?.0)
+}
+
+/// Opens a trace held in memory (the container, checksums, header, block table and footer).
+pub fn open_view<'a>(bytes: &'a [u8], name: &str) -> anyhow::Result<TraceView<'a>> {
+    TraceView::open(bytes).with_context(|| format!("{name} is not a valid trace"))
+}
+
+/// Checks an open trace and prepares it for the engines; returns what the checker found too.
+pub fn check_and_prepare<'a>(view: TraceView<'a>, name: &str) -> anyhow::Result<(PreparedTrace<'a>, CheckReport)> {
+    let report = virtlab_traces::check_view(&view).with_context(|| format!("{name} is not a valid trace"))?;
+    let trace = PreparedTrace::new(view).with_context(|| format!("{name}: a block does not decode"))?;
+    Ok((trace, report))
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {

@@ -14,6 +14,7 @@ use virtlab_reports::table::{Job, Manifest, Results, Row, Shard, SiteRow, REFUSE
 use virtlab_traces::TraceView;
 
 use super::replay::{metrics_json, prepare, setup, Setup};
+use super::verdicts::Verdicts;
 
 /// Replay traces under engines and profiles, and write the results as a table.
 ///
@@ -42,6 +43,9 @@ use super::replay::{metrics_json, prepare, setup, Setup};
 /// ordered trace, then profile, then engine), so N machines can each run one; the N
 /// directories' tables, concatenated in shard order, are exactly the table of one run.
 /// `virtlab report DIR0 DIR1 …` takes the shards' directories and joins them.
+///
+/// Every trace is checked once per sweep; `--verdicts FILE` remembers the valid ones by digest
+/// across sweeps.
 ///
 /// Examples:
 ///   virtlab sweep syscall.vlt pgfault.vlt --profile all --set bt.lmsle=true -o results
@@ -79,6 +83,10 @@ pub struct Args {
     /// Worker threads (default: one per core). Results do not depend on it.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Keep the checker's verdicts in FILE (JSON, created if missing), by each trace's BLAKE3 digest: a trace this
+    /// virtlab already found valid is hashed, not checked again. Verdicts of another virtlab are not used.
+    #[arg(long, value_name = "FILE")]
+    verdicts: Option<PathBuf>,
 }
 
 fn parse_shard(text: &str) -> Result<(u64, u64), String> {
@@ -150,15 +158,19 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         rows: Vec::new(),
         sites: Vec::new(),
     };
+    let mut verdicts = args.verdicts.as_deref().map(Verdicts::load).transpose()?;
     for t in 0..plan.traces.len() {
         let ranges: Vec<_> = (0..plan.setups.len()).map(|p| plan.engine_range(t, p, shard.first, shard.end)).collect();
         if ranges.iter().all(|r| r.is_empty()) {
             continue;
         }
         progress.set_message(plan.traces[t].display().to_string());
-        pool.install(|| sweep_trace(&plan, t, &ranges, &mut results, &progress))?;
+        pool.install(|| sweep_trace(&plan, t, &ranges, verdicts.as_mut(), &mut results, &progress))?;
     }
     progress.finish_and_clear();
+    if let Some(verdicts) = &verdicts {
+        verdicts.save()?;
+    }
     virtlab_reports::table::write_results(&args.output, &results)?;
     eprintln!(
         "{}: {} rows from {} jobs{}",
@@ -175,13 +187,17 @@ fn sweep_trace(
     plan: &Plan,
     t: usize,
     ranges: &[std::ops::Range<usize>],
+    verdicts: Option<&mut Verdicts>,
     results: &mut Results,
     progress: &ProgressBar,
 ) -> anyhow::Result<()> {
     let path = &plan.traces[t];
     let name = path.display().to_string();
     let bytes = super::read_file(path)?;
-    let trace = prepare(&bytes, &name)?;
+    let trace = match verdicts {
+        Some(verdicts) => verdicts.prepare(&bytes, &name)?,
+        None => prepare(&bytes, &name)?,
+    };
     let metadata = trace.view.metadata();
     let job = |p: usize, engine: &str| Job {
         trace: name.clone(),

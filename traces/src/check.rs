@@ -15,6 +15,10 @@ use crate::model::{
 };
 use crate::reader::{DecodeScratch, TraceReader, TraceView, Visit};
 
+/// The revision of the rules below: bumped whenever a rule is added or accepts something else, so that a verdict
+/// cached under an older revision is not trusted.
+pub const RULES_REVISION: u32 = 1;
+
 /// The rule a trace broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {

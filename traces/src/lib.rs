@@ -50,7 +50,9 @@ mod tally;
 mod writer;
 
 pub use blocks::BlockTable;
-pub use check::{check, check_view, check_with_progress, CheckError, CheckReport, Rule, Site, Violation};
+pub use check::{
+    check, check_view, check_with_progress, CheckError, CheckReport, Rule, Site, Violation, RULES_REVISION,
+};
 pub use codec::{BlockShape, Header};
 pub use error::{TraceError, WriteError};
 pub use model::*;

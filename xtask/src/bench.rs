@@ -125,7 +125,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let stage = Instant::now();
     let mut sweep: Vec<String> = vec!["sweep".into()];
     sweep.extend(traces.iter().cloned());
-    sweep.extend(["--engine", "all", "--profile", "all", "--set", "bt.lmsle=true", "-o", "results"].map(String::from));
+    // The traces are cached, and so are their verdicts: a trace checked by an earlier run is not checked again.
+    let settings = ["--engine", "all", "--profile", "all", "--set", "bt.lmsle=true", "--verdicts", "verdicts.json"];
+    sweep.extend(settings.map(String::from));
+    sweep.extend(["-o", "results"].map(String::from));
     let output = virtlab_in(&virtlab, &out, &sweep)?;
     ensure!(output.status.success(), "virtlab sweep failed ({})", output.status);
     eprintln!("sweep    {:6.1} s", stage.elapsed().as_secs_f64());
