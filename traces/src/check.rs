@@ -191,8 +191,8 @@ struct Pass {
 /// block's count in the current mode; the instructions it retired are multiplied out once, by [`Counts::totals`].
 #[derive(Default)]
 struct Counts {
-    /// Full executions per block: [kernel, user].
-    runs: Vec<[u64; 2]>,
+    /// Full executions of block `id` in kernel mode at `2 * id`, in user mode at `2 * id + 1`.
+    runs: Vec<u64>,
     /// Events of every kind but full block executions.
     others: [u64; EventKind::COUNT],
     /// Instructions retired by partial block executions: [kernel, user].
@@ -204,18 +204,16 @@ struct Counts {
     modes: GuestModes,
 }
 
-/// What changes with every event. `Copy` and small: each chunk's loop works on a local copy, whose fields the
-/// compiler keeps in registers, stored back after the chunk.
+/// What changes with every event. `Copy` and small: each chunk's loop works on a local copy, stored back after
+/// the chunk, rather than on fields behind a reference that every event would reload and store.
 #[derive(Clone, Copy)]
 struct RuleState {
-    /// Events checked so far: the index of the next one.
-    events: u64,
-    /// Whether the initial context has come; `context` is meaningless before.
-    started: bool,
+    /// The code modes a block may run in now, as [`mode_bit`]s: none before the initial context, 64-bit only
+    /// with long-mode paging. One test per block execution covers both rules.
+    runnable: u8,
+    /// Meaningless before the initial context.
     context: Context,
     user: bool,
-    /// Whether the current paging mode is one 64-bit code can run in.
-    long_mode: bool,
     /// Whether a block has run: every other event belongs to the last block execution, `current`, which
     /// retired `retired` instructions (the limit for positions); `last_at` is the last position seen in it.
     in_block: bool,
@@ -227,11 +225,9 @@ struct RuleState {
 impl Default for RuleState {
     fn default() -> Self {
         RuleState {
-            events: 0,
-            started: false,
+            runnable: 0,
             context: Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 },
             user: false,
-            long_mode: false,
             in_block: false,
             current: BlockId(0),
             retired: 0,
@@ -248,7 +244,7 @@ impl Pass {
             let rep_sites = check_block_decodes(id, block)?;
             self.blocks.push(BlockRules { address: block.address, rep_sites });
             self.shapes.push(table.shapes()[id.index()]);
-            self.counts.runs.push([0; 2]);
+            self.counts.runs.extend([0; 2]);
         }
         Ok(())
     }
@@ -276,7 +272,7 @@ impl Pass {
         let (totals, modes) = self.counts.totals(&self.shapes);
         check_totals(&totals, modes, header, footer)?;
         Ok(CheckReport {
-            events: self.state.events,
+            events: totals.events_total(),
             blocks: self.blocks.len() as u64,
             instructions: footer.totals.instructions,
             chunks,
@@ -291,7 +287,7 @@ impl Counts {
         let mut totals = Totals { events: self.others, blocks: shapes.len() as u64, ..Totals::default() };
         let mut modes = self.modes;
         let mut by_mode = self.partial;
-        for (runs, shape) in self.runs.iter().zip(shapes) {
+        for (runs, shape) in self.runs.chunks(2).zip(shapes) {
             for (sum, &count) in by_mode.iter_mut().zip(runs) {
                 *sum += count * u64::from(shape.instructions);
             }
@@ -320,30 +316,35 @@ struct ChunkRules<'p> {
 
 impl ChunkRules<'_> {
     /// The rules' state must not escape into a call that is not inlined, or it would live in memory: only values
-    /// go to the cold path.
+    /// go to the cold path (and the counts, which live in memory anyway: the event's index is what they add up
+    /// to).
     #[inline(always)]
     fn violation(&self, problem: (Rule, String)) -> CheckError {
-        event_violation(problem, self.state.events, self.chunk_offset)
+        event_violation(problem, self.counts, self.chunk_offset)
     }
 
     /// An execution of block `id`, of this shape, that retired `retired` instructions: the rules on it, then
     /// the state it leaves.
     #[inline(always)]
     fn execution(&mut self, id: BlockId, shape: BlockShape, retired: u32) -> Result<(), CheckError> {
-        if !self.state.started {
-            return Err(self.violation(initial_context(Event::Block(id)).expect_err("a block is not a context")));
-        }
-        if shape.mode == CodeMode::Bits64 && !self.state.long_mode {
-            let context = self.state.context;
-            return Err(self.violation(code_mode_mismatch(id, self.blocks[id.index()].address, context)));
+        if self.state.runnable & mode_bit(shape.mode) == 0 {
+            return Err(self.cannot_run(id));
         }
         let state = &mut self.state;
         state.in_block = true;
         state.current = id;
         state.retired = retired;
         state.last_at = 0;
-        state.events += 1;
         Ok(())
+    }
+
+    /// Why block `id` cannot run now: nothing can before the initial context, 64-bit code only in long mode.
+    #[cold]
+    fn cannot_run(&self, id: BlockId) -> CheckError {
+        if self.state.runnable == 0 {
+            return self.violation(initial_context(Event::Block(id)).expect_err("a block is not a context"));
+        }
+        self.violation(code_mode_mismatch(id, self.blocks[id.index()].address, self.state.context))
     }
 
     /// The rules every event but a block execution obeys: there is a current block execution, and the event's
@@ -365,7 +366,6 @@ impl ChunkRules<'_> {
     /// Counts an event that obeyed the rules, of a kind other than a full block execution.
     #[inline(always)]
     fn count(&mut self, kind: EventKind) {
-        self.state.events += 1;
         self.counts.others[kind.index()] += 1;
     }
 
@@ -381,7 +381,11 @@ impl ChunkRules<'_> {
         }
         self.counts.modes.add_paging(context.paging);
         state.context = context;
-        state.long_mode = matches!(context.paging, PagingMode::FourLevel | PagingMode::FiveLevel);
+        let long_mode = matches!(context.paging, PagingMode::FourLevel | PagingMode::FiveLevel);
+        state.runnable = mode_bit(CodeMode::Bits16) | mode_bit(CodeMode::Bits32);
+        if long_mode {
+            state.runnable |= mode_bit(CodeMode::Bits64);
+        }
     }
 }
 
@@ -393,16 +397,15 @@ impl Visit for ChunkRules<'_> {
     fn block(&mut self, id: BlockId) -> Result<(), CheckError> {
         let shape = self.shapes[id.index()];
         self.execution(id, shape, shape.instructions)?;
-        self.counts.runs[id.index()][usize::from(self.state.user)] += 1;
+        self.counts.runs[2 * id.index() + usize::from(self.state.user)] += 1;
         Ok(())
     }
 
     /// Each kind is taken apart here, so that only its fields travel on.
     #[inline(always)]
     fn event(&mut self, event: Event) -> Result<(), CheckError> {
-        if !self.state.started {
+        if self.state.runnable == 0 {
             let initial = initial_context(event).map_err(|problem| self.violation(problem))?;
-            self.state.started = true;
             self.enter(0, initial);
             self.count(EventKind::Context);
             return Ok(());
@@ -440,10 +443,18 @@ impl Visit for ChunkRules<'_> {
     }
 }
 
+/// The violation of the event that comes after the `counted` ones.
 #[cold]
 #[inline(never)]
-fn event_violation((rule, message): (Rule, String), index: u64, chunk_offset: u64) -> CheckError {
+fn event_violation((rule, message): (Rule, String), counted: &Counts, chunk_offset: u64) -> CheckError {
+    let index = counted.runs.iter().sum::<u64>() + counted.others.iter().sum::<u64>();
     violation(rule, Site::Event { index, chunk_offset }, message)
+}
+
+/// A code mode as one bit, to test against a set of them.
+#[inline(always)]
+fn mode_bit(mode: CodeMode) -> u8 {
+    1 << mode as u8
 }
 
 /// The initial context, which the first event must be.
