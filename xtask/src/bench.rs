@@ -24,7 +24,7 @@ pub struct Args {
 }
 
 /// The workspace root (xtask's parent directory).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
 }
 
@@ -33,7 +33,7 @@ fn cargo() -> Command {
 }
 
 /// Builds the release `virtlab` binary (a no-op when it is up to date) and returns its path.
-fn build_virtlab() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_virtlab() -> anyhow::Result<PathBuf> {
     let status = cargo()
         .current_dir(root())
         .args(["build", "--release", "--quiet", "--package", "virtlab", "--bin", "virtlab"])

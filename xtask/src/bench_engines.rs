@@ -1,14 +1,15 @@
 //! `cargo xtask bench-engines`: how fast each engine replays recorded catalog traces, one core each, and how
-//! `--engine all` scales from one thread to two, with a correctness column (each engine's instruction split
-//! equals the trace's footer, repeated runs and both thread counts give identical results, native has no exits).
+//! `--engine all` scales from one thread to two, beside how fast the same trace decodes and checks, with a
+//! correctness column (each engine's instruction split equals the trace's footer, repeated runs and both thread
+//! counts give identical results, native has no exits, the checker counts the footer's events).
 
 use std::io::Cursor;
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use virtlab_engines::{engine, replay_many, Metrics, Options, PreparedTrace, Profile};
-use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
+use virtlab_machine::MachineConfig;
 use virtlab_record::{record, RecordRequest};
-use virtlab_traces::{check, Metadata, TraceView};
+use virtlab_traces::{check_view, Metadata, TraceView};
 
 use crate::timing::fastest;
 
@@ -17,8 +18,8 @@ pub struct Args {
     /// Scale each workload's `iterations` (up to its maximum) so a run retires about this many instructions.
     #[arg(long, default_value_t = 50_000_000)]
     target_instructions: u64,
-    /// Workloads to record and replay.
-    #[arg(long, value_delimiter = ',', default_values_t = ["compute", "memtouch", "forkwait", "mmap", "ctxswitch", "syscall-mix"].map(String::from))]
+    /// Workloads to record and replay (default: the whole catalog).
+    #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Timed repetitions of each replay; the fastest is reported.
     #[arg(long, default_value_t = 3)]
@@ -29,12 +30,7 @@ pub struct Args {
 }
 
 fn record_scaled(name: &str, target: u64) -> anyhow::Result<Vec<u8>> {
-    let spec = virtlab_workloads::catalog().iter().find(|s| s.name == name).context("no such workload")?;
-    let param = spec.param("iterations").context("every workload takes iterations")?;
-    let mut machine = Machine::from_multiboot(&virtlab_workloads::build(name, &[])?.bytes, MachineConfig::default())?;
-    machine.run(&mut NullObserver, RunLimits { max_instructions: 4_000_000_000 })?;
-    let scale = (target / machine.retired_instructions().max(1)).max(1);
-    let iterations = param.default.saturating_mul(scale).min(param.max);
+    let iterations = crate::scale::iterations_toward(name, target)?;
     let image = virtlab_workloads::build(name, &[("iterations".into(), iterations.to_string())])?;
     let request = RecordRequest {
         image: &image.bytes,
@@ -57,15 +53,32 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut options = Options::default();
     options.set("bt.lmsle", "true")?;
     let engines = engine::all();
-    println!("Replay speed, one thread per engine (M guest instructions/s, best of {}):\n", args.repeat);
+    println!(
+        "Replay speed, one thread per engine (M guest instructions/s), beside the trace's decoding and checking \
+         (M events/s), best of {}:\n",
+        args.repeat
+    );
     let header: Vec<&str> = engines.iter().map(|e| e.name()).collect();
-    println!("| workload | instructions | events | {} | all engines, 1 thread | all engines, 2 threads | speed-up | correct |", header.join(" | "));
-    println!("|---|---|---|{}---|---|---|---|", "---|".repeat(engines.len()));
-    for name in &args.workloads {
+    println!("| workload | instructions | events | decode | check | {} | all engines, 1 thread | all engines, 2 threads | speed-up | correct |", header.join(" | "));
+    println!("|---|---|---|---|---|{}---|---|---|---|", "---|".repeat(engines.len()));
+    let workloads: Vec<String> = if args.workloads.is_empty() {
+        virtlab_workloads::catalog().iter().map(|spec| spec.name.to_string()).collect()
+    } else {
+        args.workloads.clone()
+    };
+    for name in &workloads {
         let bytes = record_scaled(name, args.target_instructions)?;
-        check(Cursor::new(&bytes))?;
         let trace = PreparedTrace::new(TraceView::open(&bytes)?)?;
         let totals = trace.view.footer().totals.clone();
+        let events = totals.events_total();
+        let (decode_time, decoded) = fastest(args.repeat, || {
+            let mut count = 0u64;
+            trace.view.for_each_event(|_| count += 1)?;
+            Ok(count)
+        })?;
+        let (check_time, report) = fastest(args.repeat, || Ok(check_view(&trace.view)?))?;
+        ensure!(decoded == events && report.events == events, "{name}: the decoder or the checker miscounted");
+        let per_second = |time: std::time::Duration| format!("{:.0}", events as f64 / time.as_secs_f64() / 1e6);
         let instructions = totals.instructions;
         let mut cells = Vec::new();
         let mut reference: Vec<Metrics> = Vec::new();
@@ -97,8 +110,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let (two, results_two) = all(2)?;
         ensure!(results_one == reference && results_two == reference, "{name}: results depend on the thread count");
         println!(
-            "| {name} | {instructions} | {} | {} | {:.0} ms | {:.0} ms | {:.2}x | yes (split = footer, identical across repeats and 1/2 threads, native 0 exits) |",
-            totals.events_total(),
+            "| {name} | {instructions} | {events} | {} | {} | {} | {:.0} ms | {:.0} ms | {:.2}x | yes (split = footer, identical across repeats and 1/2 threads, native 0 exits, checker counts every event) |",
+            per_second(decode_time),
+            per_second(check_time),
             cells.join(" | "),
             one * 1e3,
             two * 1e3,

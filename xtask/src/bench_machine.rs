@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::timing::{best_of, fastest};
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
 use virtlab_record::{record, RecordRequest};
 use virtlab_traces::{check, Metadata};
@@ -40,10 +40,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         if !args.workloads.is_empty() && !args.workloads.iter().any(|w| w == spec.name) {
             continue;
         }
-        let param = spec.param("iterations").context("every workload takes iterations")?;
-        let at_default = run_plain(&virtlab_workloads::build(spec.name, &[])?.bytes)?.1 .1;
-        let scale = (args.target_instructions / at_default.max(1)).max(1);
-        let iterations = param.default.saturating_mul(scale).min(param.max);
+        let iterations = crate::scale::iterations_toward(spec.name, args.target_instructions)?;
         let image = virtlab_workloads::build(spec.name, &[("iterations".into(), iterations.to_string())])?;
 
         let (interpret_time, (plain, instructions)) = best_of(args.repeat, || run_plain(&image.bytes))?;

@@ -5,7 +5,9 @@ mod bench_engines;
 mod bench_kvm;
 mod bench_machine;
 mod bench_trace;
+mod bench_wait;
 mod ratios;
+mod scale;
 mod synth_trace;
 mod timing;
 
@@ -38,6 +40,11 @@ enum Task {
     /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
     /// BENCHMARKS.md. Run it in release mode (the `cargo xtask` alias does).
     BenchTrace(bench_trace::Args),
+    /// What a user waits for: the wall time of `virtlab record`, `check`, `replay --engine X` for each engine,
+    /// `replay` of all seven engines and `sweep` on large catalog traces, each beside the raw read of the trace
+    /// and the same work done in this process, as ratios measured in one run, with a correctness column. Prints a
+    /// Markdown table for BENCHMARKS.md.
+    BenchWait(bench_wait::Args),
     /// Every catalog workload at its default parameters under every engine, as cycles relative to native.
     /// Prints the Markdown table README.md and BENCHMARKS.md carry.
     Ratios(ratios::Args),
@@ -52,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchKvm(args) => bench_kvm::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
+        Task::BenchWait(args) => bench_wait::run(&args),
         Task::Ratios(args) => ratios::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),
     }
