@@ -60,6 +60,12 @@ fn every_workload_records_a_valid_trace_that_agrees_with_an_unobserved_run() {
         assert_eq!(footer.ending.exit_status, plain.exit_status, "{}", spec.name);
         assert_eq!(footer.ending.serial, plain.serial, "{}", spec.name);
         assert_eq!(footer.ending.state_digest, plain.digest, "{}: observing changed the final state", spec.name);
+        // The digest reads only the pages the machine knows were written: they must be every page that is not
+        // all zero, found here by reading all of RAM.
+        let scanned = machine.ram().chunks(4096).enumerate().filter(|(_, page)| page.iter().any(|&b| b != 0));
+        let scanned: Vec<(u64, &[u8])> = scanned.map(|(index, page)| (index as u64 * 4096, page)).collect();
+        let known: Vec<(u64, &[u8])> = machine.nonzero_pages().collect();
+        assert!(known == scanned, "{}: {} pages known written, {} not all zero", spec.name, known.len(), scanned.len());
         assert_eq!(footer.totals.instructions, machine.retired_instructions(), "{}", spec.name);
         assert_eq!(footer.totals.instructions_user, plain.retired_user, "{}", spec.name);
         assert_eq!(footer.totals.instructions_kernel, plain.retired_kernel, "{}", spec.name);

@@ -42,6 +42,7 @@ mod blocks;
 mod check;
 mod codec;
 mod error;
+pub mod fasthash;
 pub mod format;
 mod model;
 mod reader;

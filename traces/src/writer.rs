@@ -1,13 +1,13 @@
 //! The streaming writer recorders use: bounded memory (one chunk of events and one of new blocks), deterministic
 //! bytes (the same calls give the same file).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::codec::{self, BlockShape, Header};
 use crate::error::WriteError;
+use crate::fasthash::FastMap;
 use crate::format::{self, ChunkKind, Codec, MAX_CHUNK_BYTES, MAX_STRING_BYTES, PREAMBLE_LEN, TARGET_CHUNK_BYTES};
 use crate::model::{Block, BlockId, BootState, Ending, Event, Footer, GuestModes, Metadata, Segment};
 use crate::tally::Tally;
@@ -297,7 +297,7 @@ impl<W: Write + Seek> TraceWriter<W> {
 /// appearance, to choose the chunk's event dictionary from.
 #[derive(Default)]
 struct Repeats {
-    numbers: HashMap<Event, u32>,
+    numbers: FastMap<Event, u32>,
     /// Each distinct event, with its count.
     distinct: Vec<(Event, u32)>,
     /// The number of each event in the order they came.

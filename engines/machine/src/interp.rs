@@ -184,8 +184,16 @@ impl Machine {
         &self.memory.ram
     }
 
+    /// All of RAM, to write as the caller likes (so every frame counts as written from now on).
     pub fn ram_mut(&mut self) -> &mut [u8] {
+        let size = self.memory.ram_size();
+        self.memory.touch(0..size);
         &mut self.memory.ram
+    }
+
+    /// Every 4 KiB page of RAM that is not all zero, in address order, as (guest-physical address, bytes).
+    pub fn nonzero_pages(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.memory.nonzero_frames().map(|(frame, bytes)| (frame * crate::memory::PAGE_SIZE, bytes))
     }
 
     pub fn serial_output(&self) -> &[u8] {

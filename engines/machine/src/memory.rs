@@ -13,10 +13,14 @@ pub const MMIO_TEST_SIZE: u64 = 0x1000;
 pub const PAGE_SIZE: u64 = 4096;
 const PAGE_MASK: u64 = PAGE_SIZE - 1;
 
-/// Per-frame flags in [`Memory::frame_flags`].
+/// Per-frame flags in [`Memory::frame_flags`]. A frame with any of them set takes the watched write path.
 pub const FRAME_CODE: u8 = 1;
 /// Page-table level L (1..=4) of a frame reachable from a loaded CR3 sets bit `1 << L`.
 pub const FRAME_PAGE_TABLE_LEVELS: u8 = 0b1_1110;
+/// Nothing has written the frame since the machine started: it is all zero. The first write clears it on the
+/// watched path, so the plain write path pays nothing for knowing which frames the guest used; the final state
+/// digest and the recorder's image scan read only the others instead of every byte of RAM.
+pub const FRAME_UNTOUCHED: u8 = 0b10_0000;
 
 /// Physical address bits in page-table entries (MAXPHYADDR 39 in the CPUID model is a property of
 /// the addresses we accept; entry masks follow the architectural 52 bits).
@@ -44,7 +48,27 @@ pub struct Memory {
 
 impl Memory {
     pub fn new(ram_size: u64) -> Memory {
-        Memory { ram: vec![0; ram_size as usize], frame_flags: vec![0; (ram_size / PAGE_SIZE) as usize] }
+        let frames = (ram_size / PAGE_SIZE) as usize;
+        Memory { ram: vec![0; ram_size as usize], frame_flags: vec![FRAME_UNTOUCHED; frames] }
+    }
+
+    /// Notes that the bytes at `range` may have been written other than through the watched write path.
+    pub fn touch(&mut self, range: std::ops::Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let frames = (range.start / PAGE_SIZE) as usize..=((range.end - 1) / PAGE_SIZE) as usize;
+        for flags in &mut self.frame_flags[frames] {
+            *flags &= !FRAME_UNTOUCHED;
+        }
+    }
+
+    /// Every frame that is not all zero, in address order, as (frame number, its bytes).
+    pub fn nonzero_frames(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let frames = self.ram.chunks_exact(PAGE_SIZE as usize).zip(&self.frame_flags).enumerate();
+        frames
+            .filter(|(_, (bytes, &flags))| flags & FRAME_UNTOUCHED == 0 && bytes.iter().any(|&b| b != 0))
+            .map(|(frame, (bytes, _))| (frame as u64, bytes))
     }
 
     pub fn ram_size(&self) -> u64 {
@@ -357,6 +381,8 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                         new |= DIRTY;
                     }
                     if new != old {
+                        // A table with a present entry was written before; the walker does not rely on it.
+                        self.memory.touch(address..address + u64::from(bytes));
                         self.memory.write_ram(address, bytes, new);
                     }
                 }
@@ -515,11 +541,15 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         Err(self.unbacked(pa))
     }
 
-    /// A write to a frame holding cached code or a page table.
+    /// A write to a frame holding cached code or a page table, or to one nothing has written yet.
     #[inline(never)]
     fn write_watched_frame(&mut self, pa: u64, bytes: u32, value: u64) -> Result<(), Fault> {
         let frame = pa >> 12;
         let flags = self.memory.frame_flags[frame as usize];
+        if flags & FRAME_UNTOUCHED != 0 {
+            // A write may straddle into the next frame (its bounds were checked against RAM).
+            self.memory.touch(pa..pa + u64::from(bytes));
+        }
         let mut tree_changed = false;
         if flags & FRAME_PAGE_TABLE_LEVELS != 0 && O::ENABLED {
             let entry_bytes: u64 = if self.cpu.paging_mode() == PagingMode::TwoLevel { 4 } else { 8 };

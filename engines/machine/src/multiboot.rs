@@ -207,6 +207,8 @@ impl Machine {
         put32(ram, info_addr + 44, mmap_length as u32);
         put32(ram, info_addr + 48, mmap_addr as u32);
         put32(ram, info_addr + 64, name_addr as u32);
+        machine.memory.touch(load_addr..load_end);
+        machine.memory.touch(info_addr..info_end);
 
         let cpu = &mut machine.cpu;
         cpu.cr0 = cr0::PE | cr0::ET;

@@ -2,7 +2,6 @@
 //! (`traces/FORMAT.md`). The machine knows nothing of the trace format and the format nothing of the machine; this crate is
 //! the only place the two meet.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
@@ -13,6 +12,7 @@ use virtlab_machine::observer::{
     SideEvent, Transfer,
 };
 use virtlab_machine::{LoadError, Machine, MachineConfig, MachineError, RunLimits};
+use virtlab_traces::fasthash::FastMap;
 use virtlab_traces::{
     Access, Block, BlockId, BootState, CodeMode, Context, DescriptorLoad, Direction, EndReason, Ending, Event,
     Metadata, PageSize, PagingMode, Segment, TraceWriter, Walk, WriteError,
@@ -23,7 +23,7 @@ use virtlab_traces::{
 pub struct TraceRecorder<'w, W: Write + Seek> {
     writer: &'w mut TraceWriter<W>,
     /// Trace ids of the machine's blocks, keyed by the machine's id and where the block was fetched.
-    ids: HashMap<(u64, u64, u64), BlockId>,
+    ids: FastMap<(u64, u64, u64), BlockId>,
     current: Option<CurrentBlock>,
     /// Events of the current block execution, in order.
     inside: Vec<Event>,
@@ -39,7 +39,7 @@ struct CurrentBlock {
 
 impl<'w, W: Write + Seek> TraceRecorder<'w, W> {
     pub fn new(writer: &'w mut TraceWriter<W>) -> Self {
-        TraceRecorder { writer, ids: HashMap::new(), current: None, inside: Vec::new(), error: None }
+        TraceRecorder { writer, ids: FastMap::default(), current: None, inside: Vec::new(), error: None }
     }
 
     fn keep(&mut self, result: Result<(), WriteError>) {
@@ -307,7 +307,7 @@ pub fn record_to_file(path: &Path, request: RecordRequest<'_>) -> Result<RecordS
 pub fn record<W: Write + Seek>(out: W, request: RecordRequest<'_>) -> Result<(W, RecordSummary), RecordError> {
     let mut machine = Machine::from_multiboot(request.image, request.machine.clone())?;
     let boot = boot_state(&machine);
-    let image = initial_memory(machine.ram());
+    let image = initial_memory(&machine);
     let mut writer = TraceWriter::new(out, request.metadata, boot, &image)?;
     let mut recorder = TraceRecorder::new(&mut writer);
     machine.set_deadline(request.timeout.map(|timeout| Instant::now() + timeout));
@@ -358,14 +358,9 @@ fn boot_state(machine: &Machine) -> BootState {
 }
 
 /// The loaded RAM as segments: runs of pages that are not all zero (all other RAM starts zero).
-fn initial_memory(ram: &[u8]) -> Vec<Segment> {
-    const PAGE: usize = 4096;
+fn initial_memory(machine: &Machine) -> Vec<Segment> {
     let mut segments: Vec<Segment> = Vec::new();
-    for (index, page) in ram.chunks(PAGE).enumerate() {
-        if page.iter().all(|&byte| byte == 0) {
-            continue;
-        }
-        let gpa = (index * PAGE) as u64;
+    for (gpa, page) in machine.nonzero_pages() {
         match segments.last_mut() {
             Some(last) if last.gpa + last.bytes.len() as u64 == gpa => last.bytes.extend_from_slice(page),
             _ => segments.push(Segment { gpa, bytes: page.to_vec() }),

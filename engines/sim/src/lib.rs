@@ -11,7 +11,6 @@
 pub mod classify;
 pub mod engine;
 mod engines;
-mod fasthash;
 mod mechanism;
 pub mod metrics;
 mod plan;

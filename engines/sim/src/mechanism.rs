@@ -5,13 +5,13 @@ use virtlab_traces::{Context, Event};
 
 use crate::classify::StringWork;
 use crate::engines::hw::vmcs_accesses;
-use crate::fasthash::FastSet;
 use crate::metrics::{CycleCause, ExitReason, Hypercall};
 use crate::primitive::Primitive as P;
 use crate::replay::{KernelCode, Replay};
 use crate::shadow::{paging_bits_changed, ShadowMmu, ShadowPolicy, Touch};
 use crate::strategy::{Action, Disposition, Handling, Mechanism, TraceHandling};
 use crate::tlb::Refills;
+use virtlab_traces::fasthash::FastSet;
 
 /// Updates in one `mmu_update` hypercall at most (Barham et al., SOSP 2003).
 pub const MAX_BATCH: u64 = 2048;

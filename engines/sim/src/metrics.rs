@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::fasthash::FastMap;
 use crate::primitive::Primitive;
+use virtlab_traces::fasthash::FastMap;
 
 /// Why control left the guest (a VM exit, a trap into a software monitor, a fault into the hypervisor).
 ///

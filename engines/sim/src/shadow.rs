@@ -21,7 +21,7 @@
 
 use virtlab_traces::{PagingMode, Walk};
 
-use crate::fasthash::{FastMap, FastSet};
+use virtlab_traces::fasthash::{FastMap, FastSet};
 
 const FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
 const PRESENT: u64 = 1;

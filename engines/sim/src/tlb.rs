@@ -9,7 +9,7 @@
 //! had already touched earlier in the native epoch are not in the trace after a flush, so their refills are not
 //! charged: the model undercounts, never invents.
 
-use crate::fasthash::{FastMap, FastSet};
+use virtlab_traces::fasthash::{FastMap, FastSet};
 
 #[derive(Debug, Default)]
 pub struct Refills {

@@ -17,7 +17,6 @@
 use super::{d, monitor_tables_visible_to_user, shadow_paging};
 use crate::classify::Op;
 use crate::engine::{Engine, EngineError, Options, Run};
-use crate::fasthash::FastMap;
 use crate::mechanism::{Monitor, MonitorParts};
 use crate::metrics::{CycleCause, ExitReason as R};
 use crate::plan::{native_op_cost, Charge};
@@ -27,6 +26,7 @@ use crate::replay::{Costs, KernelCode, Replay, Session};
 use crate::strategy::{Action, Disposition, Emitted, Mechanism, Mode, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
 use crate::translate::{translate, SiteKind, TranslateError, TranslateOptions, Translation};
+use virtlab_traces::fasthash::FastMap;
 
 /// Where translated code lives, by code size: an offset in the TC's 16-bit segment, the top 4 MiB of the 32-bit
 /// address space, and the top 4 MiB below 2 GiB for 64-bit code (within rel32 reach of a kernel image in the low

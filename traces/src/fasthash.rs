@@ -1,6 +1,7 @@
-//! A small, fast, deterministic hasher for the engines' maps, whose keys are guest addresses and frame numbers
-//! (trusted to be uniform enough; no denial-of-service concern in a replay). The standard SipHash showed up as the
-//! largest cost in replay profiles.
+//! A small, fast, deterministic hasher for maps whose keys come from a guest's execution: guest addresses and
+//! frame numbers in the engines, events and block keys in the trace writer and the recorder (trusted to be
+//! uniform enough; no denial-of-service concern in a replay or a recording). The standard SipHash showed up as
+//! the largest cost in replay and recording profiles.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
