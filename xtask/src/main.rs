@@ -4,6 +4,7 @@ mod bench;
 mod bench_engines;
 mod bench_kvm;
 mod bench_machine;
+mod bench_qemu;
 mod bench_trace;
 mod bench_wait;
 mod ratios;
@@ -35,6 +36,10 @@ enum Task {
     /// Measure the reference machine on the workload catalog: interpreting and recording speed, trace size,
     /// with a correctness column. Prints a Markdown table for BENCHMARKS.md.
     BenchMachine(bench_machine::Args),
+    /// The reference machine against QEMU's TCG JIT on the same guest images, at two iteration counts so that
+    /// start-up cancels, with a correctness column; stops, saying why, without qemu-system-x86_64. Prints a
+    /// Markdown table for BENCHMARKS.md.
+    BenchQemu(bench_qemu::Args),
     /// Measure the trace format: write and read speed, bytes per instruction, with a correctness column.
     ///
     /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchEngines(args) => bench_engines::run(&args),
         Task::BenchKvm(args) => bench_kvm::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
+        Task::BenchQemu(args) => bench_qemu::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::BenchWait(args) => bench_wait::run(&args),
         Task::Ratios(args) => ratios::run(&args),
