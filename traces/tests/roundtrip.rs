@@ -141,8 +141,8 @@ proptest! {
             let at = index.index(trace.len());
             trace[at] ^= mask;
         }
-        // Either reader may refuse; neither may panic, and the checker must not either.
-        let _ = TraceView::open(&trace).map(|view| view.events().count());
+        // Either reader may refuse; neither may panic, and neither checker either.
+        let _ = TraceView::open(&trace).map(|view| (view.events().count(), check_view(&view).is_ok()));
         let _ = check(Cursor::new(&trace));
     }
 }

@@ -34,6 +34,10 @@ pub struct Args {
     /// Directory for the recorded traces and the sweep's output (relative paths start at the workspace root).
     #[arg(long, default_value = "target/virtlab-bench/wait", value_name = "DIR")]
     out: PathBuf,
+    /// Time this `virtlab` binary (it records the traces too) instead of building the workspace's release one:
+    /// an older build, to compare with. The work done in process is this workspace's, which reads older traces.
+    #[arg(long, value_name = "PATH")]
+    virtlab: Option<PathBuf>,
 }
 
 /// The seven modelled engines: what `virtlab sweep` runs under `all`. `virtlab replay --engine all` adds the
@@ -72,7 +76,10 @@ fn replay_counted(stdout: &[u8], engines: usize, instructions: u64) -> anyhow::R
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let out = if args.out.is_absolute() { args.out.clone() } else { crate::bench::root().join(&args.out) };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let virtlab = crate::bench::build_virtlab()?;
+    let virtlab = match &args.virtlab {
+        Some(path) => path.clone(),
+        None => crate::bench::build_virtlab()?,
+    };
     let profile = Profile::load("p4-2006")?;
     let profiles: Vec<Profile> =
         virtlab_engines::profile::BUILT_IN.iter().map(|(name, _)| Profile::load(name)).collect::<Result<_, _>>()?;
