@@ -41,8 +41,9 @@ struct Root {
 /// A guest page-table page some shadow uses.
 #[derive(Debug, Default)]
 struct GuestTable {
-    /// Shadow entries filled through this table, as (root, page).
-    mappings: FastSet<(u64, u64)>,
+    /// Shadow entries filled through this table: the pages, by root. A leaf write needs one page per root, not
+    /// all of a table's 512.
+    mappings: FastMap<u64, FastSet<u64>>,
     /// Cached roots whose top-level table this is.
     roots: u32,
     /// Out of sync: writes do not trap until it is re-synchronized.
@@ -271,7 +272,7 @@ impl ShadowMmu {
         for &table in mapping.path.tables() {
             let state = self.tables.entry(table).or_default();
             newly_traced += u32::from(!state.in_use());
-            state.mappings.insert((root, page));
+            state.mappings.entry(root).or_default().insert(page);
         }
         self.roots.entry(root).or_default().entries.insert(page, mapping);
         newly_traced
@@ -282,7 +283,12 @@ impl ShadowMmu {
         let Some(mapping) = self.roots.get_mut(&root).and_then(|r| r.entries.remove(&page)) else { return false };
         for table in mapping.path.tables() {
             if let Some(state) = self.tables.get_mut(table) {
-                state.mappings.remove(&(root, page));
+                if let Some(pages) = state.mappings.get_mut(&root) {
+                    pages.remove(&page);
+                    if pages.is_empty() {
+                        state.mappings.remove(&root);
+                    }
+                }
                 if !state.in_use() {
                     self.tables.remove(table);
                     *untraced += 1;
@@ -296,12 +302,10 @@ impl ShadowMmu {
     /// or dropped when the new value is not present.
     fn write_leaf(&mut self, table: u32, index: u64, new: u64, outcome: &mut Write) {
         let Some(state) = self.tables.get(&table) else { return };
-        // One mapping per root tells where the table sits in that root's address space.
+        // One mapping per root (its lowest page) tells where the table sits in that root's address space.
         let mut roots: Vec<(u64, u64, Walk)> = Vec::new();
-        for &(root, page) in &state.mappings {
-            if roots.iter().any(|(r, _, _)| *r == root) {
-                continue;
-            }
+        for (&root, pages) in &state.mappings {
+            let Some(&page) = pages.iter().min() else { continue };
             if let Some(mapping) = self.roots.get(&root).and_then(|r| r.entries.get(&page)) {
                 roots.push((root, page, mapping.path));
             }
@@ -311,12 +315,17 @@ impl ShadowMmu {
         for (root, page, path) in roots {
             let target = (page & !((1u64 << leaf_span) - 1)) | (index << 12);
             let mut untraced = 0;
-            let dropped = self.unmap(root, target, &mut untraced);
             if new & PRESENT != 0 {
-                // The same tables map the new entry: whatever the drop untraced, the install traces again.
-                self.map(root, target, Mapping { frame: new & FRAME_MASK, path });
+                // The same tables map the new entry: whatever the drop untraced, the install traces again. An
+                // entry rewritten as it was (a guest storing an unchanged value) ends as it began.
+                let mapping = Mapping { frame: new & FRAME_MASK, path };
+                if self.roots.get(&root).and_then(|r| r.entries.get(&target)) != Some(&mapping) {
+                    self.unmap(root, target, &mut untraced);
+                    self.map(root, target, mapping);
+                }
                 outcome.updates += 1;
             } else {
+                let dropped = self.unmap(root, target, &mut untraced);
                 outcome.untraced += untraced;
                 outcome.invalidated += u64::from(dropped);
             }
@@ -326,10 +335,7 @@ impl ShadowMmu {
     /// A write above the leaf level that changes a present entry: drop the subtree it covers in every root.
     fn write_upper(&mut self, table: u32, level: u8, index: u64, outcome: &mut Write) {
         let Some(state) = self.tables.get(&table) else { return };
-        let mut covered: Vec<(u64, u64)> = state
-            .mappings
-            .iter()
-            .copied()
+        let mut covered: Vec<(u64, u64)> = mapped(state)
             .filter(|&(root, page)| {
                 let mapping = self.roots.get(&root).and_then(|r| r.entries.get(&page));
                 mapping.is_some_and(|m| {
@@ -354,7 +360,7 @@ impl ShadowMmu {
     /// traced again, when its address space is next used).
     fn unshadow(&mut self, table: u32, untraced: &mut u32) -> u64 {
         let Some(state) = self.tables.get(&table) else { return 0 };
-        let mut mappings: Vec<(u64, u64)> = state.mappings.iter().copied().collect();
+        let mut mappings: Vec<(u64, u64)> = mapped(state).collect();
         mappings.sort_unstable();
         let mut dropped = 0;
         for (root, page) in mappings {
@@ -378,6 +384,11 @@ impl ShadowMmu {
         }
         resynced
     }
+}
+
+/// Every shadow entry filled through `table`, as (root, page).
+fn mapped(table: &GuestTable) -> impl Iterator<Item = (u64, u64)> + '_ {
+    table.mappings.iter().flat_map(|(&root, pages)| pages.iter().map(move |&page| (root, page)))
 }
 
 fn frame_number(address: u64) -> u32 {
