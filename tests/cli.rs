@@ -60,6 +60,7 @@ fn handmade_trace() -> Vec<u8> {
         params: vec![("iterations".into(), "1".into())],
         recorder: "cli-test".into(),
         recorder_version: "0".into(),
+        symbols: SymbolMap::new(vec![Symbol { name: "start".into(), start: 0x10_0000, end: 0x10_000a }]).unwrap(),
     };
     let image = [Segment { gpa: 0x10_0000, bytes: vec![0xb8, 1, 0, 0, 0, 0xe6, 0xf4, 0x41, 0x90, 0x90] }];
     let mut writer = TraceWriter::new(Cursor::new(Vec::new()), metadata, boot, &image).unwrap();
@@ -110,7 +111,8 @@ fn inspect_json_reports_the_known_counts() {
     let output = virtlab(&["inspect", &path, "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let json: Value = serde_json::from_str(&stdout(&output)).unwrap();
-    assert_eq!(json["format_version"], "2.0");
+    assert_eq!(json["format_version"], "2.1");
+    assert_eq!(json["symbols"], 1);
     assert_eq!(json["workload"], "handmade");
     assert_eq!(json["params"]["iterations"], "1");
     // 3 (block 1) + 1 (partial) + 2 (block 0), all at CPL 0.

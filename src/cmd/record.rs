@@ -94,12 +94,7 @@ fn recorder_metadata() -> Metadata {
 /// it ran to a clean exit: what `validate` and `calibrate host` replay.
 pub fn record_catalog_trace(workload: &str, params: &[(String, String)]) -> anyhow::Result<Vec<u8>> {
     let image = virtlab_workloads::build(workload, params)?;
-    let metadata = Metadata {
-        workload: workload.to_string(),
-        params: params.to_vec(),
-        recorder: "virtlab reference machine".into(),
-        recorder_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let metadata = Metadata { workload: workload.to_string(), params: params.to_vec(), ..recorder_metadata() };
     virtlab_record::record_in_memory(&image.bytes, metadata, 2_000_000_000)
         .with_context(|| format!("recording {workload} {params:?}"))
 }

@@ -7,7 +7,7 @@ use crate::error::TraceError;
 
 pub const MAGIC: [u8; 8] = *b"VLTRC\r\n\x1a";
 pub const VERSION_MAJOR: u16 = 2;
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 pub const PREAMBLE_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 24;
 

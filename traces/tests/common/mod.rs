@@ -25,6 +25,7 @@ pub fn metadata() -> Metadata {
         params: vec![("iterations".into(), "3".into())],
         recorder: "tests".into(),
         recorder_version: "1".into(),
+        ..Metadata::default()
     }
 }
 
