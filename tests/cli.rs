@@ -169,7 +169,7 @@ fn dump_prints_one_line_per_event_with_sites_and_disassembly() {
     );
     // The exit port write came from `out 0xf4, al` at 0x100005.
     assert!(
-        event_lines[5].contains("@0x100005") && event_lines[5].contains("out port=0xf4 size=1 value=0x1"),
+        event_lines[5].contains("@0x100005 <start+0x5>") && event_lines[5].contains("out port=0xf4 size=1 value=0x1"),
         "{text}"
     );
     assert!(text.contains("0x0000000000100000  mov eax,1"), "{text}");

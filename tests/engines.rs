@@ -205,6 +205,12 @@ fn replay_prints_one_json_object_per_engine_and_says_which_refused() {
     // 100 iterations plus the start-up's one call: 101 SYSCALLs and 101 SYSRETs trap.
     assert_eq!(trap["exits"]["system_call"], 202);
     assert_eq!(trap["top_sites"][0]["cause"], "exit:system_call");
+    // The sites are named from the trace's symbol map: SYSRET on the kernel's return path, SYSCALL in the
+    // user program, which runs at USER_CODE.
+    assert!(trap["top_sites"][0]["function"].as_str().unwrap().starts_with("syscall_return+"), "{trap}");
+    let user = trap["top_sites"].as_array().unwrap().iter().find(|s| s["count"] == 100).unwrap();
+    let address = u64::from_str_radix(user["address"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(user["function"], format!("main+{:#x}", address - virtlab_workloads::layout::USER_CODE));
 
     let out = virtlab(&["replay", trace, "--engine", "bt,native", "--set", "bt.lmsle=true", "--json"]);
     assert_eq!(out.status.code(), Some(0));

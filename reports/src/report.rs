@@ -466,12 +466,13 @@ impl Builder<'_, '_> {
                 continue;
             }
             sites.sort_by(|a, b| b.count.cmp(&a.count).then(a.address.cmp(&b.address)).then(a.kind.cmp(&b.kind)));
-            let header = ["address", "kind", "reason", "count", "instruction"].map(String::from).to_vec();
+            let header = ["address", "function", "kind", "reason", "count", "instruction"].map(String::from).to_vec();
             let mut table =
                 Table::new(format!("{engine}: {} sites, the top {}", sites.len(), TOP_SITES.min(sites.len())), header);
             for site in sites.iter().take(TOP_SITES) {
                 table.rows.push(vec![
                     format!("{:#x}", site.address),
+                    site.function.clone(),
                     site.kind.clone(),
                     site.reason.clone(),
                     count(site.count as f64),

@@ -77,6 +77,7 @@ fn sweep() -> Results {
                         reason: "cpuid".into(),
                         count: exits as u64,
                         disassembly: "cpuid".into(),
+                        function: format!("driver+{:#x}", w),
                     });
                 }
             }
@@ -318,7 +319,11 @@ fn the_report_has_every_chart_as_a_real_picture_and_is_the_same_twice_but_for_it
     assert!(html.contains("<tr class=\"hl\"><td>in</td><td>bt</td><td>BT</td>"));
     assert!(html.contains("<td class=\"n\">+85.2%</td>"));
     assert!(
-        html.contains("<td class=\"n\">0x101000</td><td>exit</td><td>cpuid</td><td class=\"n\">40</td><td>cpuid</td>")
+        html.contains(
+            "<td class=\"n\">0x101000</td><td>driver+0x0</td><td>exit</td><td>cpuid</td><td class=\"n\">40</td>\
+             <td>cpuid</td>"
+        ),
+        "{html}"
     );
     // Cheapest: on syscall with p4-2006, bt costs 25× native and hw-shadow 900×.
     assert!(html.contains("<tr><td>syscall</td><td>bt (25.0×)</td><td>hw-shadow (900×)</td>"), "{html}");

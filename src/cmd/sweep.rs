@@ -34,7 +34,8 @@ use super::replay::{metrics_json, prepare, setup, Setup};
 ///   results.parquet  the table (Parquet, for polars, pandas, DuckDB, Arrow)
 ///   results.csv      the same table as CSV
 ///   sites.parquet    per engine: guest address, kind (exit, callout, hypercall, holes,
-///                    detectable), reason, count, and the instruction's disassembly
+///                    detectable), reason, count, the instruction's disassembly, and the
+///                    guest function holding it (`name+0x1c`, when the trace names them)
 ///   manifest.json    schema version, traces, engines, profiles, options, shard, row counts
 /// The files are byte-identical for the same traces and command line, on any thread count.
 ///
@@ -208,7 +209,7 @@ fn sweep_trace(
             let job = job(p, engine.name());
             match outcome {
                 Ok(metrics) => {
-                    let mut value = metrics_json(engine.name(), &s.profile, &metadata.workload, &metrics, usize::MAX);
+                    let mut value = metrics_json(engine.name(), &s.profile, metadata, &metrics, usize::MAX);
                     let object = value.as_object_mut().expect("an engine's result is a JSON object");
                     for site in flatten::sites(object) {
                         sites.push((job.clone(), site));
@@ -238,6 +239,7 @@ fn sweep_trace(
         kind: site.kind,
         reason: site.reason,
         count: site.count,
+        function: site.function,
     }));
     Ok(())
 }
