@@ -4,6 +4,7 @@ pub mod calibrate;
 pub mod check;
 pub mod dump;
 pub mod engines;
+pub mod gate;
 pub mod inspect;
 pub mod kvm_engine;
 pub mod record;
@@ -40,9 +41,12 @@ pub fn parse_param(text: &str) -> Result<(String, String), String> {
 }
 
 /// 3 for I/O failures, 2 for a workload or parameter the catalog does not accept, 1 for a trace that is
-/// malformed or breaks an invariant.
+/// malformed or breaks an invariant, 7 for a malformed budget file.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {
+        if let Some(error) = cause.downcast_ref::<virtlab_reports::gate::BudgetError>() {
+            return ExitCode::from(if error.is_io() { EXIT_IO } else { gate::EXIT_BAD_BUDGETS });
+        }
         if let Some(error) = cause.downcast_ref::<virtlab_reports::Error>() {
             return ExitCode::from(if error.is_io() { EXIT_IO } else { EXIT_INVALID });
         }
