@@ -166,12 +166,12 @@ fn malformed_budget_files_are_refused_with_the_line_and_the_fix() {
         (
             "[workload.trap-emulate]",
             "[workload.trap-emulator]",
-            "b.toml:17: unknown engine `trap-emulator`; engines: native, trap-emulate, hw-shadow",
+            "b.toml:17: unknown engine `trap-emulator`; did you mean `trap-emulate`?",
         ),
         (
             "\"shadow.hidden_faults\" = 3",
             "shadow.hidden_fault = 3",
-            "b.toml:15: unknown metric `shadow.hidden_fault`; metrics: exits.total",
+            "b.toml:15: unknown metric `shadow.hidden_fault`; did you mean `shadow.hidden_faults`?",
         ),
         ("version = 1", "version = 2", "b.toml:3: [gate] version must be 1"),
         ("name = \"syscall\"", "nom = \"syscall\"", "unknown key `nom` in a [[workload]]"),

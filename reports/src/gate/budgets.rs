@@ -279,7 +279,8 @@ fn parse_workload(r: &Reader<'_>, table: &Table, vocabulary: &Vocabulary) -> Res
         let line = r.key_line(table, key);
         let limits = item.as_table_like().expect("other keys were refused above");
         if !vocabulary.engines.iter().any(|e| e == key) {
-            let message = format!("unknown engine `{key}`; engines: {}", vocabulary.engines.join(", "));
+            let engines = vocabulary.engines.iter().map(String::as_str);
+            let message = format!("unknown engine `{key}`{}", super::suggestion(key, engines, "engines"));
             return Err(BudgetError::at(r.path, Some(line), message));
         }
         let mut parsed = Vec::new();
@@ -308,12 +309,9 @@ fn parse_limits(
             continue;
         }
         if vocabulary.metric(&name).is_none() {
-            let names: Vec<&str> = vocabulary.metrics.iter().map(|m| m.name.as_str()).collect();
-            return Err(BudgetError::at(
-                r.path,
-                Some(line),
-                format!("unknown metric `{name}`; metrics: {}", names.join(", ")),
-            ));
+            let names = vocabulary.metrics.iter().map(|m| m.name.as_str());
+            let message = format!("unknown metric `{name}`{}", super::suggestion(&name, names, "metrics"));
+            return Err(BudgetError::at(r.path, Some(line), message));
         }
         let (allowance, comment) = allowance(r, item, &name, line)?;
         if matches!(allowance, Allowance::PerIteration(_)) && workload.iterations().is_none_or(|n| n == 0) {

@@ -156,12 +156,15 @@ pub fn check(
         let known = vocabulary.workloads.contains(&entry.workload.name)
             || results.rows.iter().any(|r| r.job.workload == entry.workload.name);
         if !known && !allow_missing {
+            let names = vocabulary.workloads.iter().chain(results.rows.iter().map(|r| &r.job.workload));
+            let hint = super::closest(&entry.workload.name, names.map(String::as_str))
+                .map_or(String::new(), |close| format!(" (did you mean `{close}`?)"));
             return Err(BudgetError::at(
                 path,
                 Some(entry.line),
                 format!(
-                    "unknown workload `{}`: not in the catalog and not in the results (a misspelt name, or its \
-                     trace is missing from the gate's input; --allow-missing lists it instead)",
+                    "unknown workload `{}`{hint}: not in the catalog and not in the results; a misspelt name, or \
+                     its trace is missing from the gate's input (--allow-missing lists it instead)",
                     entry.workload.name
                 ),
             ));

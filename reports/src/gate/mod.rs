@@ -134,3 +134,33 @@ pub(crate) fn same_pairs(a: &[(String, String)], b: &[(String, String)]) -> bool
     };
     sorted(a) == sorted(b)
 }
+
+/// `; did you mean `close`?` for the known name closest to `name` (at most two edits away), else `; NOUN: every
+/// known name`.
+pub(crate) fn suggestion<'a>(name: &str, known: impl Iterator<Item = &'a str> + Clone, noun: &str) -> String {
+    match closest(name, known.clone()) {
+        Some(close) => format!("; did you mean `{close}`?"),
+        None => format!("; {noun}: {}", known.collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// The known name closest to `name`, if one is at most two edits away.
+pub(crate) fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known.map(|k| (edits(name, k), k)).filter(|(d, _)| *d <= 2).min().map(|(_, k)| k)
+}
+
+/// Levenshtein distance.
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
