@@ -5,6 +5,8 @@ mod bench_engines;
 mod bench_kvm;
 mod bench_machine;
 mod bench_trace;
+mod catalog_traces;
+mod gate;
 mod ratios;
 mod synth_trace;
 mod timing;
@@ -38,6 +40,11 @@ enum Task {
     /// Generates synthetic traces (virtlab_traces::synth) in memory and prints a Markdown table for
     /// BENCHMARKS.md. Run it in release mode (the `cargo xtask` alias does).
     BenchTrace(bench_trace::Args),
+    /// The lab gates itself: record the catalog at small iteration counts (traces cached under
+    /// target/virtlab-gate/traces) and check `budgets/catalog.toml` with `virtlab gate`, using the binary
+    /// `cargo test --workspace` builds. Exits with the gate's status (6 over budget, 7 malformed budgets);
+    /// writes results/, gate.xml (JUnit) and gate.md (Markdown). `--update` rewrites the budgets instead.
+    Gate(gate::Args),
     /// Every catalog workload at its default parameters under every engine, as cycles relative to native.
     /// Prints the Markdown table README.md and BENCHMARKS.md carry.
     Ratios(ratios::Args),
@@ -52,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchKvm(args) => bench_kvm::run(&args),
         Task::BenchMachine(args) => bench_machine::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
+        Task::Gate(args) => gate::run(&args),
         Task::Ratios(args) => ratios::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),
     }
