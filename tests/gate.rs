@@ -203,6 +203,17 @@ fn the_catalog_is_blamed_by_kernel_and_user_function_and_bad_budgets_exit_7_with
     assert!(functions[0].starts_with("syscall_return+") && functions[1].starts_with("main+"), "{functions:?}");
     assert_eq!(verdict["unbudgeted"].as_array().unwrap().len(), 6, "the other six engines: {verdict}");
 
+    // A profile file: the sweep loads it, and the results carry the name inside it.
+    let profile =
+        include_str!("../engines/sim/profiles/p4-2006.toml").replacen("name = \"p4-2006\"", "name = \"mine\"", 1);
+    lab.write("mine.toml", profile.as_bytes());
+    lab.write("mine-budgets.toml", budgets.replace("profile = \"p4-2006\"", "profile = \"mine.toml\"").as_bytes());
+    let output = lab.run(&["gate", "mine-budgets.toml", "syscall.vlt", "--json"]);
+    assert_eq!(output.status.code(), Some(6), "{}", text(&output.stderr));
+    let mine: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(mine["profile"], "mine");
+    assert_eq!(check(&mine, "trap-emulate", "exits.system_call")["actual"], calls["actual"]);
+
     // A measured workload missing its budgets fails; --allow-missing lists it instead.
     let other = budgets.replace("name = \"syscall\"", "name = \"pgfault\"");
     lab.write("missing.toml", other.as_bytes());

@@ -126,23 +126,25 @@ fn vocabulary() -> anyhow::Result<Vocabulary> {
     Ok(Vocabulary::new(engines, workloads, &keys))
 }
 
-fn read_budgets(path: &Path, vocabulary: &Vocabulary) -> anyhow::Result<Budgets> {
+/// The budgets, their profile's name made the one results carry (a profile file's results carry the name
+/// inside it), and the profile as the file gives it (a name or a path), for the sweep.
+fn read_budgets(path: &Path, vocabulary: &Vocabulary) -> anyhow::Result<(Budgets, String)> {
     let text =
         std::fs::read_to_string(path).map_err(|source| gate::BudgetError::Read { path: path.to_path_buf(), source })?;
     let mut budgets = Budgets::parse(&text, path, vocabulary)?;
-    // A profile file's results carry the name inside it.
     let profile = Profile::load_with(&budgets.profile, &[])
         .map_err(|e| gate::BudgetError::at(path, None, format!("[gate] profile `{}`: {e}", budgets.profile)))?;
-    budgets.profile = profile.name;
-    Ok(budgets)
+    let given = std::mem::replace(&mut budgets.profile, profile.name);
+    Ok((budgets, given))
 }
 
-/// The results to check: the given directories, or a sweep of the given traces (saved when asked).
-fn results(args: &Args, budgets: &Budgets) -> anyhow::Result<Results> {
+/// The results to check: the given directories, or a sweep of the given traces with `profile` (saved when
+/// asked).
+fn results(args: &Args, budgets: &Budgets, profile: String) -> anyhow::Result<Results> {
     if !args.results.is_empty() {
         return Ok(read_sweep(&args.results)?);
     }
-    let profiles = [budgets.profile.clone()];
+    let profiles = [profile];
     let request = super::sweep::Request {
         traces: &args.traces,
         engine: "all",
@@ -165,8 +167,8 @@ fn write_output(path: &Path, text: &str) -> anyhow::Result<()> {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let vocabulary = vocabulary()?;
-    let budgets = read_budgets(&args.budgets, &vocabulary)?;
-    let results = results(args, &budgets)?;
+    let (budgets, profile) = read_budgets(&args.budgets, &vocabulary)?;
+    let results = results(args, &budgets, profile)?;
     if args.update {
         let summary = gate::update(&args.budgets, &vocabulary, &results, args.headroom)?;
         eprintln!(
