@@ -4,9 +4,11 @@
 //! and function; `--update` makes it pass again. Also the catalog's own symbols in the blame, and malformed budget
 //! files refused with status 7 and their line.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
+use common::ScratchDir;
 use iced_x86::code_asm::*;
 use serde_json::Value;
 
@@ -15,34 +17,25 @@ const ITERATIONS: u32 = 100;
 const CODE: u64 = 0x10_0020;
 
 /// A scratch directory; commands run there.
-struct Lab(PathBuf);
+struct Lab {
+    dir: ScratchDir,
+}
 
 impl Lab {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-gate-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Lab(dir)
+        Lab { dir: ScratchDir::new(&format!("gate-{name}")) }
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_virtlab")).current_dir(&self.0).args(args).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_virtlab")).current_dir(&self.dir.0).args(args).output().unwrap()
     }
 
     fn write(&self, name: &str, bytes: &[u8]) {
-        let path = self.0.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
+        self.dir.file(name, bytes);
     }
 
     fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.0.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        std::fs::read_to_string(self.dir.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 }
 
@@ -251,5 +244,4 @@ fn the_catalog_is_blamed_by_kernel_and_user_function_and_bad_budgets_exit_7_with
     let help = lab.run(&["--help"]);
     assert!(text(&help.stdout).contains("6  `gate`: a budget is exceeded"), "{}", text(&help.stdout));
     assert!(text(&help.stdout).contains("7  `gate`: the budget file is malformed"));
-    assert!(Path::new(&lab.0).join("syscall.vlt").exists());
 }

@@ -4,24 +4,24 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+mod common;
 use std::time::{Duration, Instant};
 
+use common::ScratchDir;
 use serde_json::Value;
 use virtlab_reports::table::{read_results, read_sweep};
 
 /// A scratch directory with recorded traces in it; commands run there.
 struct Lab {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl Lab {
     /// Records `syscall`, `in` and `pgfault` with few iterations: a user workload, a kernel one, and one with
     /// page faults for the shadow-paging engines.
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-sweep-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab { dir };
+        let lab = Lab { dir: ScratchDir::new(&format!("sweep-{name}")) };
         for (workload, iterations) in [("syscall", "20"), ("in", "20"), ("pgfault", "8")] {
             let param = format!("iterations={iterations}");
             let output = lab.run(&["record", workload, "--param", &param, "-o", &format!("{workload}.vlt")]);
@@ -31,7 +31,7 @@ impl Lab {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_virtlab")).current_dir(&self.dir).args(args).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_virtlab")).current_dir(&self.dir.0).args(args).output().unwrap()
     }
 
     /// `virtlab sweep` over the three traces with `extra` arguments; asserts it succeeded.
@@ -43,17 +43,11 @@ impl Lab {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.dir.path(name)
     }
 
     fn read(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,8 +1,11 @@
 //! The gate's library on handmade results: budget files read (and refused with their line), checked, blamed with
 //! and without a baseline, rendered in every format, and rewritten by `update` with comments and order kept.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::TempDir;
 use serde_json::Value;
 use virtlab_reports::gate::render::{self, Context};
 use virtlab_reports::gate::{self, Allowance, Budgets, Headroom, Vocabulary};
@@ -296,26 +299,9 @@ fn the_verdict_renders_as_json_junit_and_markdown() {
     assert!(md.contains("<details><summary>Measured, without a budget (2)</summary>"), "{md}");
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-gate-lib-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn update_rewrites_numbers_keeps_comments_and_adds_what_was_measured() {
-    let temp = TempDir::new("update");
+    let temp = TempDir::new("gate-update");
     let path = temp.0.join("b.toml");
     std::fs::write(&path, BUDGETS).unwrap();
     let after = results(100, 100);

@@ -2,28 +2,14 @@
 //! bad input refused by name with nothing partial left behind, charts that are real pictures, and a page that is
 //! byte-identical across runs but for its timestamp line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::TempDir;
 use serde_json::json;
 use virtlab_reports::table::{self, Job, Manifest, Results, Row, Shard, SiteRow, REFUSED};
 use virtlab_reports::{markdown_report, write_report, Error};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-reports-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const ENGINES: [&str; 3] = ["native", "bt", "hw-shadow"];
 const PROFILES: [&str; 2] = ["p4-2006", "sandybridge-2011"];

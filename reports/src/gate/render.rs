@@ -267,20 +267,10 @@ pub fn json(context: &Context<'_>, verdict: &Verdict) -> Value {
     })
 }
 
+/// Text for an XML attribute or element: escaped as HTML is, without the control characters XML 1.0 forbids.
 fn xml(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\t' | '\r') => {}
-            c => out.push(c),
-        }
-    }
-    out
+    let allowed: String = text.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r')).collect();
+    crate::document::escape(&allowed)
 }
 
 /// The verdict as JUnit XML: one test case per budget (a failure when over, with its blame), one per missing
