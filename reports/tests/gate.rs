@@ -273,6 +273,7 @@ fn the_verdict_renders_as_json_junit_and_markdown() {
     assert_eq!(json["summary"]["over"], 2);
     let cpuid = &json["checks"][1];
     assert_eq!(cpuid["budget"]["per_iteration"], 1.01);
+    assert_eq!((cpuid["actual"].as_u64(), cpuid["over_by"].as_u64()), (Some(201), Some(100)), "counts are whole");
     assert_eq!(cpuid["blame"][0]["address"], "0x101020");
     assert_eq!(cpuid["blame"][0]["function"], "driver+0x20");
     assert_eq!(json["missing"][0]["line"], 26);

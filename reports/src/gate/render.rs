@@ -210,6 +210,15 @@ fn workload_json(workload: &super::WorkloadKey) -> Value {
     json!({ "name": workload.name, "parameters": parameters, "architecture": workload.architecture })
 }
 
+/// A count as JSON: a whole number when it is one (counts are; per-iteration ceilings may not be).
+fn count_json(value: f64) -> Value {
+    if value.fract() == 0.0 && value.abs() < 2f64.powi(53) {
+        json!(value as i64)
+    } else {
+        json!(value)
+    }
+}
+
 fn check_json(check: &Check) -> Value {
     let (kind, value) = match check.limit.allowance {
         super::Allowance::Count(n) => ("max", json!(n)),
@@ -231,9 +240,9 @@ fn check_json(check: &Check) -> Value {
         "metric": check.limit.metric,
         "line": check.limit.line,
         "comment": check.limit.comment,
-        "budget": { kind: value, "ceiling": check.ceiling },
-        "actual": check.actual,
-        "over_by": check.over_by(),
+        "budget": { kind: value, "ceiling": count_json(check.ceiling) },
+        "actual": count_json(check.actual),
+        "over_by": count_json(check.over_by()),
         "over": check.is_over(),
         "blame": blame,
         "blame_note": check.blame_note,
