@@ -227,6 +227,16 @@ fn budgets_hold_on_the_results_they_were_made_from() {
     assert!(!verdict.passed(), "a missing pair fails");
     let allowed = gate::check(&budgets, Path::new("b.toml"), &vocabulary(), &results(100, 0), None, true).unwrap();
     assert!(allowed.passed());
+    let other_options = Budgets { options: Vec::new(), ..budgets.clone() };
+    let verdict = check(&other_options, &results(100, 0), None);
+    assert_eq!(verdict.checks.len(), 0);
+    assert!(
+        verdict.missing[0]
+            .reason
+            .contains("only under profile p4-2006 with options `bt.lmsle=true`, not the budgets' p4-2006 with ``"),
+        "{}",
+        verdict.missing[0].reason
+    );
     assert!(render::summary(&allowed).starts_with("gate passed: 5 budgets hold; 1 budgeted pair missing"));
 }
 

@@ -178,7 +178,19 @@ pub fn check(
                 reason,
             };
             let Some((job, data)) = found else {
-                verdict.missing.push(missing("not in the results".into()));
+                let elsewhere =
+                    results.rows.iter().find(|r| r.job.engine == engine.engine && entry.workload.matches(&r.job));
+                let reason = match elsewhere {
+                    Some(row) => format!(
+                        "the results have it only under profile {} with options `{}`, not the budgets' {} with `{}`",
+                        row.job.profile,
+                        row.job.options,
+                        budgets.profile,
+                        budgets.options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+                    ),
+                    None => "not in the results".into(),
+                };
+                verdict.missing.push(missing(reason));
                 continue;
             };
             if let Some(reason) = data.refusal {
