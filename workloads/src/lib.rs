@@ -13,6 +13,7 @@ pub mod layout;
 pub mod machine;
 mod programs;
 pub mod qemu;
+pub mod tour32;
 
 pub use catalog::{catalog, ParamSpec, Privilege, WorkloadError, WorkloadSpec};
 pub use image::GuestImage;
