@@ -1046,7 +1046,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 StringOp::Outs => {
                     let port = self.cpu.gpr[RDX] as u16;
                     let value = self.read_memory(source_segment, rsi, element)?;
-                    self.port_write(port, element, value as u32);
+                    self.port_write(instruction.ip(), port, element, value as u32)?;
                 }
             }
             let advances_source =

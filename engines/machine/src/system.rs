@@ -634,7 +634,8 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         value
     }
 
-    pub(crate) fn port_write(&mut self, port: u16, bytes: u32, value: u32) {
+    /// An OUT by the instruction at `ip`; a guest flooding the serial port is stopped there.
+    pub(crate) fn port_write(&mut self, ip: u64, port: u16, bytes: u32, value: u32) -> Result<(), Fault> {
         let value = value & mask(bytes) as u32;
         let now = self.instruction_time();
         if O::ENABLED {
@@ -645,6 +646,13 @@ impl<O: ExecutionObserver> Interp<'_, O> {
             self.exit_status = Some(status);
             self.end_block = true;
         }
+        if self.devices.serial.flooded() {
+            return Err(Fault::Stop(Box::new(MachineError::SerialFlood {
+                limit: crate::devices::MAX_SERIAL_BYTES,
+                address: self.code_linear(ip),
+            })));
+        }
+        Ok(())
     }
 
     fn read_msr(&mut self, index: u32) -> Result<u64, Fault> {
@@ -913,8 +921,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 };
                 self.check_io_permission(port, bytes)?;
                 let value = self.read_register(instruction.op1_register()) as u32;
-                self.port_write(port, bytes, value);
-                Ok(())
+                self.port_write(instruction.ip(), port, bytes, value)
             }
             M::Int | M::Int3 | M::Into | M::Int1 => self.software_interrupt(instruction),
             M::Iret | M::Iretd | M::Iretq => self.interrupt_return(instruction),
