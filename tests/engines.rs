@@ -230,6 +230,25 @@ fn replay_prints_one_json_object_per_engine_and_says_which_refused() {
     }
     let out = virtlab(&["replay", dir.join("missing.vlt").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
+    // A profile file is read by the binary and parsed by the engines: loaded by path, a missing one named (exit 3),
+    // a malformed one named with its key (exit 2).
+    let profile = dir.join("slow-exits.toml");
+    let text = virtlab_engines::profile::BUILT_IN[0].1.replace("name = \"p4-2006\"", "name = \"slow-exits\"");
+    std::fs::write(&profile, &text).unwrap();
+    let out = virtlab(&["replay", trace, "--engine", "native", "--profile", profile.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(loaded[0]["profile"], "slow-exits");
+    let out = virtlab(&["replay", trace, "--profile", dir.join("gone.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read profile")
+            && String::from_utf8_lossy(&out.stderr).contains("gone.toml")
+    );
+    std::fs::write(&profile, text.replace("clock_ghz", "clock_mhz")).unwrap();
+    let out = virtlab(&["replay", trace, "--profile", profile.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clock_mhz"), "{}", String::from_utf8_lossy(&out.stderr));
     // A damaged trace is refused by the checker before any engine sees it.
     let mut damaged = std::fs::read(&path).unwrap();
     let middle = damaged.len() / 2;

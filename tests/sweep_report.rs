@@ -132,7 +132,7 @@ fn the_table_matches_replay_and_is_identical_on_one_thread_and_two() {
     assert_eq!(jobs.len(), 63);
     assert_eq!(jobs[0], ("syscall.vlt".into(), "p4-2006".into(), "native".into()));
     assert_eq!(jobs[7], ("syscall.vlt".into(), "core2-2006".into(), "native".into()));
-    assert!(results.rows.iter().all(|r| r.job.workload != "" && r.job.architecture == "x86-64"));
+    assert!(results.rows.iter().all(|r| !r.job.workload.is_empty() && r.job.architecture == "x86-64"));
     assert!(results.rows.iter().any(|r| r.job.parameters == "iterations=8,counters=0" && r.job.workload == "pgfault"));
 
     // trap-emulate enters the monitor at the guest's SYSCALL instruction, once per system call at least.

@@ -157,9 +157,9 @@ pub fn write_results(dir: &Path, results: &Results) -> Result<()> {
     let path = dir.join(SITES_PARQUET);
     write(&path, &parquet_bytes(&path, columns, sites.len())?)?;
 
-    let text = serde_json::to_string_pretty(&manifest_json(&results.manifest, rows.len(), sites.len()))
-        .expect("a JSON value serializes");
-    write(&manifest_path, format!("{text}\n").as_bytes())
+    // `{:#}` is serde_json's pretty form of a value, which cannot fail to serialize.
+    let text = format!("{:#}\n", manifest_json(&results.manifest, rows.len(), sites.len()));
+    write(&manifest_path, text.as_bytes())
 }
 
 fn manifest_json(m: &Manifest, rows: usize, sites: usize) -> Value {
@@ -343,14 +343,10 @@ fn numbers_u64(path: &Path, frame: &DataFrame, name: &str) -> Result<Vec<u64>> {
 }
 
 fn read_jobs(path: &Path, frame: &DataFrame) -> Result<Vec<Job>> {
-    let mut columns = Vec::new();
-    for name in JOB_COLUMNS {
-        columns.push(strings(path, frame, name)?);
-    }
-    let mut columns = columns.into_iter();
-    let mut next = || columns.next().expect("seven job columns");
-    let (trace, workload, parameters, architecture, engine, profile, options) =
-        (next(), next(), next(), next(), next(), next(), next());
+    let [trace, workload, parameters, architecture, engine, profile, options] =
+        JOB_COLUMNS.map(|name| strings(path, frame, name));
+    let (trace, workload, parameters, architecture) = (trace?, workload?, parameters?, architecture?);
+    let (engine, profile, options) = (engine?, profile?, options?);
     Ok((0..frame.height())
         .map(|i| Job {
             trace: trace[i].clone(),

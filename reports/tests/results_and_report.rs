@@ -234,10 +234,10 @@ fn a_failed_report_keeps_the_previous_one_and_a_foreign_directory_is_not_replace
     let dir = temp.0.join("results");
     let out = temp.0.join("report");
     written_sweep(&dir);
-    write_report(&[dir.clone()], &out).unwrap();
+    write_report(std::slice::from_ref(&dir), &out).unwrap();
     let before = std::fs::read(out.join("index.html")).unwrap();
     std::fs::remove_file(dir.join("sites.parquet")).unwrap();
-    let error = write_report(&[dir.clone()], &out).unwrap_err().to_string();
+    let error = write_report(std::slice::from_ref(&dir), &out).unwrap_err().to_string();
     assert!(error.contains("sites.parquet: missing"), "{error}");
     assert_eq!(std::fs::read(out.join("index.html")).unwrap(), before);
 
@@ -271,11 +271,11 @@ fn the_report_has_every_chart_as_a_real_picture_and_is_the_same_twice_but_for_it
     let dir = temp.0.join("results");
     written_sweep(&dir);
     let (one, two) = (temp.0.join("one"), temp.0.join("two"));
-    let written = write_report(&[dir.clone()], &one).unwrap();
+    let written = write_report(std::slice::from_ref(&dir), &one).unwrap();
     assert_eq!(written.index_html, one.join("index.html"));
     // Two workloads: relative cycles, exits, and one cycles-by-cause chart per profile.
     assert_eq!(written.charts, 2 * (2 + PROFILES.len()));
-    write_report(&[dir.clone()], &two).unwrap();
+    write_report(std::slice::from_ref(&dir), &two).unwrap();
 
     let html = std::fs::read_to_string(one.join("index.html")).unwrap();
     let html_two = std::fs::read_to_string(two.join("index.html")).unwrap();

@@ -132,8 +132,8 @@ fn read_budgets(path: &Path, vocabulary: &Vocabulary) -> anyhow::Result<(Budgets
     let text =
         std::fs::read_to_string(path).map_err(|source| gate::BudgetError::Read { path: path.to_path_buf(), source })?;
     let mut budgets = Budgets::parse(&text, path, vocabulary)?;
-    let profile = Profile::load_with(&budgets.profile, &[])
-        .map_err(|e| gate::BudgetError::at(path, None, format!("[gate] profile `{}`: {e}", budgets.profile)))?;
+    let profile = super::load_profile(&budgets.profile, &[])
+        .map_err(|e| gate::BudgetError::at(path, None, format!("[gate] profile `{}`: {e:#}", budgets.profile)))?;
     let given = std::mem::replace(&mut budgets.profile, profile.name);
     Ok((budgets, given))
 }

@@ -20,6 +20,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use virtlab_engines::profile::BUILT_IN;
+use virtlab_engines::Profile;
 use virtlab_traces::{CheckError, TraceError};
 
 pub const EXIT_INVALID: u8 = 1;
@@ -30,6 +32,18 @@ pub const EXIT_IO: u8 = 3;
 /// the KVM crate.
 pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// A profile by built-in name or by the path of a TOML file, with `--set` overrides. The engines parse profile
+/// text; reading the file is the binary's job.
+pub fn load_profile(name_or_path: &str, overrides: &[(String, String)]) -> anyhow::Result<Profile> {
+    let path = Path::new(name_or_path);
+    let built_in = BUILT_IN.iter().any(|(name, _)| *name == name_or_path);
+    if built_in || !(path.extension().is_some_and(|ext| ext == "toml") || path.exists()) {
+        return Ok(Profile::load_with(name_or_path, overrides)?);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read profile {name_or_path}"))?;
+    Ok(Profile::parse(&text, name_or_path, overrides)?)
 }
 
 /// `key=value`, for `--param`.

@@ -134,10 +134,7 @@ pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> any
             .into());
         }
     }
-    let profile = Profile::load_with(profile, &overrides).map_err(|e| match e {
-        virtlab_engines::ProfileError::Read { .. } => anyhow::Error::new(e),
-        other => UsageError(other.to_string()).into(),
-    })?;
+    let profile = super::load_profile(profile, &overrides)?;
     Ok(Setup { engines, profile, options, kvm })
 }
 

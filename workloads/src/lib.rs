@@ -14,6 +14,7 @@ pub mod machine;
 mod programs;
 pub mod qemu;
 mod symbols;
+pub mod tour32;
 
 pub use catalog::{catalog, ParamSpec, Privilege, WorkloadError, WorkloadSpec};
 pub use image::GuestImage;
