@@ -61,13 +61,18 @@ pub fn bar(length: u64, stage: &str) -> ProgressBar {
     bar
 }
 
-/// The recorder's identity in cache keys: what `virtlab --version` says and the trace format version, so a new
-/// recorder or format records again.
+/// The recorder's identity in cache keys: what `virtlab --version` says, the trace format version, and the
+/// binary itself (its size and modification time), so that a new recorder, format or build records again: a
+/// change to the reference machine does not change the version, and a gate on traces it did not record would
+/// check the wrong counts.
 fn recorder_version(virtlab: &Path) -> anyhow::Result<String> {
     let output = Command::new(virtlab).arg("--version").output().context("cannot run virtlab --version")?;
     let version = String::from_utf8_lossy(&output.stdout).trim().replace(' ', "-");
     let format = virtlab_traces::format::VERSION_MAJOR;
-    Ok(format!("{version}-format{format}.{}", virtlab_traces::format::VERSION_MINOR))
+    let file = std::fs::metadata(virtlab).with_context(|| format!("cannot read {}", virtlab.display()))?;
+    let built = file.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let build = blake3::hash(format!("{}-{built}", file.len()).as_bytes()).to_hex();
+    Ok(format!("{version}-format{format}.{}-{}", virtlab_traces::format::VERSION_MINOR, &build[..8]))
 }
 
 /// `traces/<workload>-<first 16 hex digits of the image's BLAKE3>-<recorder>.vlt`, relative to the output.
