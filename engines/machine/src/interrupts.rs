@@ -121,11 +121,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
 
     pub(crate) fn deliver_external_interrupt(&mut self, vector: u8) -> Result<(), MachineError> {
         let rip = self.cpu.rip;
-        if O::ENABLED {
-            let transfer = Transfer::ExternalInterrupt { vector, rip: self.code_linear(rip) };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::ExternalInterrupt { vector, rip: self.code_linear(rip) });
         match self.deliver(vector, None, EventSource::External, rip) {
             Ok(()) => Ok(()),
             Err(Fault::Stop(error)) => Err(*error),
@@ -150,11 +146,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 (OVERFLOW, EventSource::Software)
             }
         };
-        if O::ENABLED {
-            let transfer = Transfer::SoftwareInterrupt { vector, rip: self.code_linear(instruction.ip()) };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::SoftwareInterrupt { vector, rip: self.code_linear(instruction.ip()) });
         let return_rip = self.cpu.rip;
         self.deliver(vector, None, source, return_rip)
     }
@@ -394,11 +386,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         if new_cpl > old_cpl {
             self.null_inaccessible_data_segments();
         }
-        if O::ENABLED {
-            let transfer = Transfer::InterruptReturn { from, to: self.code_linear(self.cpu.rip) };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::InterruptReturn { from, to: self.code_linear(self.cpu.rip) });
         Ok(())
     }
 
@@ -457,12 +445,16 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         self.cpu.cpl = 0;
         self.cpu.rip = self.cpu.msr.lstar;
         self.mode = self.cpu.code_mode();
+        self.notify_transfer(Transfer::Syscall { from: from.wrapping_sub(2), to: self.cpu.rip });
+        Ok(())
+    }
+
+    /// Tells the observer about a privilege transfer (compiled out when nothing observes).
+    fn notify_transfer(&mut self, transfer: Transfer) {
         if O::ENABLED {
-            let transfer = Transfer::Syscall { from: from.wrapping_sub(2), to: self.cpu.rip };
             let index = self.index_in_block;
             self.obs.transfer(index, &transfer);
         }
-        Ok(())
     }
 
     /// SYSENTER: the fast system call of 32-bit kernels. CS and SS come from IA32_SYSENTER_CS (flat, DPL 0;
@@ -483,11 +475,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         self.cpu.gpr[RSP] = self.cpu.msr.sysenter_esp & mask;
         self.cpu.rip = self.cpu.msr.sysenter_eip & mask;
         self.mode = self.cpu.code_mode();
-        if O::ENABLED {
-            let transfer = Transfer::Syscall { from, to: self.cpu.rip };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::Syscall { from, to: self.cpu.rip });
         Ok(())
     }
 
@@ -516,11 +504,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         self.cpu.gpr[RSP] = stack;
         self.cpu.rip = target;
         self.mode = self.cpu.code_mode();
-        if O::ENABLED {
-            let transfer = Transfer::Sysret { from, to: target };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::Sysret { from, to: target });
         Ok(())
     }
 
@@ -544,11 +528,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         self.cpu.cpl = 3;
         self.cpu.rip = target;
         self.mode = self.cpu.code_mode();
-        if O::ENABLED {
-            let transfer = Transfer::Sysret { from, to: target };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::Sysret { from, to: target });
         Ok(())
     }
 }
