@@ -1,6 +1,7 @@
-//! Untrusted input, mutated: real traces recorded from catalog workloads, guest images and profile files are
-//! damaged in many small ways and fed to every parser that reads them. Each must answer with a value or an error,
-//! never a panic; a trace the checker accepts must replay under every engine without one.
+//! Untrusted input, mutated: real traces recorded from catalog workloads, guest images, profile files and the
+//! catalog's budget file are damaged in many small ways and fed to every parser that reads them. Each must answer
+//! with a value or an error, never a panic; a trace the checker accepts must replay under every engine without
+//! one.
 //!
 //! Trace mutations go *inside* the chunks: each chunk is decompressed, its payload (or its header fields) changed,
 //! and the chunk written back stored, with lengths and both checksums recomputed — otherwise the chunk checksums
@@ -12,8 +13,9 @@ use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use virtlab_engines::profile::BUILT_IN;
-use virtlab_engines::{engine, Options, PreparedTrace, Profile};
+use virtlab_engines::{engine, ExitReason, Hypercall, Options, PreparedTrace, Profile};
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
+use virtlab_reports::gate::{Budgets, Vocabulary};
 use virtlab_traces::format::{ChunkHeader, ChunkKind, Codec, CHUNK_HEADER_LEN, PREAMBLE_LEN};
 use virtlab_traces::{check, Metadata, TraceView};
 
@@ -273,28 +275,34 @@ fn mutated_guest_images_load_or_are_refused_and_run_within_their_budget() {
     }
 }
 
+/// One small damage to a text file: a byte replaced by one that means something in TOML, a truncation, or a huge
+/// number inserted. Returns the damaged text and what was done.
+fn damage_toml(rng: &mut Rng, text: &str) -> (String, String) {
+    let mut bytes = text.as_bytes().to_vec();
+    let at = rng.below(bytes.len());
+    let what = match rng.below(3) {
+        0 => {
+            bytes[at] = b"=[]\"'.-#\n0e9x"[rng.below(13)];
+            format!("byte {at}")
+        }
+        1 => {
+            bytes.truncate(at);
+            format!("truncate to {at}")
+        }
+        _ => {
+            bytes.splice(at..at, b"1e308".iter().copied());
+            format!("insert 1e308 at {at}")
+        }
+    };
+    (String::from_utf8_lossy(&bytes).into_owned(), what)
+}
+
 #[test]
 fn mutated_profiles_parse_or_name_what_is_wrong() {
     let mut rng = Rng(0x9F0F);
     for (name, text) in BUILT_IN {
         for number in 0..mutations() {
-            let mut bytes = text.as_bytes().to_vec();
-            let at = rng.below(bytes.len());
-            let what = match rng.below(3) {
-                0 => {
-                    bytes[at] = b"=[]\"'.-#\n0e9x"[rng.below(13)];
-                    format!("byte {at}")
-                }
-                1 => {
-                    bytes.truncate(at);
-                    format!("truncate to {at}")
-                }
-                _ => {
-                    bytes.splice(at..at, b"1e308".iter().copied());
-                    format!("insert 1e308 at {at}")
-                }
-            };
-            let text = String::from_utf8_lossy(&bytes);
+            let (text, what) = damage_toml(&mut rng, text);
             let outcome = catch_unwind(AssertUnwindSafe(|| match Profile::parse(&text, "mutated.toml", &[]) {
                 Ok(profile) => assert!(profile.clock_ghz > 0.0, "a parsed profile has a clock"),
                 Err(error) => {
@@ -306,5 +314,27 @@ fn mutated_profiles_parse_or_name_what_is_wrong() {
                 "{name} profile, mutation {number} ({what}): the parser panicked or named nothing"
             );
         }
+    }
+}
+
+#[test]
+fn mutated_budget_files_parse_or_name_the_file() {
+    let engines = engine::all().iter().map(|e| e.name().to_string()).collect();
+    let workloads = virtlab_workloads::catalog().iter().map(|spec| spec.name.to_string()).collect();
+    let mut keys: Vec<(String, String)> = ExitReason::ALL.iter().map(|r| ("exits".into(), r.name().into())).collect();
+    keys.extend(Hypercall::ALL.iter().map(|h| ("hypercalls".to_string(), h.name().to_string())));
+    keys.extend([("translations".into(), "callouts".into()), ("shadow".into(), "hidden_faults".into())]);
+    let vocabulary = Vocabulary::new(engines, workloads, &keys);
+    let path = std::path::Path::new("mutated.toml");
+    let original = include_str!("../budgets/catalog.toml");
+    assert!(Budgets::parse(original, path, &vocabulary).is_ok(), "the catalog's budgets parse unmutated");
+    let mut rng = Rng(0xB0D6);
+    for number in 0..mutations() {
+        let (text, what) = damage_toml(&mut rng, original);
+        let outcome = catch_unwind(AssertUnwindSafe(|| match Budgets::parse(&text, path, &vocabulary) {
+            Ok(budgets) => assert_eq!(budgets.profile, "p4-2006"),
+            Err(error) => assert!(error.to_string().starts_with("mutated.toml"), "{error}"),
+        }));
+        assert!(outcome.is_ok(), "budget mutation {number} ({what}): the parser panicked or named no file");
     }
 }

@@ -12,6 +12,7 @@ pub mod replay;
 pub mod report;
 pub mod run;
 pub mod sweep;
+pub mod symbol_list;
 pub mod validate;
 pub mod validate_kvm;
 pub mod workloads;

@@ -1,10 +1,10 @@
 //! `virtlab record`: run a guest on the reference machine and write its trace.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use virtlab_machine::MachineConfig;
 use virtlab_record::{record_to_file, RecordRequest};
 use virtlab_traces::{EndReason, Metadata, Symbol, SymbolMap};
@@ -63,7 +63,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (None, Some(path)) => {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let symbols = match &args.symbols {
-                Some(file) => read_symbol_list(file)?,
+                Some(file) => super::symbol_list::read(file)?,
                 None => SymbolMap::default(),
             };
             (super::read_file(path)?, Metadata { workload: name, symbols, ..recorder_metadata() })
@@ -122,39 +122,4 @@ fn catalog_metadata(image: &GuestImage, params: Vec<(String, String)>) -> anyhow
     let symbols = image.symbols.iter().map(|s| Symbol { name: s.name.clone(), start: s.start, end: s.end }).collect();
     let symbols = SymbolMap::new(symbols).with_context(|| format!("the symbols of workload {}", image.workload))?;
     Ok(Metadata { workload: image.workload.to_string(), params, symbols, ..recorder_metadata() })
-}
-
-/// A symbol list as `nm --print-size` prints it: `ADDRESS SIZE TYPE NAME`, hex address and size. Code symbols
-/// (types t, T, w, W) are kept; an alias (a second name on the same range) keeps the first name.
-fn read_symbol_list(path: &Path) -> anyhow::Result<SymbolMap> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut symbols: Vec<Symbol> = Vec::new();
-    let mut ranges = std::collections::HashSet::new();
-    for (number, line) in text.lines().enumerate() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (address, size, kind, name) = match fields[..] {
-            [] => continue,
-            [first, ..] if first.starts_with('#') => continue,
-            // `nm --print-size` prints no size for symbols without one (and `U` for undefined ones).
-            [_, _, _] | [_, _] => continue,
-            [address, size, kind, name] => (address, size, kind, name),
-            _ => bail!(
-                "{}:{}: `{line}` is not ADDRESS SIZE TYPE NAME (as `nm --print-size --defined-only` prints)",
-                path.display(),
-                number + 1
-            ),
-        };
-        let hex = |field: &str, what: &str| {
-            u64::from_str_radix(field.trim_start_matches("0x"), 16)
-                .with_context(|| format!("{}:{}: the {what} `{field}` is not hexadecimal", path.display(), number + 1))
-        };
-        let (start, size) = (hex(address, "address")?, hex(size, "size")?);
-        let end = start
-            .checked_add(size)
-            .with_context(|| format!("{}:{}: `{name}` wraps around the address space", path.display(), number + 1))?;
-        if matches!(kind, "t" | "T" | "w" | "W") && size > 0 && ranges.insert((start, end)) {
-            symbols.push(Symbol { name: name.to_string(), start, end });
-        }
-    }
-    SymbolMap::new(symbols).with_context(|| format!("{}: the symbols do not form a map", path.display()))
 }

@@ -277,7 +277,7 @@ fn parse_workload(r: &Reader<'_>, table: &Table, vocabulary: &Vocabulary) -> Res
     let mut engines = Vec::new();
     for (key, item) in table.iter().filter(|(key, _)| !entry_keys.contains(key)) {
         let line = r.key_line(table, key);
-        let limits = item.as_table_like().expect("other keys were refused above");
+        let Some(limits) = item.as_table_like() else { continue }; // refused above
         if !vocabulary.engines.iter().any(|e| e == key) {
             let engines = vocabulary.engines.iter().map(String::as_str);
             let message = format!("unknown engine `{key}`{}", super::suggestion(key, engines, "engines"));

@@ -199,7 +199,10 @@ pub fn check(
             }
             let before = baseline_jobs.as_ref().and_then(|b| b.iter().find(|(other, _)| same_job(job, other)));
             for limit in &engine.limits {
-                let metric = vocabulary.metric(&limit.metric).expect("budgets parse against the vocabulary");
+                let Some(metric) = vocabulary.metric(&limit.metric) else {
+                    let message = format!("`{}` is not a metric of the gate's vocabulary", limit.metric);
+                    return Err(BudgetError::at(path, Some(limit.line), message));
+                };
                 let ceiling = limit.allowance.ceiling(entry.workload.iterations());
                 let actual = data.measure(metric);
                 let mut check = Check {

@@ -82,26 +82,35 @@ pub fn update(
     if !document.contains_key("workload") {
         document.insert("workload", Item::ArrayOfTables(ArrayOfTables::new()));
     }
-    let list = document["workload"].as_array_of_tables_mut().expect("parsed as a list of [[workload]] tables");
+    let drift = |line: usize, what: &str| {
+        BudgetError::at(
+            path,
+            Some(line),
+            format!("{what} is not where reading the file found it; was it edited meanwhile?"),
+        )
+    };
+    let list = document["workload"].as_array_of_tables_mut().ok_or_else(|| drift(0, "the [[workload]] list"))?;
     for (entry, table) in budgets.workloads.iter().zip(list.iter_mut()) {
         for engine in &entry.engines {
             let Some((_, data)) = find(&entry.workload, &engine.engine) else {
                 summary.not_measured += 1;
                 continue;
             };
-            let limits = table.get_mut(&engine.engine).and_then(Item::as_table_like_mut).expect("parsed engine table");
+            let limits = table
+                .get_mut(&engine.engine)
+                .and_then(Item::as_table_like_mut)
+                .ok_or_else(|| drift(engine.line, &format!("[workload.{}]", engine.engine)))?;
             for limit in &engine.limits {
-                let metric = vocabulary.metric(&limit.metric).expect("parsed against the vocabulary");
+                let metric = vocabulary.metric(&limit.metric).ok_or_else(|| drift(limit.line, &limit.metric))?;
                 let actual = data.measure(metric);
-                let new = match limit.allowance {
-                    Allowance::Count(_) => Value::from(headroom.count(actual) as i64),
-                    Allowance::PerIteration(_) => {
-                        let iterations = entry.workload.iterations().expect("checked when parsed");
+                let new = match (limit.allowance, entry.workload.iterations()) {
+                    (Allowance::PerIteration(_), Some(iterations)) if iterations > 0 => {
                         Value::from(headroom.rate(actual, iterations))
                     }
+                    _ => Value::from(headroom.count(actual) as i64),
                 };
                 let old = limit.allowance;
-                let slot = metric_value(limits, &limit.metric).expect("parsed metric");
+                let slot = metric_value(limits, &limit.metric).ok_or_else(|| drift(limit.line, &limit.metric))?;
                 set_keeping_decor(slot, new);
                 match (old, slot.as_integer(), slot.as_float()) {
                     (Allowance::Count(n), Some(m), _) if n as i64 == m => summary.unchanged += 1,
@@ -111,7 +120,8 @@ pub fn update(
             }
         }
     }
-    add_unbudgeted(list, &budgets, &measured, vocabulary, headroom, &mut summary);
+    add_unbudgeted(list, &budgets, &measured, vocabulary, headroom, &mut summary)
+        .ok_or_else(|| drift(0, "a [[workload]]"))?;
     let text = document.to_string();
     virtlab_traces::atomic::write_atomic(path, text.as_bytes())
         .map_err(|source| BudgetError::Write { path: path.to_path_buf(), source })?;
@@ -165,12 +175,14 @@ fn default_limits(data: &JobData<'_>, vocabulary: &Vocabulary, headroom: Headroo
     for (name, count) in chosen {
         match name.split_once('.') {
             Some((family, key)) => {
-                let group = table.entry(family).or_insert_with(|| {
+                if !table.contains_key(family) {
                     let mut group = Table::new();
                     group.set_dotted(true);
-                    Item::Table(group)
-                });
-                group.as_table_mut().expect("a family group")[key] = value(count as i64);
+                    table.insert(family, Item::Table(group));
+                }
+                if let Some(group) = table.get_mut(family).and_then(Item::as_table_mut) {
+                    group[key] = value(count as i64);
+                }
             }
             None => table[name] = value(count as i64),
         }
@@ -179,7 +191,7 @@ fn default_limits(data: &JobData<'_>, vocabulary: &Vocabulary, headroom: Headroo
 }
 
 /// Appends budgets for the measured pairs no budget covers: an engine table in the workload's existing
-/// [[workload]] entry, or a new entry.
+/// [[workload]] entry, or a new entry. `None` when the list does not hold the entries the file was read with.
 fn add_unbudgeted(
     list: &mut ArrayOfTables,
     budgets: &Budgets,
@@ -187,7 +199,7 @@ fn add_unbudgeted(
     vocabulary: &Vocabulary,
     headroom: Headroom,
     summary: &mut UpdateSummary,
-) {
+) -> Option<()> {
     let mut added: Vec<WorkloadKey> = Vec::new();
     for (job, data) in measured.iter().filter(|(_, data)| data.refusal.is_none()) {
         let key = WorkloadKey::of_job(job);
@@ -204,10 +216,11 @@ fn add_unbudgeted(
                 list.len() - 1
             }
         };
-        let table = list.get_mut(index).expect("an entry per parsed workload");
+        let table = list.get_mut(index)?;
         table.insert(&job.engine, Item::Table(default_limits(data, vocabulary, headroom)));
         summary.added_engines += 1;
     }
+    Some(())
 }
 
 fn new_workload(key: &WorkloadKey) -> Table {
