@@ -17,6 +17,9 @@ Exit status:
   4  `replay`: an engine refused the trace (the others ran; its result says why)
   5  `validate`: a cell or an ordering missed the published result
      (`validate kvm`: a model missed KVM's count, or KVM did not reproduce a trace)
+  6  `gate`: a budget is exceeded, or a budgeted pair is missing from the results
+  7  `gate`: the budget file is malformed, or names an engine, metric or workload
+     the gate does not know (the message names the line)
   `run` exits with the guest's own status; `run` and `record` use 124 (stopped by a limit)
   and 125 (the guest could not run): see their --help. `calibrate` exits 1 when KVM is
   not usable here or a run failed.";
@@ -36,7 +39,9 @@ Exit status:
         execution event by event, and `virtlab check TRACE` validates a trace you did not make. `virtlab engines \
         --table` shows what each strategy does with each instruction class and event, and `virtlab replay TRACE` \
         replays a trace through them. `virtlab sweep TRACE... -o DIR` tabulates every engine and profile, \
-        `virtlab report DIR -o REPORT` draws the report, and `cargo xtask bench` does it all for the whole catalog.",
+        `virtlab report DIR -o REPORT` draws the report, and `cargo xtask bench` does it all for the whole catalog. \
+        `virtlab gate BUDGETS TRACE...` fails when a guest exits more than its budgets allow and names the guest \
+        instructions that did it (`cargo xtask gate` gates the catalog).",
     after_help = EXIT_CODES
 )]
 struct Cli {
@@ -58,6 +63,7 @@ enum Command {
     Calibrate(cmd::calibrate::Args),
     Sweep(cmd::sweep::Args),
     Report(cmd::report::Args),
+    Gate(cmd::gate::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,7 @@ fn main() -> ExitCode {
         Command::Calibrate(args) => cmd::calibrate::run(&args),
         Command::Sweep(args) => cmd::sweep::run(&args),
         Command::Report(args) => cmd::report::run(&args),
+        Command::Gate(args) => cmd::gate::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,12 +1,15 @@
 //! The `virtlab` trace tools, run as a user would: inspect, dump and check on trace files, valid and broken.
 
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 use virtlab_traces::synth::{self, SynthConfig};
 use virtlab_traces::*;
+
+mod common;
+
+use common::ScratchDir;
 
 fn virtlab(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_virtlab")).args(args).output().expect("virtlab runs")
@@ -18,28 +21,6 @@ fn stdout(output: &Output) -> String {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8(output.stderr.clone()).unwrap()
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-cli-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self, name: &str, bytes: &[u8]) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A hand-made 32-bit trace whose every count is known: 2 blocks (`mov eax, 1; out 0xf4, al` = 2 instructions,
@@ -60,6 +41,7 @@ fn handmade_trace() -> Vec<u8> {
         params: vec![("iterations".into(), "1".into())],
         recorder: "cli-test".into(),
         recorder_version: "0".into(),
+        symbols: SymbolMap::new(vec![Symbol { name: "start".into(), start: 0x10_0000, end: 0x10_000a }]).unwrap(),
     };
     let image = [Segment { gpa: 0x10_0000, bytes: vec![0xb8, 1, 0, 0, 0, 0xe6, 0xf4, 0x41, 0x90, 0x90] }];
     let mut writer = TraceWriter::new(Cursor::new(Vec::new()), metadata, boot, &image).unwrap();
@@ -104,13 +86,14 @@ fn handmade_trace() -> Vec<u8> {
 
 #[test]
 fn inspect_json_reports_the_known_counts() {
-    let dir = TempDir::new("inspect");
+    let dir = ScratchDir::new("cli-inspect");
     let trace = handmade_trace();
     let path = dir.file("t.vlt", &trace);
     let output = virtlab(&["inspect", &path, "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let json: Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(json["format_version"], "3.0");
+    assert_eq!(json["symbols"], 1);
     assert_eq!(json["workload"], "handmade");
     assert_eq!(json["params"]["iterations"], "1");
     // 3 (block 1) + 1 (partial) + 2 (block 0), all at CPL 0.
@@ -136,7 +119,7 @@ fn inspect_json_reports_the_known_counts() {
 
 #[test]
 fn inspect_text_shows_the_summary_and_the_serial_output() {
-    let dir = TempDir::new("inspect-text");
+    let dir = ScratchDir::new("cli-inspect-text");
     let path = dir.file("t.vlt", &handmade_trace());
     let text = stdout(&virtlab(&["inspect", &path]));
     assert!(text.contains("instructions   6 (user 0, kernel 6)"), "{text}");
@@ -146,7 +129,7 @@ fn inspect_text_shows_the_summary_and_the_serial_output() {
 
 #[test]
 fn dump_prints_one_line_per_event_with_sites_and_disassembly() {
-    let dir = TempDir::new("dump");
+    let dir = ScratchDir::new("cli-dump");
     let path = dir.file("t.vlt", &handmade_trace());
     let output = virtlab(&["dump", &path, "--disasm"]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -167,7 +150,7 @@ fn dump_prints_one_line_per_event_with_sites_and_disassembly() {
     );
     // The exit port write came from `out 0xf4, al` at 0x100005.
     assert!(
-        event_lines[5].contains("@0x100005") && event_lines[5].contains("out port=0xf4 size=1 value=0x1"),
+        event_lines[5].contains("@0x100005 <start+0x5>") && event_lines[5].contains("out port=0xf4 size=1 value=0x1"),
         "{text}"
     );
     assert!(text.contains("0x0000000000100000  mov eax,1"), "{text}");
@@ -176,7 +159,7 @@ fn dump_prints_one_line_per_event_with_sites_and_disassembly() {
 
 #[test]
 fn dump_windows_with_from_and_limit() {
-    let dir = TempDir::new("dump-window");
+    let dir = ScratchDir::new("cli-dump-window");
     let path = dir.file("t.vlt", &handmade_trace());
     let text = stdout(&virtlab(&["dump", &path, "--from", "3", "--limit", "2"]));
     let indices: Vec<&str> = text.lines().map(|l| l.split_whitespace().next().unwrap()).collect();
@@ -185,7 +168,7 @@ fn dump_windows_with_from_and_limit() {
 
 #[test]
 fn check_accepts_a_valid_trace_and_refuses_a_broken_one_with_exit_1() {
-    let dir = TempDir::new("check");
+    let dir = ScratchDir::new("cli-check");
     let (cursor, summary) =
         synth::write_trace(Cursor::new(Vec::new()), &SynthConfig { seed: 3, instructions: 300_000 }).unwrap();
     let mut trace = cursor.into_inner();
@@ -209,7 +192,7 @@ fn check_accepts_a_valid_trace_and_refuses_a_broken_one_with_exit_1() {
 
 #[test]
 fn unreadable_files_and_non_traces_have_their_own_exit_codes() {
-    let dir = TempDir::new("codes");
+    let dir = ScratchDir::new("cli-codes");
     let missing = dir.0.join("missing.vlt");
     let output = virtlab(&["inspect", missing.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(3));
@@ -243,7 +226,7 @@ fn workloads_list_names_every_workload_with_its_parameters() {
 
 #[test]
 fn workloads_export_writes_a_multiboot_image_and_refuses_bad_parameters() {
-    let dir = TempDir::new("export");
+    let dir = ScratchDir::new("cli-export");
     let image = dir.0.join("syscall.bin");
     let output = virtlab(&["workloads", "export", "syscall", "--param", "iterations=7", "-o", image.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -267,7 +250,7 @@ const STATUS_FIVE: &[u8] = &[
 
 #[test]
 fn run_prints_the_serial_output_and_exits_with_the_guest_status() {
-    let dir = TempDir::new("run");
+    let dir = ScratchDir::new("cli-run");
     let image = dir.file("five.bin", &virtlab_machine::multiboot::flat_image(STATUS_FIVE));
     let output = virtlab(&["run", &image]);
     assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
@@ -298,7 +281,7 @@ fn run_prints_the_serial_output_and_exits_with_the_guest_status() {
 
 #[test]
 fn record_writes_a_trace_that_inspect_and_check_accept() {
-    let dir = TempDir::new("record");
+    let dir = ScratchDir::new("cli-record");
     let trace = dir.0.join("hlt.vlt");
     let trace = trace.to_str().unwrap();
     let output = virtlab(&["record", "hlt", "--param", "iterations=3", "-o", trace]);
@@ -324,7 +307,7 @@ fn record_writes_a_trace_that_inspect_and_check_accept() {
 
 #[test]
 fn a_guest_that_never_stops_is_ended_by_the_wall_clock_timeout() {
-    let dir = TempDir::new("timeout");
+    let dir = ScratchDir::new("cli-timeout");
     let looping = dir.file("loop.bin", &virtlab_machine::multiboot::flat_image(&[0xeb, 0xfe]));
     let output = virtlab(&["run", &looping, "--max-instructions", "1000000000000", "--timeout", "0.2"]);
     assert_eq!(output.status.code(), Some(124), "{}", stderr(&output));

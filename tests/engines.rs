@@ -32,7 +32,7 @@ fn every_engine_replays_every_catalog_trace_and_accounts_for_every_event() {
         let bytes = record_workload(spec.name, &[]);
         check(Cursor::new(&bytes)).unwrap();
         let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
-        let totals = trace.view.footer().totals.clone();
+        let totals = trace.view.footer().totals;
         let events = |kind: EventKind| totals.count(kind);
         let results: Vec<(String, Metrics)> = engines
             .iter()
@@ -205,6 +205,12 @@ fn replay_prints_one_json_object_per_engine_and_says_which_refused() {
     // 100 iterations plus the start-up's one call: 101 SYSCALLs and 101 SYSRETs trap.
     assert_eq!(trap["exits"]["system_call"], 202);
     assert_eq!(trap["top_sites"][0]["cause"], "exit:system_call");
+    // The sites are named from the trace's symbol map: SYSRET on the kernel's return path, SYSCALL in the
+    // user program, which runs at USER_CODE.
+    assert!(trap["top_sites"][0]["function"].as_str().unwrap().starts_with("syscall_return+"), "{trap}");
+    let user = trap["top_sites"].as_array().unwrap().iter().find(|s| s["count"] == 100).unwrap();
+    let address = u64::from_str_radix(user["address"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(user["function"], format!("main+{:#x}", address - virtlab_workloads::layout::USER_CODE));
 
     let out = virtlab(&["replay", trace, "--engine", "bt,native", "--set", "bt.lmsle=true", "--json"]);
     assert_eq!(out.status.code(), Some(0));
@@ -224,6 +230,25 @@ fn replay_prints_one_json_object_per_engine_and_says_which_refused() {
     }
     let out = virtlab(&["replay", dir.join("missing.vlt").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
+    // A profile file is read by the binary and parsed by the engines: loaded by path, a missing one named (exit 3),
+    // a malformed one named with its key (exit 2).
+    let profile = dir.join("slow-exits.toml");
+    let text = virtlab_engines::profile::BUILT_IN[0].1.replace("name = \"p4-2006\"", "name = \"slow-exits\"");
+    std::fs::write(&profile, &text).unwrap();
+    let out = virtlab(&["replay", trace, "--engine", "native", "--profile", profile.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(loaded[0]["profile"], "slow-exits");
+    let out = virtlab(&["replay", trace, "--profile", dir.join("gone.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read profile")
+            && String::from_utf8_lossy(&out.stderr).contains("gone.toml")
+    );
+    std::fs::write(&profile, text.replace("clock_ghz", "clock_mhz")).unwrap();
+    let out = virtlab(&["replay", trace, "--profile", profile.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clock_mhz"), "{}", String::from_utf8_lossy(&out.stderr));
     // A damaged trace is refused by the checker before any engine sees it.
     let mut damaged = std::fs::read(&path).unwrap();
     let middle = damaged.len() / 2;

@@ -3,25 +3,25 @@
 //! run's table, refusals and bad traces are what they should be, and the report opens in a real browser.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
+
+mod common;
 use std::time::{Duration, Instant};
 
+use common::ScratchDir;
 use serde_json::Value;
 use virtlab_reports::table::{read_results, read_sweep};
 
 /// A scratch directory with recorded traces in it; commands run there.
 struct Lab {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl Lab {
     /// Records `syscall`, `in` and `pgfault` with few iterations: a user workload, a kernel one, and one with
     /// page faults for the shadow-paging engines.
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-sweep-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab { dir };
+        let lab = Lab { dir: ScratchDir::new(&format!("sweep-{name}")) };
         for (workload, iterations) in [("syscall", "20"), ("in", "20"), ("pgfault", "8")] {
             let param = format!("iterations={iterations}");
             let output = lab.run(&["record", workload, "--param", &param, "-o", &format!("{workload}.vlt")]);
@@ -31,7 +31,7 @@ impl Lab {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_virtlab")).current_dir(&self.dir).args(args).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_virtlab")).current_dir(&self.dir.0).args(args).output().unwrap()
     }
 
     /// `virtlab sweep` over the three traces with `extra` arguments; asserts it succeeded.
@@ -43,17 +43,11 @@ impl Lab {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.dir.path(name)
     }
 
     fn read(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -138,7 +132,7 @@ fn the_table_matches_replay_and_is_identical_on_one_thread_and_two() {
     assert_eq!(jobs.len(), 63);
     assert_eq!(jobs[0], ("syscall.vlt".into(), "p4-2006".into(), "native".into()));
     assert_eq!(jobs[7], ("syscall.vlt".into(), "core2-2006".into(), "native".into()));
-    assert!(results.rows.iter().all(|r| r.job.workload != "" && r.job.architecture == "x86-64"));
+    assert!(results.rows.iter().all(|r| !r.job.workload.is_empty() && r.job.architecture == "x86-64"));
     assert!(results.rows.iter().any(|r| r.job.parameters == "iterations=8,counters=0" && r.job.workload == "pgfault"));
 
     // trap-emulate enters the monitor at the guest's SYSCALL instruction, once per system call at least.
@@ -149,7 +143,11 @@ fn the_table_matches_replay_and_is_identical_on_one_thread_and_two() {
         .filter(|s| s.kind == "exit" && s.reason == "system_call")
         .collect();
     assert!(!syscall_sites.is_empty());
-    assert!(syscall_sites.iter().any(|s| s.disassembly == "syscall" && s.count >= 20), "{syscall_sites:?}");
+    assert!(
+        syscall_sites.iter().any(|s| s.disassembly == "syscall" && s.count >= 20 && s.function.starts_with("main+")),
+        "{syscall_sites:?}"
+    );
+    assert!(results.sites.iter().all(|s| !s.function.is_empty()), "every catalog site lies in a named function");
     assert!(results.sites.iter().all(|s| !s.disassembly.is_empty()), "every site's instruction is in a block");
 }
 
@@ -257,7 +255,7 @@ fn verdicts_are_kept_by_digest_and_a_trace_the_cache_holds_is_not_checked_again(
     let valid = cache["valid"].as_object().unwrap();
     assert_eq!(valid.len(), 3, "{cache}");
     let syscall = &valid[&blake3::hash(&lab.read("syscall.vlt")).to_hex().to_string()];
-    let view = virtlab_traces::TraceView::open(&lab.read("syscall.vlt")).unwrap().footer().totals.clone();
+    let view = virtlab_traces::TraceView::open(&lab.read("syscall.vlt")).unwrap().footer().totals;
     assert_eq!(
         (syscall["events"].as_u64(), syscall["instructions"].as_u64()),
         (Some(view.events_total()), Some(view.instructions))
@@ -336,8 +334,10 @@ fn chromium() -> Option<PathBuf> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"].iter().map(PathBuf::from).find(|p| p.exists())
 }
 
-/// Runs headless Chromium on `page` with `extra` arguments and a fresh profile; gives up after a minute.
+/// Runs headless Chromium on `page` with `extra` arguments and a fresh profile; gives up after a minute. Its
+/// output goes to files beside the profile, so that a page dump larger than a pipe's buffer cannot stall it.
 fn headless(browser: &Path, profile: &Path, extra: &[String], page: &Path) -> Output {
+    let (stdout, stderr) = (profile.with_extension("stdout"), profile.with_extension("stderr"));
     let mut child = Command::new(browser)
         .args([
             "--headless",
@@ -354,19 +354,22 @@ fn headless(browser: &Path, profile: &Path, extra: &[String], page: &Path) -> Ou
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
         .arg(format!("file://{}", page.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .expect("chromium starts");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             panic!("chromium did not finish within a minute");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().unwrap()
+    };
+    Output { status, stdout: std::fs::read(&stdout).unwrap(), stderr: std::fs::read(&stderr).unwrap() }
 }
 
 /// Written into a copy of the page (never into the report itself): after the page loads, it lists the images that

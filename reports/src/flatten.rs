@@ -22,6 +22,8 @@ pub struct Site {
     pub reason: String,
     pub address: u64,
     pub count: u64,
+    /// The guest function holding the address (`sys_getpid+0x12`), empty when the trace does not name it.
+    pub function: String,
 }
 
 /// The family of numbers at the top level of a result.
@@ -85,7 +87,7 @@ fn labelled_counts(family: &str, items: &[Value], out: &mut Vec<Metric>) {
 
 /// Every `{address, …, count}` record in the lists at the top level of `object`, in order. The record's label
 /// (see [`metrics`]) gives kind and reason: `exit:cr_access` splits into both, a plain label is the reason and
-/// the list's name the kind. Addresses are numbers or `0x…` text.
+/// the list's name the kind; a `function` field names the guest function. Addresses are numbers or `0x…` text.
 pub fn sites(object: &Map<String, Value>) -> Vec<Site> {
     let mut out = Vec::new();
     for (list, value) in object {
@@ -97,7 +99,8 @@ pub fn sites(object: &Map<String, Value>) -> Vec<Site> {
             };
             let label = label(record).unwrap_or_default();
             let (kind, reason) = label.split_once(':').unwrap_or((list.as_str(), label));
-            out.push(Site { kind: kind.to_string(), reason: reason.to_string(), address, count });
+            let function = record.get("function").and_then(Value::as_str).unwrap_or_default().to_string();
+            out.push(Site { kind: kind.to_string(), reason: reason.to_string(), address, count, function });
         }
     }
     out
@@ -148,7 +151,7 @@ mod tests {
                 {"kind": "sgdt_reveals_monitor", "address": "0x1008", "count": 1},
                 {"kind": "popf_ignores_if", "address": "0x2000", "count": 5},
             ],
-            "top_sites": [{"address": "0xffff8000", "cause": "exit:cr_access", "count": 9}],
+            "top_sites": [{"address": "0xffff8000", "cause": "exit:cr_access", "count": 9, "function": "switch_to+0x4"}],
         }));
         let rows: Vec<(String, String, f64)> =
             metrics(&result).into_iter().map(|m| (m.family, m.key, m.value)).collect();
@@ -162,10 +165,21 @@ mod tests {
         );
         let sites = sites(&result);
         assert_eq!(sites.len(), 4);
-        assert_eq!(sites[3], Site { kind: "exit".into(), reason: "cr_access".into(), address: 0xffff_8000, count: 9 });
-        assert_eq!(
-            sites[0],
-            Site { kind: "holes".into(), reason: "popf_ignores_if".into(), address: 0x1000, count: 2 }
-        );
+        let exit = Site {
+            kind: "exit".into(),
+            reason: "cr_access".into(),
+            address: 0xffff_8000,
+            count: 9,
+            function: "switch_to+0x4".into(),
+        };
+        assert_eq!(sites[3], exit);
+        let hole = Site {
+            kind: "holes".into(),
+            reason: "popf_ignores_if".into(),
+            address: 0x1000,
+            count: 2,
+            function: String::new(),
+        };
+        assert_eq!(sites[0], hole);
     }
 }

@@ -11,6 +11,7 @@ mod csv;
 mod document;
 mod error;
 pub mod flatten;
+pub mod gate;
 mod index;
 mod report;
 pub mod table;

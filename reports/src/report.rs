@@ -322,29 +322,25 @@ impl Builder<'_, '_> {
             relative,
         )];
         let first: Vec<(usize, usize, usize)> = (0..engines.len()).map(|e| (t, 0, e)).collect();
-        images.push(self.stacked(
-            t,
-            0,
-            EXITS,
-            "exits by reason",
-            "exits and traps",
-            format!("{stem}-exits.png"),
-            &first,
-        ));
+        let exits = Stacked {
+            family: EXITS,
+            what: "exits by reason",
+            unit: "exits and traps",
+            file: format!("{stem}-exits.png"),
+        };
+        images.push(self.stacked(t, 0, exits, &first));
         blocks.push(Block::Images(images));
         let mut causes = Vec::new();
         for (p, profile) in index.profiles.iter().enumerate() {
             let jobs: Vec<(usize, usize, usize)> = (0..engines.len()).map(|e| (t, p, e)).collect();
             let title = format!("cycles by cause, {profile}");
-            causes.push(self.stacked(
-                t,
-                p,
-                CAUSES,
-                &title,
-                "cycles",
-                format!("{stem}-cycles-{}.png", slug(profile)),
-                &jobs,
-            ));
+            let spec = Stacked {
+                family: CAUSES,
+                what: &title,
+                unit: "cycles",
+                file: format!("{stem}-cycles-{}.png", slug(profile)),
+            };
+            causes.push(self.stacked(t, p, spec, &jobs));
         }
         blocks.push(Block::Images(causes));
         blocks.push(Block::Table(self.cycles_table(t)));
@@ -363,16 +359,8 @@ impl Builder<'_, '_> {
     }
 
     /// A stacked chart of one family's non-zero keys per engine.
-    fn stacked(
-        &mut self,
-        t: usize,
-        p: usize,
-        family: &str,
-        what: &str,
-        unit: &str,
-        file: String,
-        jobs: &[(usize, usize, usize)],
-    ) -> Image {
+    fn stacked(&mut self, t: usize, p: usize, spec: Stacked, jobs: &[(usize, usize, usize)]) -> Image {
+        let Stacked { family, what, unit, file } = spec;
         let index = self.index;
         let keys = index.nonzero_keys(family, jobs);
         let chart = BarChart {
@@ -466,12 +454,13 @@ impl Builder<'_, '_> {
                 continue;
             }
             sites.sort_by(|a, b| b.count.cmp(&a.count).then(a.address.cmp(&b.address)).then(a.kind.cmp(&b.kind)));
-            let header = ["address", "kind", "reason", "count", "instruction"].map(String::from).to_vec();
+            let header = ["address", "function", "kind", "reason", "count", "instruction"].map(String::from).to_vec();
             let mut table =
                 Table::new(format!("{engine}: {} sites, the top {}", sites.len(), TOP_SITES.min(sites.len())), header);
             for site in sites.iter().take(TOP_SITES) {
                 table.rows.push(vec![
                     format!("{:#x}", site.address),
+                    site.function.clone(),
                     site.kind.clone(),
                     site.reason.clone(),
                     count(site.count as f64),
@@ -623,6 +612,14 @@ fn validation_section(validation: Option<&Value>) -> Section {
         }
     }
     section("validation", title, 2, blocks)
+}
+
+/// What a stacked per-engine chart shows: one metric family, titled `what`, in `unit`, written to `file`.
+struct Stacked<'a> {
+    family: &'a str,
+    what: &'a str,
+    unit: &'a str,
+    file: String,
 }
 
 #[cfg(test)]

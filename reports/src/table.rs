@@ -60,6 +60,9 @@ pub struct SiteRow {
     pub reason: String,
     pub count: u64,
     pub disassembly: String,
+    /// The guest function holding the address, `name+0x1c` (empty when the trace names no functions, and in
+    /// results written before the column existed).
+    pub function: String,
 }
 
 /// Which part of a sweep a directory holds: jobs `first..end` of `total`, shard `index` of `count`.
@@ -150,12 +153,13 @@ pub fn write_results(dir: &Path, results: &Results) -> Result<()> {
     columns.push(Column::new("reason".into(), sites.iter().map(|s| s.reason.as_str()).collect::<Vec<_>>()));
     columns.push(Column::new("count".into(), sites.iter().map(|s| s.count).collect::<Vec<u64>>()));
     columns.push(Column::new("disassembly".into(), sites.iter().map(|s| s.disassembly.as_str()).collect::<Vec<_>>()));
+    columns.push(Column::new("function".into(), sites.iter().map(|s| s.function.as_str()).collect::<Vec<_>>()));
     let path = dir.join(SITES_PARQUET);
     write(&path, &parquet_bytes(&path, columns, sites.len())?)?;
 
-    let text = serde_json::to_string_pretty(&manifest_json(&results.manifest, rows.len(), sites.len()))
-        .expect("a JSON value serializes");
-    write(&manifest_path, format!("{text}\n").as_bytes())
+    // `{:#}` is serde_json's pretty form of a value, which cannot fail to serialize.
+    let text = format!("{:#}\n", manifest_json(&results.manifest, rows.len(), sites.len()));
+    write(&manifest_path, text.as_bytes())
 }
 
 fn manifest_json(m: &Manifest, rows: usize, sites: usize) -> Value {
@@ -204,6 +208,11 @@ pub fn read_results(dir: &Path) -> Result<Results> {
     let reason = strings(&sites_path, &frame, "reason")?;
     let count = numbers_u64(&sites_path, &frame, "count")?;
     let disassembly = strings(&sites_path, &frame, "disassembly")?;
+    // Added after schema 1 was written: absent in older results, which name no functions.
+    let function = match frame.column("function") {
+        Ok(_) => strings(&sites_path, &frame, "function")?,
+        Err(_) => vec![String::new(); frame.height()],
+    };
     let sites = (0..frame.height())
         .map(|i| SiteRow {
             job: jobs[i].clone(),
@@ -212,6 +221,7 @@ pub fn read_results(dir: &Path) -> Result<Results> {
             reason: reason[i].clone(),
             count: count[i],
             disassembly: disassembly[i].clone(),
+            function: function[i].clone(),
         })
         .collect();
     Ok(Results { manifest, rows, sites })
@@ -333,14 +343,10 @@ fn numbers_u64(path: &Path, frame: &DataFrame, name: &str) -> Result<Vec<u64>> {
 }
 
 fn read_jobs(path: &Path, frame: &DataFrame) -> Result<Vec<Job>> {
-    let mut columns = Vec::new();
-    for name in JOB_COLUMNS {
-        columns.push(strings(path, frame, name)?);
-    }
-    let mut columns = columns.into_iter();
-    let mut next = || columns.next().expect("seven job columns");
-    let (trace, workload, parameters, architecture, engine, profile, options) =
-        (next(), next(), next(), next(), next(), next(), next());
+    let [trace, workload, parameters, architecture, engine, profile, options] =
+        JOB_COLUMNS.map(|name| strings(path, frame, name));
+    let (trace, workload, parameters, architecture) = (trace?, workload?, parameters?, architecture?);
+    let (engine, profile, options) = (engine?, profile?, options?);
     Ok((0..frame.height())
         .map(|i| Job {
             trace: trace[i].clone(),

@@ -2,28 +2,14 @@
 //! bad input refused by name with nothing partial left behind, charts that are real pictures, and a page that is
 //! byte-identical across runs but for its timestamp line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::TempDir;
 use serde_json::json;
 use virtlab_reports::table::{self, Job, Manifest, Results, Row, Shard, SiteRow, REFUSED};
 use virtlab_reports::{markdown_report, write_report, Error};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("virtlab-reports-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const ENGINES: [&str; 3] = ["native", "bt", "hw-shadow"];
 const PROFILES: [&str; 2] = ["p4-2006", "sandybridge-2011"];
@@ -77,6 +63,7 @@ fn sweep() -> Results {
                         reason: "cpuid".into(),
                         count: exits as u64,
                         disassembly: "cpuid".into(),
+                        function: format!("driver+{:#x}", w),
                     });
                 }
             }
@@ -247,10 +234,10 @@ fn a_failed_report_keeps_the_previous_one_and_a_foreign_directory_is_not_replace
     let dir = temp.0.join("results");
     let out = temp.0.join("report");
     written_sweep(&dir);
-    write_report(&[dir.clone()], &out).unwrap();
+    write_report(std::slice::from_ref(&dir), &out).unwrap();
     let before = std::fs::read(out.join("index.html")).unwrap();
     std::fs::remove_file(dir.join("sites.parquet")).unwrap();
-    let error = write_report(&[dir.clone()], &out).unwrap_err().to_string();
+    let error = write_report(std::slice::from_ref(&dir), &out).unwrap_err().to_string();
     assert!(error.contains("sites.parquet: missing"), "{error}");
     assert_eq!(std::fs::read(out.join("index.html")).unwrap(), before);
 
@@ -284,11 +271,11 @@ fn the_report_has_every_chart_as_a_real_picture_and_is_the_same_twice_but_for_it
     let dir = temp.0.join("results");
     written_sweep(&dir);
     let (one, two) = (temp.0.join("one"), temp.0.join("two"));
-    let written = write_report(&[dir.clone()], &one).unwrap();
+    let written = write_report(std::slice::from_ref(&dir), &one).unwrap();
     assert_eq!(written.index_html, one.join("index.html"));
     // Two workloads: relative cycles, exits, and one cycles-by-cause chart per profile.
     assert_eq!(written.charts, 2 * (2 + PROFILES.len()));
-    write_report(&[dir.clone()], &two).unwrap();
+    write_report(std::slice::from_ref(&dir), &two).unwrap();
 
     let html = std::fs::read_to_string(one.join("index.html")).unwrap();
     let html_two = std::fs::read_to_string(two.join("index.html")).unwrap();
@@ -318,7 +305,11 @@ fn the_report_has_every_chart_as_a_real_picture_and_is_the_same_twice_but_for_it
     assert!(html.contains("<tr class=\"hl\"><td>in</td><td>bt</td><td>BT</td>"));
     assert!(html.contains("<td class=\"n\">+85.2%</td>"));
     assert!(
-        html.contains("<td class=\"n\">0x101000</td><td>exit</td><td>cpuid</td><td class=\"n\">40</td><td>cpuid</td>")
+        html.contains(
+            "<td class=\"n\">0x101000</td><td>driver+0x0</td><td>exit</td><td>cpuid</td><td class=\"n\">40</td>\
+             <td>cpuid</td>"
+        ),
+        "{html}"
     );
     // Cheapest: on syscall with p4-2006, bt costs 25× native and hw-shadow 900×.
     assert!(html.contains("<tr><td>syscall</td><td>bt (25.0×)</td><td>hw-shadow (900×)</td>"), "{html}");

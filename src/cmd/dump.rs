@@ -10,7 +10,9 @@ use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
 use virtlab_traces::{Block, BlockId, DescriptorLoad, Direction, Event, TraceView};
 
 /// Print the event stream, one event per line: its index, its kind, and its values. Events that happen inside a
-/// block show `@ADDRESS`, the guest address of the instruction that caused them (`@end` after the block's last).
+/// block show `@ADDRESS`, the guest address of the instruction that caused them (`@end` after the block's last),
+/// and blocks and events name the guest function holding that address, `<sys_getpid+0x12>`, when the trace
+/// carries a symbol map (see `virtlab record --help`).
 ///
 /// Example: `virtlab dump run.vlt --from 1000 --limit 50 --disasm`
 #[derive(clap::Args)]
@@ -93,7 +95,7 @@ fn write_events(view: &TraceView<'_>, args: &Args, out: &mut impl Write) -> anyh
                 if block.tag != 0 {
                     write!(out, " (address space {:#x})", block.tag)?;
                 }
-                writeln!(out)?;
+                writeln!(out, "{}", function(view, block.address))?;
                 if args.disasm {
                     let retired = current.map_or(0, |c| c.1) as usize;
                     let shown = if matches!(event, Event::PartialBlock { .. }) { retired + 1 } else { retired };
@@ -111,7 +113,9 @@ fn write_events(view: &TraceView<'_>, args: &Args, out: &mut impl Write) -> anyh
                 let block = view.blocks().get(id);
                 // Past the retired instructions (or past a whole block's last one) the event happened after them.
                 let site = match disassembly.of(id, block).get(at as usize) {
-                    Some(instruction) if at <= retired => format!("@{:#x}", instruction.ip()),
+                    Some(instruction) if at <= retired => {
+                        format!("@{:#x}{}", instruction.ip(), function(view, instruction.ip()))
+                    }
                     _ => "@end".to_string(),
                 };
                 writeln!(out, "{}", format!("{site:<20} {}", describe(&event)).trim_end())?;
@@ -120,6 +124,11 @@ fn write_events(view: &TraceView<'_>, args: &Args, out: &mut impl Write) -> anyh
         }
     }
     Ok(())
+}
+
+/// ` <name+0x1c>`: the guest function holding `address`, or nothing when the trace does not name it.
+fn function(view: &TraceView<'_>, address: u64) -> String {
+    view.metadata().symbols.describe(address).map_or(String::new(), |name| format!(" <{name}>"))
 }
 
 fn direction(direction: Direction, read: &'static str, write: &'static str) -> &'static str {

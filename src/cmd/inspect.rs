@@ -18,7 +18,8 @@ use virtlab_traces::{EndReason, EventKind, TraceView};
 pub struct Args {
     /// The trace file.
     trace: PathBuf,
-    /// Print one JSON object instead of text (keys: format_version, workload, params, recorder, instructions,
+    /// Print one JSON object instead of text (keys: format_version, workload, params, recorder, symbols (the
+    /// functions the trace names), instructions,
     /// instructions_user, instructions_kernel, blocks, events, events_total, file_bytes, bytes_per_instruction,
     /// end_reason, complete, exit_status, end_detail, serial, state_digest, guest_modes, sections).
     #[arg(long)]
@@ -85,6 +86,7 @@ fn summarize(view: &TraceView<'_>, file: &str) -> Value {
         "params": params,
         "recorder": header.metadata.recorder,
         "recorder_version": header.metadata.recorder_version,
+        "symbols": header.metadata.symbols.symbols().len(),
         "guest_modes": header.modes.names(),
         "instructions": totals.instructions,
         "instructions_user": totals.instructions_user,
@@ -125,6 +127,7 @@ fn render_text(summary: &Value) -> String {
         summary["recorder"].as_str().unwrap_or(""),
         summary["recorder_version"].as_str().unwrap_or("")
     );
+    let _ = writeln!(out, "symbols        {} functions named", number("symbols"));
     let modes: Vec<&str> =
         summary["guest_modes"].as_array().map(|m| m.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let _ = writeln!(out, "guest modes    {}", modes.join(", "));

@@ -129,8 +129,7 @@ fn measured_json(m: &Measurement) -> Value {
 
 /// The JSON object of the kvm engine's result: the models' keys, then `backend` and `measured`.
 pub fn result_json(view: &TraceView, profile: &Profile, m: &Measurement, top: usize) -> Value {
-    let workload = &view.metadata().workload;
-    let mut object = super::replay::metrics_json(ENGINE, profile, workload, &metrics(view, m), top);
+    let mut object = super::replay::metrics_json(ENGINE, profile, view.metadata(), &metrics(view, m), top);
     object["profile"] = Value::Null;
     object["cycles"] = json!(m.tsc_cycles().median);
     for key in [

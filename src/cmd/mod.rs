@@ -4,6 +4,7 @@ pub mod calibrate;
 pub mod check;
 pub mod dump;
 pub mod engines;
+pub mod gate;
 pub mod inspect;
 pub mod kvm_engine;
 pub mod record;
@@ -11,6 +12,7 @@ pub mod replay;
 pub mod report;
 pub mod run;
 pub mod sweep;
+pub mod symbol_list;
 pub mod validate;
 pub mod validate_kvm;
 pub mod verdicts;
@@ -20,6 +22,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use virtlab_engines::profile::BUILT_IN;
+use virtlab_engines::Profile;
 use virtlab_traces::{CheckError, TraceError};
 
 pub const EXIT_INVALID: u8 = 1;
@@ -32,6 +36,18 @@ pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// A profile by built-in name or by the path of a TOML file, with `--set` overrides. The engines parse profile
+/// text; reading the file is the binary's job.
+pub fn load_profile(name_or_path: &str, overrides: &[(String, String)]) -> anyhow::Result<Profile> {
+    let path = Path::new(name_or_path);
+    let built_in = BUILT_IN.iter().any(|(name, _)| *name == name_or_path);
+    if built_in || !(path.extension().is_some_and(|ext| ext == "toml") || path.exists()) {
+        return Ok(Profile::load_with(name_or_path, overrides)?);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read profile {name_or_path}"))?;
+    Ok(Profile::parse(&text, name_or_path, overrides)?)
+}
+
 /// `key=value`, for `--param`.
 pub fn parse_param(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -41,9 +57,12 @@ pub fn parse_param(text: &str) -> Result<(String, String), String> {
 }
 
 /// 3 for I/O failures, 2 for a workload or parameter the catalog does not accept, 1 for a trace that is
-/// malformed or breaks an invariant.
+/// malformed or breaks an invariant, 7 for a malformed budget file.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {
+        if let Some(error) = cause.downcast_ref::<virtlab_reports::gate::BudgetError>() {
+            return ExitCode::from(if error.is_io() { EXIT_IO } else { gate::EXIT_BAD_BUDGETS });
+        }
         if let Some(error) = cause.downcast_ref::<virtlab_reports::Error>() {
             return ExitCode::from(if error.is_io() { EXIT_IO } else { EXIT_INVALID });
         }

@@ -7,17 +7,26 @@ use std::time::Duration;
 use anyhow::Context;
 use virtlab_machine::MachineConfig;
 use virtlab_record::{record_to_file, RecordRequest};
-use virtlab_traces::{EndReason, Metadata};
+use virtlab_traces::{EndReason, Metadata, Symbol, SymbolMap};
+use virtlab_workloads::GuestImage;
 
 /// Record a guest's execution as a trace: a catalog workload (built with its parameters) or an image file.
 ///
-/// Example: `virtlab record syscall --param iterations=1000 -o syscall.vlt`.
+/// The trace names the guest's functions: a catalog image's come from the assembler's labels (kernel routines,
+/// the workload's `driver`, a user program's `main`); for an image file, `--symbols` reads them from a symbol
+/// list (`nm --print-size --defined-only kernel.elf > kernel.map`). `virtlab dump`, `replay`, `sweep`, `report`
+/// and `gate` then show `sys_getpid+0x12` beside an instruction's address.
+///
+/// Examples:
+///   virtlab record syscall --param iterations=1000 -o syscall.vlt
+///   virtlab record --image guest.bin --symbols guest.map -o guest.vlt
 ///
 /// Exit status: 0 when the guest ran to its exit (whatever status it exited with: see `virtlab inspect`); 124
 /// when a limit stopped it (the trace is written, marked incomplete); 125 when the guest could not go on (triple
 /// fault, an instruction the reference machine does not model: the trace is written, marked incomplete, with
 /// the reason) or could not start.
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// A workload from `virtlab workloads list`.
     #[arg(required_unless_present = "image", conflicts_with = "image")]
@@ -28,6 +37,10 @@ pub struct Args {
     /// A Multiboot image to record instead of a workload.
     #[arg(long)]
     image: Option<PathBuf>,
+    /// The image's functions, one per line as `nm --print-size` prints them: ADDRESS SIZE TYPE NAME (hex
+    /// address and size; code types t, T, w, W kept; lines without a size, and `#` comments, skipped).
+    #[arg(long, requires = "image", value_name = "FILE")]
+    symbols: Option<PathBuf>,
     /// Where to write the trace.
     #[arg(short, long)]
     output: PathBuf,
@@ -44,11 +57,16 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (Some(name), _) => {
             let image = virtlab_workloads::build(name, &args.params)?;
             let params = image.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            (image.bytes, Metadata { workload: name.clone(), params, ..recorder_metadata() })
+            let metadata = catalog_metadata(&image, params)?;
+            (image.bytes, metadata)
         }
         (None, Some(path)) => {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            (super::read_file(path)?, Metadata { workload: name, ..recorder_metadata() })
+            let symbols = match &args.symbols {
+                Some(file) => super::symbol_list::read(file)?,
+                None => SymbolMap::default(),
+            };
+            (super::read_file(path)?, Metadata { workload: name, symbols, ..recorder_metadata() })
         }
         (None, None) => unreachable!("clap requires one of them"),
     };
@@ -94,12 +112,14 @@ fn recorder_metadata() -> Metadata {
 /// it ran to a clean exit: what `validate` and `calibrate host` replay.
 pub fn record_catalog_trace(workload: &str, params: &[(String, String)]) -> anyhow::Result<Vec<u8>> {
     let image = virtlab_workloads::build(workload, params)?;
-    let metadata = Metadata {
-        workload: workload.to_string(),
-        params: params.to_vec(),
-        recorder: "virtlab reference machine".into(),
-        recorder_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let metadata = catalog_metadata(&image, params.to_vec())?;
     virtlab_record::record_in_memory(&image.bytes, metadata, 2_000_000_000)
         .with_context(|| format!("recording {workload} {params:?}"))
+}
+
+/// A catalog image's metadata: its name, the given parameters, and its functions from the assembler's labels.
+fn catalog_metadata(image: &GuestImage, params: Vec<(String, String)>) -> anyhow::Result<Metadata> {
+    let symbols = image.symbols.iter().map(|s| Symbol { name: s.name.clone(), start: s.start, end: s.end }).collect();
+    let symbols = SymbolMap::new(symbols).with_context(|| format!("the symbols of workload {}", image.workload))?;
+    Ok(Metadata { workload: image.workload.to_string(), params, symbols, ..recorder_metadata() })
 }

@@ -9,7 +9,7 @@ use virtlab_engines::{
     engine, CycleCause, Engine, EngineError, ExitReason, Finding, Hypercall, Metrics, Options, PreparedTrace,
     Primitive, Profile,
 };
-use virtlab_traces::{CheckReport, TraceView};
+use virtlab_traces::{CheckReport, Metadata, SymbolMap, TraceView};
 
 use super::kvm_engine;
 
@@ -70,7 +70,8 @@ pub struct Args {
     /// cycles), exits, exits_total, emulated_instructions, translations, hypercalls, page_table_updates_batched,
     /// page_table_update_batches, shadow (faults, traced and untraced pages, updates, resyncs), mechanism (vmcs
     /// reads and writes, guest and hardware walk references, TLB fills, flushes and refills), holes, detectable,
-    /// top_sites; a refusing engine gives engine and unsupported; kvm adds
+    /// top_sites (records of address, kind or cause, count, and function where the trace names the guest's
+    /// functions); a refusing engine gives engine and unsupported; kvm adds
     /// backend and measured, and gives null for what it does not observe).
     #[arg(long)]
     json: bool,
@@ -133,10 +134,7 @@ pub fn setup(engines: &str, profile: &str, settings: &[(String, String)]) -> any
             .into());
         }
     }
-    let profile = Profile::load_with(profile, &overrides).map_err(|e| match e {
-        virtlab_engines::ProfileError::Read { .. } => anyhow::Error::new(e),
-        other => UsageError(other.to_string()).into(),
-    })?;
+    let profile = super::load_profile(profile, &overrides)?;
     Ok(Setup { engines, profile, options, kvm })
 }
 
@@ -167,12 +165,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.unwrap_or(0)).build()?;
     let results = pool.install(|| virtlab_engines::replay_many(&trace, &setup.engines, &setup.profile, &setup.options));
     progress.finish_and_clear();
-    let workload = trace.view.metadata().workload.clone();
+    let metadata = trace.view.metadata();
     let mut refused = false;
     let mut objects = Vec::new();
     for (engine, result) in setup.engines.iter().zip(results) {
         match result {
-            Ok(metrics) => objects.push(metrics_json(engine.name(), &setup.profile, &workload, &metrics, args.top)),
+            Ok(metrics) => objects.push(metrics_json(engine.name(), &setup.profile, metadata, &metrics, args.top)),
             Err(EngineError::Unsupported(reason)) => {
                 refused = true;
                 objects.push(json!({ "engine": engine.name(), "unsupported": reason }));
@@ -196,12 +194,23 @@ fn hex(address: u64) -> String {
     format!("{address:#x}")
 }
 
-fn findings(list: &[Finding]) -> Value {
-    list.iter().map(|f| json!({ "kind": f.kind, "address": hex(f.address), "count": f.count })).collect()
+/// A guest address's record: `{address, <label>: …, count}`, with `function` (`sys_getpid+0x12`) when the trace's
+/// symbol map names it.
+fn site(symbols: &SymbolMap, address: u64, label: (&str, String), count: u64) -> Value {
+    let mut record = json!({ "address": hex(address), label.0: label.1, "count": count });
+    if let Some(name) = symbols.describe(address) {
+        record["function"] = json!(name);
+    }
+    record
 }
 
-/// The JSON object of one engine's result.
-pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics, top: usize) -> Value {
+fn findings(symbols: &SymbolMap, list: &[Finding]) -> Value {
+    list.iter().map(|f| site(symbols, f.address, ("kind", f.kind.to_string()), f.count)).collect()
+}
+
+/// The JSON object of one engine's result on the trace described by `metadata`.
+pub fn metrics_json(engine: &str, profile: &Profile, metadata: &Metadata, m: &Metrics, top: usize) -> Value {
+    let symbols = &metadata.symbols;
     let exits: Map<String, Value> = ExitReason::ALL.iter().map(|r| (r.name().into(), json!(m.exits_by(*r)))).collect();
     let hypercalls: Map<String, Value> =
         Hypercall::ALL.iter().map(|h| (h.name().into(), json!(m.hypercalls_by(*h)))).collect();
@@ -219,7 +228,7 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
     json!({
         "engine": engine,
         "profile": profile.name,
-        "workload": workload,
+        "workload": metadata.workload,
         "instructions": m.instructions(),
         "instructions_user": m.instructions_user,
         "instructions_kernel": m.instructions_kernel,
@@ -249,10 +258,10 @@ pub fn metrics_json(engine: &str, profile: &Profile, workload: &str, m: &Metrics
             "guest_walk_references": k.guest_walk_references, "walk_references": k.walk_references,
             "tlb_fills": k.tlb_fills, "tlb_flushes": k.tlb_flushes, "tlb_refills": k.tlb_refills,
         },
-        "holes": findings(&m.holes()),
-        "detectable": findings(&m.detectable_events()),
+        "holes": findings(symbols, &m.holes()),
+        "detectable": findings(symbols, &m.detectable_events()),
         "top_sites": m.top_sites(top).iter()
-            .map(|site| json!({ "address": hex(site.address), "cause": site.cause.name(), "count": site.count }))
+            .map(|s| site(symbols, s.address, ("cause", s.cause.name()), s.count))
             .collect::<Vec<_>>(),
     })
 }
@@ -330,7 +339,8 @@ fn render(name: &str, profile: &Profile, objects: &[Value]) -> String {
                 .take(5)
                 .map(|i| {
                     let what = i.get("kind").or_else(|| i.get("cause")).and_then(|v| v.as_str()).unwrap_or("");
-                    format!("{what} @{} x{}", i["address"].as_str().unwrap_or(""), i["count"])
+                    let function = i["function"].as_str().map_or(String::new(), |f| format!(" <{f}>"));
+                    format!("{what} @{}{function} x{}", i["address"].as_str().unwrap_or(""), i["count"])
                 })
                 .collect();
             if !items.is_empty() {

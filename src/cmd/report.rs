@@ -21,6 +21,7 @@ use virtlab_reports::Format;
 ///   - the validation against a paper when the results directory holds validation.json
 ///     (`cargo xtask bench` writes it; by hand:
 ///     `virtlab validate adams-agesen --json > RESULTS/validation.json`).
+///
 /// The page opens from disk: no server, no network, no script. Two reports of the same
 /// results are byte-identical except the line saying when the page was generated.
 ///

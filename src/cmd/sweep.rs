@@ -35,7 +35,8 @@ use super::verdicts::Verdicts;
 ///   results.parquet  the table (Parquet, for polars, pandas, DuckDB, Arrow)
 ///   results.csv      the same table as CSV
 ///   sites.parquet    per engine: guest address, kind (exit, callout, hypercall, holes,
-///                    detectable), reason, count, and the instruction's disassembly
+///                    detectable), reason, count, the instruction's disassembly, and the
+///                    guest function holding it (`name+0x1c`, when the trace names them)
 ///   manifest.json    schema version, traces, engines, profiles, options, shard, row counts
 /// The files are byte-identical for the same traces and command line, on any thread count.
 ///
@@ -122,15 +123,55 @@ impl Plan {
     }
 }
 
+/// What to sweep: the command line's traces, engines, profiles, `--set` pairs, shard and threads.
+pub struct Request<'a> {
+    pub traces: &'a [PathBuf],
+    pub engine: &'a str,
+    pub profiles: &'a [String],
+    pub settings: &'a [(String, String)],
+    pub shard: Option<(u64, u64)>,
+    pub threads: Option<usize>,
+    /// The file of the checker's cached verdicts (`--verdicts`), if any.
+    pub verdicts: Option<&'a std::path::Path>,
+}
+
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let names: Vec<String> = if args.profile.iter().any(|p| p == "all") {
+    let request = Request {
+        traces: &args.traces,
+        engine: &args.engine,
+        profiles: &args.profile,
+        settings: &args.settings,
+        shard: args.shard,
+        threads: args.threads,
+        verdicts: args.verdicts.as_deref(),
+    };
+    let results = sweep(&request)?;
+    virtlab_reports::table::write_results(&args.output, &results)?;
+    let shard = &results.manifest.shard;
+    eprintln!(
+        "{}: {} rows from {} jobs{}",
+        args.output.display(),
+        results.rows.len(),
+        shard.end - shard.first,
+        if shard.count > 1 {
+            format!(" (shard {}/{} of {} jobs)", shard.index, shard.count, shard.total)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replays the request's jobs (a progress bar on the terminal) and returns their results table.
+pub fn sweep(request: &Request<'_>) -> anyhow::Result<Results> {
+    let names: Vec<String> = if request.profiles.iter().any(|p| p == "all") {
         BUILT_IN.iter().map(|(name, _)| name.to_string()).collect()
     } else {
-        args.profile.clone()
+        request.profiles.to_vec()
     };
     let setups: Vec<Setup> =
-        names.iter().map(|name| setup(&args.engine, name, &args.settings)).collect::<anyhow::Result<_>>()?;
-    if args.engine != "all" && setups.iter().any(|s| s.kvm.is_some()) {
+        names.iter().map(|name| setup(request.engine, name, request.settings)).collect::<anyhow::Result<_>>()?;
+    if request.engine != "all" && setups.iter().any(|s| s.kvm.is_some()) {
         return Err(super::replay::UsageError(
             "the sweep replays the modelled engines; kvm measures this host's hypervisor one boot at a time: \
              run `virtlab replay TRACE --engine kvm` for it"
@@ -138,12 +179,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
-    let options = args.settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-    let plan = Plan { setups, traces: args.traces.clone(), options };
-    let (index, count) = args.shard.unwrap_or((0, 1));
+    let options = request.settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let plan = Plan { setups, traces: request.traces.to_vec(), options };
+    let (index, count) = request.shard.unwrap_or((0, 1));
     let total = plan.total();
     let shard = Shard { index, count, first: total * index / count, end: total * (index + 1) / count, total };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.unwrap_or(0)).build()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(request.threads.unwrap_or(0)).build()?;
     let progress = ProgressBar::new(shard.end - shard.first);
     progress.set_style(ProgressStyle::with_template("sweep {bar:30} {pos}/{len} jobs {elapsed} {msg}")?);
     let mut results = Results {
@@ -158,7 +199,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         rows: Vec::new(),
         sites: Vec::new(),
     };
-    let mut verdicts = args.verdicts.as_deref().map(Verdicts::load).transpose()?;
+    let mut verdicts = request.verdicts.map(Verdicts::load).transpose()?;
     for t in 0..plan.traces.len() {
         let ranges: Vec<_> = (0..plan.setups.len()).map(|p| plan.engine_range(t, p, shard.first, shard.end)).collect();
         if ranges.iter().all(|r| r.is_empty()) {
@@ -171,15 +212,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(verdicts) = &verdicts {
         verdicts.save()?;
     }
-    virtlab_reports::table::write_results(&args.output, &results)?;
-    eprintln!(
-        "{}: {} rows from {} jobs{}",
-        args.output.display(),
-        results.rows.len(),
-        shard.end - shard.first,
-        if count > 1 { format!(" (shard {index}/{count} of {total} jobs)") } else { String::new() }
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(results)
 }
 
 /// Replays one trace under the engines in `ranges` (one range per profile) and appends their rows and sites.
@@ -224,7 +257,7 @@ fn sweep_trace(
             let job = job(p, engine.name());
             match outcome {
                 Ok(metrics) => {
-                    let mut value = metrics_json(engine.name(), &s.profile, &metadata.workload, &metrics, usize::MAX);
+                    let mut value = metrics_json(engine.name(), &s.profile, metadata, &metrics, usize::MAX);
                     let object = value.as_object_mut().expect("an engine's result is a JSON object");
                     for site in flatten::sites(object) {
                         sites.push((job.clone(), site));
@@ -254,6 +287,7 @@ fn sweep_trace(
         kind: site.kind,
         reason: site.reason,
         count: site.count,
+        function: site.function,
     }));
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::error::PayloadError;
 use crate::format::{MAX_BLOCK_BYTES, MAX_BLOCK_INSTRUCTIONS, MAX_STRING_BYTES};
 use crate::model::{
     Access, Block, BlockId, BootState, CodeMode, Context, DescriptorLoad, Direction, EndReason, Ending, Event,
-    EventKind, Footer, GuestModes, Metadata, PageSize, PagingMode, Segment, Totals, Walk,
+    EventKind, Footer, GuestModes, Metadata, PageSize, PagingMode, Segment, Symbol, SymbolMap, Totals, Walk,
 };
 
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -253,7 +253,38 @@ pub(crate) fn encode_header(header: &Header) -> Vec<u8> {
     }
     out.push(boot.mode.bitness() as u8);
     put_varint(&mut out, boot.ram_bytes);
+    let symbols = meta.symbols.symbols();
+    put_varint(&mut out, symbols.len() as u64);
+    for symbol in symbols {
+        put_bytes(&mut out, symbol.name.as_bytes());
+        put_varint(&mut out, symbol.start);
+        put_varint(&mut out, symbol.end - symbol.start);
+    }
     out
+}
+
+/// The symbol map that ends a 2.1 header; a header that ends before it (2.0) has none.
+fn decode_symbols(r: &mut PayloadReader<'_>) -> Result<SymbolMap, PayloadError> {
+    if r.is_empty() {
+        return Ok(SymbolMap::default());
+    }
+    let start = r.position();
+    let count = r.varint_max("symbol count", SymbolMap::MAX_SYMBOLS as u64)?;
+    let mut symbols = Vec::new();
+    for _ in 0..count {
+        // Each symbol takes at least three bytes, so a count the payload cannot hold fails at its end.
+        let name = r.string("symbol name")?;
+        let address = r.varint("symbol address")?;
+        let length = r.varint("symbol length")?;
+        let end = address.checked_add(length).ok_or_else(|| {
+            PayloadError::new(r.position(), format!("symbol `{name}` wraps around the address space"))
+        })?;
+        symbols.push(Symbol { name, start: address, end });
+    }
+    if symbols.windows(2).any(|pair| pair[0].start > pair[1].start) {
+        return Err(PayloadError::new(start, "symbols are not sorted by address"));
+    }
+    SymbolMap::new(symbols).map_err(|e| PayloadError::new(start, format!("symbol map: {e}")))
 }
 
 /// `allow_trailing`: a file of a newer minor version may append header fields this reader does not know.
@@ -281,6 +312,7 @@ pub(crate) fn decode_header(payload: &[u8], allow_trailing: bool) -> Result<Head
     }
     let mode = code_mode(&mut r, "boot code mode")?;
     let ram_bytes = r.varint("RAM size")?;
+    let symbols = decode_symbols(&mut r)?;
     if !allow_trailing {
         r.expect_end("header")?;
     }
@@ -289,7 +321,7 @@ pub(crate) fn decode_header(payload: &[u8], allow_trailing: bool) -> Result<Head
         instructions,
         events,
         modes: GuestModes(modes),
-        metadata: Metadata { workload, params, recorder, recorder_version },
+        metadata: Metadata { workload, params, recorder, recorder_version, symbols },
         boot: BootState { rip, rax, rbx, rsp, rflags, cr0, mode, ram_bytes },
     })
 }

@@ -11,8 +11,18 @@ pub const VERSION_MAJOR: u16 = 3;
 pub const VERSION_MINOR: u16 = 0;
 /// The oldest major version this crate still reads: 2.x differs from 3.x only by having no event dictionaries.
 pub const OLDEST_READABLE_MAJOR: u16 = 2;
+
 pub const PREAMBLE_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 24;
+
+/// The newest minor version of `major` this crate knows: a file of a newer minor may append header and footer
+/// fields this crate skips. 2.1 appended the symbol map to the header; 3.0 kept 2.1's header.
+pub fn newest_known_minor(major: u16) -> u16 {
+    match major {
+        2 => 1,
+        _ => VERSION_MINOR,
+    }
+}
 
 /// No chunk payload, stored or decompressed, may exceed this: it bounds a reader's memory per chunk.
 pub const MAX_CHUNK_BYTES: u32 = 4 << 20;

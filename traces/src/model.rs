@@ -500,6 +500,91 @@ pub struct Metadata {
     pub params: Vec<(String, String)>,
     pub recorder: String,
     pub recorder_version: String,
+    /// The guest's functions, from the image's assembler labels or symbol table (format 2.1; empty in 2.0 traces).
+    pub symbols: SymbolMap,
+}
+
+/// A named range of guest code by linear address: a function of the guest's kernel or of a user program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    pub name: String,
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// The functions of a trace's guest, sorted by address and disjoint, so that tools can name the instruction at
+/// an address (`dump`, the sweep's sites, the gate's blame) rather than show a bare number.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SymbolMap {
+    symbols: Vec<Symbol>,
+}
+
+/// Why a list of symbols is not a [`SymbolMap`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SymbolError(pub String);
+
+impl SymbolMap {
+    /// At most this many symbols; with names of at most [`SymbolMap::MAX_NAME_BYTES`], a map fits the header chunk.
+    pub const MAX_SYMBOLS: usize = 16_384;
+    pub const MAX_NAME_BYTES: usize = 200;
+
+    /// Sorts `symbols` by address and checks that each has a name and some bytes and that none overlap.
+    pub fn new(mut symbols: Vec<Symbol>) -> Result<Self, SymbolError> {
+        if symbols.len() > Self::MAX_SYMBOLS {
+            return Err(SymbolError(format!("{} symbols, at most {} fit a trace", symbols.len(), Self::MAX_SYMBOLS)));
+        }
+        symbols.sort_by(|a, b| (a.start, a.end, &a.name).cmp(&(b.start, b.end, &b.name)));
+        for (i, symbol) in symbols.iter().enumerate() {
+            if symbol.name.is_empty() || symbol.name.len() > Self::MAX_NAME_BYTES {
+                return Err(SymbolError(format!(
+                    "the symbol at {:#x} has a name of {} bytes, expected 1 to {}",
+                    symbol.start,
+                    symbol.name.len(),
+                    Self::MAX_NAME_BYTES
+                )));
+            }
+            if symbol.end <= symbol.start {
+                return Err(SymbolError(format!(
+                    "symbol `{}` covers {:#x}..{:#x}, which holds no byte",
+                    symbol.name, symbol.start, symbol.end
+                )));
+            }
+            if let Some(previous) = i.checked_sub(1).map(|p| &symbols[p]) {
+                if previous.end > symbol.start {
+                    return Err(SymbolError(format!(
+                        "symbol `{}` ({:#x}..{:#x}) overlaps `{}` ({:#x}..{:#x})",
+                        symbol.name, symbol.start, symbol.end, previous.name, previous.start, previous.end
+                    )));
+                }
+            }
+        }
+        Ok(SymbolMap { symbols })
+    }
+
+    /// Every symbol, by address.
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.symbols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// The symbol whose range holds `address`.
+    pub fn lookup(&self, address: u64) -> Option<&Symbol> {
+        let after = self.symbols.partition_point(|s| s.start <= address);
+        self.symbols[..after].last().filter(|s| address < s.end)
+    }
+
+    /// `name+0x1c` (or `name` at its first byte) for the function holding `address`.
+    pub fn describe(&self, address: u64) -> Option<String> {
+        self.lookup(address).map(|s| match address - s.start {
+            0 => s.name.clone(),
+            offset => format!("{}+{offset:#x}", s.name),
+        })
+    }
 }
 
 /// The code and paging modes a trace's guest ran in (bit set).

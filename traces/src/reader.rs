@@ -10,7 +10,7 @@ use std::io::Read;
 use crate::blocks::BlockTable;
 use crate::codec::{self, BlockShape, ChunkTables, Header, PayloadReader};
 use crate::error::TraceError;
-use crate::format::{self, ChunkHeader, ChunkKind, Version, CHUNK_HEADER_LEN, PREAMBLE_LEN, VERSION_MINOR};
+use crate::format::{self, ChunkHeader, ChunkKind, Version, CHUNK_HEADER_LEN, PREAMBLE_LEN};
 use crate::model::{BlockId, BootState, Event, Footer, Metadata, Segment};
 
 /// Where a chunk is and what its header says.
@@ -43,8 +43,8 @@ struct ChunkSequence {
 
 impl ChunkSequence {
     fn new(version: Version) -> Self {
-        // This reader knows minor 0 of every major it reads.
-        ChunkSequence { stage: Stage::ExpectHeader, allow_trailing_fields: version.minor > VERSION_MINOR }
+        let allow_trailing_fields = version.minor > format::newest_known_minor(version.major);
+        ChunkSequence { stage: Stage::ExpectHeader, allow_trailing_fields }
     }
 
     fn accept(&mut self, kind: ChunkKind, offset: u64) -> Result<(), TraceError> {

@@ -163,6 +163,7 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
         ],
         recorder: "virtlab-traces synth".into(),
         recorder_version: env!("CARGO_PKG_VERSION").into(),
+        ..Metadata::default()
     };
     let mut writer = TraceWriter::new(out, metadata, boot, &[])?;
     let mut generator = Generator {

@@ -276,7 +276,7 @@ impl<W: Write + Seek> TraceWriter<W> {
             });
         }
         self.flush_events()?;
-        let mut totals = self.tally.totals.clone();
+        let mut totals = self.tally.totals;
         totals.blocks = self.shapes.len() as u64;
         let footer = Footer { totals, ending };
         self.write_chunk(ChunkKind::Footer, 1, &codec::encode_footer(&footer))?;

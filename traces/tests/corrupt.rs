@@ -39,6 +39,7 @@ fn wrong_magic_is_refused_at_offset_zero() {
 fn unknown_major_version_is_refused_by_name() {
     let mut trace = small_trace();
     trace[8] = 4;
+    trace[10] = 0; // minor version 0
     let err = read_error(&trace);
     assert!(matches!(err, TraceError::UnsupportedVersion { major: 4, minor: 0 }), "{err}");
     assert!(err.to_string().contains("version 4.0 cannot be read: this virtlab reads 2.x to 3.x"), "{err}");
@@ -48,6 +49,7 @@ fn unknown_major_version_is_refused_by_name() {
 fn a_version_1_trace_is_refused_with_the_advice_to_re_record() {
     let mut trace = small_trace();
     trace[8] = 1;
+    trace[10] = 0; // minor version 0
     let err = read_error(&trace);
     assert!(matches!(err, TraceError::UnsupportedVersion { major: 1, minor: 0 }), "{err}");
     let text = err.to_string();

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use crate::kernel::boot;
 use crate::layout;
+use crate::symbols::Symbol;
 
 /// A built workload, ready to be loaded at `load_address` and entered at `entry_point`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +21,9 @@ pub struct GuestImage {
     pub entry_point: u64,
     /// The loader zeroes guest memory from the end of `bytes` up to here.
     pub bss_end: u64,
+    /// The kernel's functions (the 32-bit `boot_stub` among them) and the user program's, by the linear address
+    /// they run at, sorted; from the assembler's labels.
+    pub symbols: Vec<Symbol>,
 }
 
 impl GuestImage {
@@ -28,11 +32,13 @@ impl GuestImage {
         params: Vec<(&'static str, u64)>,
         first_page: Vec<u8>,
         kernel: Vec<u8>,
+        mut symbols: Vec<Symbol>,
     ) -> Self {
         let load_end = layout::KERNEL_CODE_ADDRESS + kernel.len() as u64;
         let mut bytes = boot::multiboot_header(load_end);
         bytes.extend(first_page);
         bytes.extend(kernel);
+        symbols.sort_by_key(|s| s.start);
         GuestImage {
             workload,
             params,
@@ -40,6 +46,7 @@ impl GuestImage {
             load_address: layout::LOAD_ADDRESS,
             entry_point: layout::BOOT_STUB_ADDRESS,
             bss_end: layout::BSS_END,
+            symbols,
         }
     }
 

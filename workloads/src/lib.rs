@@ -13,6 +13,8 @@ pub mod layout;
 pub mod machine;
 mod programs;
 pub mod qemu;
+mod symbols;
+pub mod tour32;
 
 pub use catalog::{catalog, ParamSpec, Privilege, WorkloadError, WorkloadSpec};
 pub use image::GuestImage;
@@ -21,6 +23,7 @@ pub use kernel::syscalls::{
     SYS_YIELD,
 };
 pub use machine::{exit_code, MachineFacts, MACHINE};
+pub use symbols::Symbol;
 
 /// Builds the named workload with `params` (name, value) given as text, defaults for the rest.
 pub fn build(name: &str, params: &[(String, String)]) -> Result<GuestImage, WorkloadError> {
@@ -30,9 +33,10 @@ pub fn build(name: &str, params: &[(String, String)]) -> Result<GuestImage, Work
         workload: spec.name.to_string(),
         message: error.to_string(),
     };
-    let first_page = kernel::boot::first_page_after_header().map_err(assembly_error)?;
-    let kernel_bytes = programs::assemble(spec, &resolved).map_err(assembly_error)?;
-    let image = GuestImage::new(spec.name, resolved.0, first_page, kernel_bytes);
+    let (first_page, mut symbols) = kernel::boot::first_page_after_header().map_err(assembly_error)?;
+    let (kernel_bytes, kernel_symbols) = programs::assemble(spec, &resolved).map_err(assembly_error)?;
+    symbols.extend(kernel_symbols);
+    let image = GuestImage::new(spec.name, resolved.0, first_page, kernel_bytes, symbols);
     assert!(image.load_end() <= layout::IMAGE_LIMIT, "image overlaps the kernel's fixed data");
     Ok(image)
 }

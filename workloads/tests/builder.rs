@@ -1,7 +1,7 @@
 //! The image builder without running anything: parameter validation, reproducibility and the
 //! Multiboot header.
 
-use virtlab_workloads::{build, catalog, layout, WorkloadError};
+use virtlab_workloads::{build, catalog, layout, Privilege, Symbol, WorkloadError};
 
 fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -179,4 +179,70 @@ fn catalog_holds_the_issue_4_and_issue_9_workloads() {
             "boot"
         ]
     );
+}
+
+/// The kernel's instructions of one symbol, decoded from the image.
+fn instructions_of(image: &virtlab_workloads::GuestImage, symbol: &Symbol) -> Vec<iced_x86::Instruction> {
+    let offset = (symbol.start - image.load_address) as usize;
+    let bytes = &image.bytes[offset..offset + (symbol.end - symbol.start) as usize];
+    let bitness = if symbol.start < layout::KERNEL_CODE_ADDRESS { 32 } else { 64 };
+    iced_x86::Decoder::with_ip(bitness, bytes, symbol.start, 0).into_iter().collect()
+}
+
+#[test]
+fn every_image_names_its_functions_from_the_assembler_labels() {
+    for spec in catalog() {
+        let image = build(spec.name, &[]).unwrap();
+        let symbols = &image.symbols;
+        for pair in symbols.windows(2) {
+            assert!(pair[0].end <= pair[1].start, "{}: {:?} overlaps {:?}", spec.name, pair[0], pair[1]);
+        }
+        let named = |name: &str| symbols.iter().find(|s| s.name == name);
+        for name in [
+            "kernel_entry",
+            "driver",
+            "kernel_init",
+            "syscall_entry",
+            "sys_getpid",
+            "page_fault_handler",
+            "exception_stub_13",
+        ] {
+            assert!(named(name).is_some(), "{}: no symbol {name}", spec.name);
+        }
+        assert_eq!(named("kernel_entry").unwrap().start, layout::KERNEL_CODE_ADDRESS, "{}", spec.name);
+        assert_eq!(named("boot_stub").unwrap().start, layout::BOOT_STUB_ADDRESS, "{}", spec.name);
+        let (kernel, user): (Vec<&Symbol>, Vec<&Symbol>) = symbols.iter().partition(|s| s.start < layout::USER_BASE);
+        for symbol in &kernel {
+            assert!(symbol.start < symbol.end && symbol.end <= image.load_end(), "{}: {symbol:?}", spec.name);
+            // Each function decodes to whole instructions: its end is where the next one starts.
+            let decoded = instructions_of(&image, symbol);
+            assert!(decoded.iter().all(|i| !i.is_invalid()), "{}: {} does not decode", spec.name, symbol.name);
+            assert_eq!(decoded.last().unwrap().next_ip(), symbol.end, "{}: {}", spec.name, symbol.name);
+        }
+        match spec.privilege {
+            Privilege::User => {
+                assert_eq!(user[0].name, "main", "{}", spec.name);
+                assert_eq!(user[0].start, layout::USER_CODE, "{}", spec.name);
+            }
+            Privilege::Kernel => assert!(user.is_empty(), "{}: {user:?}", spec.name),
+        }
+    }
+    let pgfault = build("pgfault", &[]).unwrap();
+    assert!(pgfault.symbols.iter().any(|s| s.name == "trap_handler" && s.start > layout::USER_CODE));
+}
+
+#[test]
+fn the_driver_symbol_holds_the_measured_instruction() {
+    let image = build("cpuid", &params(&[("iterations", "3")])).unwrap();
+    let kernel: Vec<&Symbol> = image.symbols.iter().filter(|s| s.start < layout::USER_BASE).collect();
+    let mut cpuid_in = Vec::new();
+    for symbol in kernel {
+        let count =
+            instructions_of(&image, symbol).iter().filter(|i| i.mnemonic() == iced_x86::Mnemonic::Cpuid).count();
+        if count > 0 {
+            cpuid_in.push((symbol.name.as_str(), count));
+        }
+    }
+    // One CPUID before the loop (the vendor to compare with) and one in it.
+    assert_eq!(cpuid_in, [("driver", 2)]);
 }

@@ -69,7 +69,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for name in &workloads {
         let bytes = record_scaled(name, args.target_instructions)?;
         let trace = PreparedTrace::new(TraceView::open(&bytes)?)?;
-        let totals = trace.view.footer().totals.clone();
+        let totals = trace.view.footer().totals;
         let events = totals.events_total();
         let (decode_time, decoded) = fastest(args.repeat, || {
             let mut count = 0u64;

@@ -70,7 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Err(reason) = qemu::available() {
         bail!("skipping: {reason}");
     }
-    let virtlab = crate::bench::build_virtlab()?;
+    let virtlab = crate::catalog_traces::release_virtlab()?;
     println!("| workload | iterations | instructions | reference machine, wall | QEMU TCG, wall | reference per M instructions | QEMU per M instructions | reference / QEMU | correct |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for name in &args.workloads {

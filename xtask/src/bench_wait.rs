@@ -74,11 +74,11 @@ fn replay_counted(stdout: &[u8], engines: usize, instructions: u64) -> anyhow::R
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let out = if args.out.is_absolute() { args.out.clone() } else { crate::bench::root().join(&args.out) };
+    let out = crate::catalog_traces::under_root(&args.out);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let virtlab = match &args.virtlab {
         Some(path) => path.clone(),
-        None => crate::bench::build_virtlab()?,
+        None => crate::catalog_traces::release_virtlab()?,
     };
     let profile = Profile::load("p4-2006")?;
     let profiles: Vec<Profile> =
@@ -99,7 +99,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let (record_time, _) = timed(1, &virtlab, &out, &record)?;
         let bytes = std::fs::read(out.join(&file))?;
         let trace = PreparedTrace::new(TraceView::open(&bytes)?)?;
-        let totals = trace.view.footer().totals.clone();
+        let totals = trace.view.footer().totals;
         let (instructions, events) = (totals.instructions, totals.events_total());
         let label = format!(
             "{name} ({} M instructions, {} M events, {} KB)",

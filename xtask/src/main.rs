@@ -7,6 +7,8 @@ mod bench_machine;
 mod bench_qemu;
 mod bench_trace;
 mod bench_wait;
+mod catalog_traces;
+mod gate;
 mod ratios;
 mod scale;
 mod synth_trace;
@@ -50,6 +52,11 @@ enum Task {
     /// and the same work done in this process, as ratios measured in one run, with a correctness column. Prints a
     /// Markdown table for BENCHMARKS.md.
     BenchWait(bench_wait::Args),
+    /// The lab gates itself: record the catalog at small iteration counts (traces cached under
+    /// target/virtlab-gate/traces) and check `budgets/catalog.toml` with `virtlab gate`, using the binary
+    /// `cargo test --workspace` builds. Exits with the gate's status (6 over budget, 7 malformed budgets);
+    /// writes results/, gate.xml (JUnit) and gate.md (Markdown). `--update` rewrites the budgets instead.
+    Gate(gate::Args),
     /// Every catalog workload at its default parameters under every engine, as cycles relative to native.
     /// Prints the Markdown table README.md and BENCHMARKS.md carry.
     Ratios(ratios::Args),
@@ -66,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchQemu(args) => bench_qemu::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::BenchWait(args) => bench_wait::run(&args),
+        Task::Gate(args) => gate::run(&args),
         Task::Ratios(args) => ratios::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),
     }

@@ -36,7 +36,7 @@ fn replay_all(
     let bytes = record_at(name, iterations)?;
     check(Cursor::new(&bytes)).with_context(|| format!("{name}'s trace"))?;
     let trace = PreparedTrace::new(TraceView::open(&bytes)?)?;
-    let totals = trace.view.footer().totals.clone();
+    let totals = trace.view.footer().totals;
     let mut correct = true;
     let mut cycles = Vec::new();
     for (engine, result) in engine::all().iter().zip(replay_many(&trace, &engine::all(), profile, options)) {

@@ -15,7 +15,9 @@
 //!
 //! This is the only crate of the project with `unsafe` code: mapping guest memory, registering it with KVM,
 //! reading KVM's run area, asking for the statistics descriptors, reading the TSC and interrupting a vCPU thread
-//! on timeout.
+//! on timeout. Every other crate inherits `unsafe_code = "forbid"` from the workspace; here clippy rejects an
+//! `unsafe` block without its `// SAFETY:` comment.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod boot;
 mod measure;
@@ -148,6 +150,8 @@ pub enum KvmError {
     Memory { bytes: u64, source: std::io::Error },
     #[error("the guest triple-faulted (KVM shutdown exit); last RIP {rip:#x}")]
     TripleFault { rip: u64 },
+    #[error("the guest wrote more than {limit} bytes to the serial port (RIP {rip:#x}); a guest of the lab prints a few kilobytes: check it for a print loop")]
+    SerialFlood { limit: usize, rip: u64 },
     #[error("the guest was still running after {seconds} s (RIP {rip:#x}): raise --timeout, or the guest loops")]
     Timeout { seconds: f64, rip: u64 },
     #[error("the guest accessed {gpa:#x}, which is neither RAM nor the MMIO test region at {MMIO_TEST_BASE:#x} (RIP {rip:#x})")]

@@ -126,9 +126,15 @@ pub struct Schema {
 
 fn u32_at(bytes: &[u8], offset: usize, what: &str) -> Result<u32, StatsError> {
     let field = bytes
-        .get(offset..offset + 4)
+        .get(offset..)
+        .and_then(<[u8]>::first_chunk::<4>)
         .ok_or_else(|| malformed(what, offset as u64, format!("needs 4 bytes, the file has {}", bytes.len())))?;
-    Ok(u32::from_le_bytes(field.try_into().expect("4 bytes")))
+    Ok(u32::from_le_bytes(*field))
+}
+
+/// The little-endian number in `bytes` (at most 8 of them; an empty slice is 0).
+fn little_endian(bytes: &[u8]) -> u64 {
+    bytes.iter().rev().fold(0, |value, &byte| value << 8 | u64::from(byte))
 }
 
 /// The header fields, checked against each other.
@@ -234,18 +240,21 @@ impl Schema {
                         format!("need {len} bytes, the data block has {}", data.len()),
                     )
                 })?;
-                Ok(raw.chunks_exact(8).map(|v| u64::from_le_bytes(v.try_into().expect("8 bytes"))).collect())
+                Ok(raw.chunks_exact(8).map(little_endian).collect())
             })
             .collect()
     }
 }
 
 fn parse_descriptor(raw: &[u8], at: usize) -> Result<StatDescriptor, StatsError> {
-    let flags = u32::from_le_bytes(raw[0..4].try_into().expect("4 bytes"));
-    let exponent = i16::from_le_bytes(raw[4..6].try_into().expect("2 bytes"));
-    let size = u16::from_le_bytes(raw[6..8].try_into().expect("2 bytes"));
-    let offset = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
-    let name = nul_terminated(&raw[DESCRIPTOR_FIXED_LEN..], "descriptor name", at + DESCRIPTOR_FIXED_LEN)?;
+    // `raw` is one descriptor's stride: the fixed fields and a name of `name_size` (at least 1) bytes.
+    let field = |from: usize, to: usize| little_endian(raw.get(from..to).unwrap_or_default());
+    let flags = field(0, 4) as u32;
+    let exponent = field(4, 6) as u16 as i16;
+    let size = field(6, 8) as u16;
+    let offset = field(8, 12) as u32;
+    let name_bytes = raw.get(DESCRIPTOR_FIXED_LEN..).unwrap_or_default();
+    let name = nul_terminated(name_bytes, "descriptor name", at + DESCRIPTOR_FIXED_LEN)?;
     let what = |field: &str| format!("descriptor `{name}` {field}");
     let kind = match flags & KVM_STATS_TYPE_MASK {
         KVM_STATS_TYPE_CUMULATIVE => StatKind::Cumulative,

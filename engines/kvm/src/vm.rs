@@ -245,7 +245,8 @@ impl Vm {
             let (kind, stop) = match exit {
                 VcpuExit::IoOut(port, data) => {
                     devices.port_out(port, data.len() as u32, little_endian(data), 0);
-                    (UserExit::IoOut, devices.exit_request.map(Stop::Exit))
+                    let flood = devices.serial.flooded().then_some(Stop::SerialFlood);
+                    (UserExit::IoOut, devices.exit_request.map(Stop::Exit).or(flood))
                 }
                 VcpuExit::IoIn(port, data) => {
                     let value = devices.port_in(port, data.len() as u32, 0);
@@ -334,6 +335,7 @@ impl Vm {
             Stop::Exit(_) => unreachable!("a guest exit is not an error"),
             Stop::Unmapped(gpa) => KvmError::UnmappedMmio { gpa, rip },
             Stop::TripleFault => KvmError::TripleFault { rip },
+            Stop::SerialFlood => KvmError::SerialFlood { limit: virtlab_machine::devices::MAX_SERIAL_BYTES, rip },
             Stop::Unexpected(exit) => KvmError::UnexpectedExit { exit, rip },
             Stop::Internal => internal_error(&mut self.vcpu, rip),
         }
@@ -353,6 +355,7 @@ enum Stop {
     Exit(u32),
     Unmapped(u64),
     TripleFault,
+    SerialFlood,
     Internal,
     Unexpected(String),
 }

@@ -1,6 +1,7 @@
 //! Stops a vCPU that runs too long: after the deadline a thread signals the vCPU thread, whose KVM_RUN then
 //! returns EINTR, and the run loop reports the timeout.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
@@ -28,11 +29,26 @@ fn install_handler() {
     });
 }
 
+/// Watches the thread that created it. It must be dropped on that thread: the SAFETY argument of the signal
+/// sent to `target` is that the target joins the watching thread (in `drop`) before it can exit. So `Watchdog` is
+/// not `Send` (the raw-pointer marker), and the build checks it stays so (the anonymous constant below).
 pub struct Watchdog {
     deadline: Instant,
     done: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    _stays_on_its_thread: PhantomData<*const ()>,
 }
+
+/// Fails to compile if `Watchdog` becomes `Send`: with a `Send` type both impls below apply and the call is
+/// ambiguous.
+const _: fn() = || {
+    trait AmbiguousIfSend<Marker> {
+        fn check() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+    <Watchdog as AmbiguousIfSend<_>>::check();
+};
 
 impl Watchdog {
     /// Starts watching the calling thread.
@@ -58,7 +74,7 @@ impl Watchdog {
                 }
             })
         };
-        Watchdog { deadline, done, thread: Some(thread) }
+        Watchdog { deadline, done, thread: Some(thread), _stays_on_its_thread: PhantomData }
     }
 
     pub fn expired(&self) -> bool {

@@ -67,6 +67,24 @@ fn a_looping_guest_is_stopped_with_its_rip() {
 }
 
 #[test]
+fn a_guest_flooding_the_serial_port_is_stopped_with_its_rip() {
+    if !kvm_here() {
+        return;
+    }
+    // mov dx, 0x3f8; mov al, 'x'; again: out dx, al; jmp again
+    let image = flat_image(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xeb, 0xfd]);
+    let out = u64::from(LOAD) + CODE_OFFSET as u64 + 6;
+    match run(&image, &config(Duration::from_secs(60))) {
+        // KVM reports the RIP after the OUT it exited on.
+        Err(KvmError::SerialFlood { limit, rip }) => {
+            assert_eq!(limit, virtlab_machine::devices::MAX_SERIAL_BYTES);
+            assert!(rip == out || rip == out + 1, "{rip:#x}");
+        }
+        other => panic!("expected a serial flood, got {other:?}"),
+    }
+}
+
+#[test]
 fn a_triple_fault_is_reported_with_its_rip() {
     // lidt [descriptor with limit 0]; mov ax, 0xfff8; mov ds, ax -> #GP (selector past the GDT limit), which
     // cannot be delivered -> #DF, which cannot either -> shutdown.

@@ -264,6 +264,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                         | Mnemonic::Sysretq
                         | Mnemonic::Sysenter
                         | Mnemonic::Sysexit
+                        | Mnemonic::Sysexitq
                         | Mnemonic::Int
                         | Mnemonic::Int1
                         | Mnemonic::Int3

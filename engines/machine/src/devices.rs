@@ -9,10 +9,16 @@ pub const POST_PORT: u16 = 0x80;
 /// clock then ticks once every 1e9 / 1.193182e6 = 838.1 instructions, rounded to 838.
 pub const INSTRUCTIONS_PER_PIT_TICK: u64 = 838;
 
-/// 16550 UART reduced to what a polling guest driver sees: transmit always ready, output captured.
+/// Serial output kept from one run. Every guest of the lab prints a few kilobytes; a guest that writes more is
+/// flooding the port, and the machine stops it rather than hold its output without bound.
+pub const MAX_SERIAL_BYTES: usize = 1 << 20;
+
+/// 16550 UART reduced to what a polling guest driver sees: transmit always ready, output captured (up to
+/// [`MAX_SERIAL_BYTES`]; bytes beyond it are dropped and [`Serial::flooded`] says so).
 #[derive(Debug, Default, Clone)]
 pub struct Serial {
     output: Vec<u8>,
+    flooded: bool,
     interrupt_enable: u8,
     line_control: u8,
     modem_control: u8,
@@ -23,6 +29,11 @@ pub struct Serial {
 impl Serial {
     pub fn output(&self) -> &[u8] {
         &self.output
+    }
+
+    /// Whether the guest wrote more than [`MAX_SERIAL_BYTES`].
+    pub fn flooded(&self) -> bool {
+        self.flooded
     }
 
     fn divisor_latch(&self) -> bool {
@@ -50,7 +61,8 @@ impl Serial {
     fn write(&mut self, offset: u16, value: u8) {
         match offset {
             0 if self.divisor_latch() => self.divisor = (self.divisor & 0xFF00) | value as u16,
-            0 => self.output.push(value),
+            0 if self.output.len() < MAX_SERIAL_BYTES => self.output.push(value),
+            0 => self.flooded = true,
             1 if self.divisor_latch() => self.divisor = (self.divisor & 0x00FF) | ((value as u16) << 8),
             1 => self.interrupt_enable = value & 0x0F,
             2 => {}

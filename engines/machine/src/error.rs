@@ -56,6 +56,8 @@ pub enum MachineError {
     Deadline { rip: u64 },
     #[error("HLT at RIP {rip:#x} with interrupts disabled or no timer armed: the guest would wait forever; enable interrupts and program the PIT, or exit through port 0xF4")]
     HaltedForever { rip: u64 },
+    #[error("the guest wrote more than {limit} bytes to the serial port (stopped at {address:#x}); a guest of the lab prints a few kilobytes: check it for a print loop")]
+    SerialFlood { limit: usize, address: u64 },
     #[error("guest accessed physical address {address:#x} at RIP {rip:#x}, which is neither RAM (0..{ram_size:#x}) nor the MMIO test region at 0xD0000000; map only backed memory")]
     UnbackedPhysicalAddress { address: u64, rip: u64, ram_size: u64 },
 }

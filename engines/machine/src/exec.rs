@@ -5,7 +5,7 @@ use iced_x86::{Code, ConditionCode, Instruction, MemorySize, Mnemonic as M, OpKi
 
 use crate::alu::{self, mask, sign_extend};
 use crate::cpu::rflags::{self, AF, CF, DF, OF, PF, SF, STATUS, ZF};
-use crate::cpu::{CodeMode, SegmentRegister, RAX, RCX, RDI, RDX, RSI, RSP};
+use crate::cpu::{CodeMode, SegmentRegister, RAX, RBP, RBX, RCX, RDI, RDX, RSI, RSP};
 use crate::error::MachineError;
 use crate::interp::{Fault, Interp};
 use crate::observer::{ExecutionObserver, SideEvent};
@@ -637,6 +637,8 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 self.write_rflags_checked(value, bytes);
                 Ok(())
             }
+            M::Pusha | M::Pushad => self.push_all(if instruction.code() == Code::Pushad { 4 } else { 2 }),
+            M::Popa | M::Popad => self.pop_all(if instruction.code() == Code::Popad { 4 } else { 2 }),
             M::Enter => self.enter(instruction),
             M::Leave => {
                 let frame_bytes = match instruction.code() {
@@ -730,6 +732,37 @@ impl<O: ExecutionObserver> Interp<'_, O> {
     }
 
     #[inline(always)]
+    /// PUSHA/PUSHAD: the eight general registers in encoding order, with the stack pointer as it was
+    /// before the first push. A fault part-way leaves RSP as it was, as the instruction is restartable.
+    fn push_all(&mut self, bytes: u32) -> Result<(), Fault> {
+        let old_rsp = self.cpu.gpr[RSP];
+        for index in [RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI] {
+            let value = if index == RSP { old_rsp } else { self.cpu.gpr[index] };
+            if let Err(fault) = self.push(value & mask(bytes), bytes) {
+                self.cpu.gpr[RSP] = old_rsp;
+                return Err(fault);
+            }
+        }
+        Ok(())
+    }
+
+    /// POPA/POPAD: the reverse of `push_all`; the saved stack pointer is read and discarded. Every slot is
+    /// read before any register changes, so a fault leaves the registers untouched.
+    fn pop_all(&mut self, bytes: u32) -> Result<(), Fault> {
+        let order = [RDI, RSI, RBP, RSP, RBX, RDX, RCX, RAX];
+        let mut values = [0u64; 8];
+        for (slot, value) in values.iter_mut().enumerate() {
+            *value = self.peek_stack(slot as u64 * bytes as u64, bytes)?;
+        }
+        for (index, value) in order.into_iter().zip(values) {
+            if index != RSP {
+                self.write_gpr_sized(index, bytes, value);
+            }
+        }
+        self.adjust_rsp(8 * bytes as u64);
+        Ok(())
+    }
+
     fn adjust_rsp(&mut self, amount: u64) {
         let stack_mask = self.stack_mask();
         let rsp = self.cpu.gpr[RSP];
@@ -1013,7 +1046,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 StringOp::Outs => {
                     let port = self.cpu.gpr[RDX] as u16;
                     let value = self.read_memory(source_segment, rsi, element)?;
-                    self.port_write(port, element, value as u32);
+                    self.port_write(instruction.ip(), port, element, value as u32)?;
                 }
             }
             let advances_source =

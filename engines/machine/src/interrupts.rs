@@ -4,7 +4,7 @@
 use iced_x86::{Code, Instruction, Mnemonic};
 
 use crate::cpu::rflags::{self, OF};
-use crate::cpu::{seg_attr, CodeMode, Segment, SegmentRegister, R11, RCX, RSP};
+use crate::cpu::{seg_attr, CodeMode, Segment, SegmentRegister, R11, RCX, RDX, RSP};
 use crate::error::{ExceptionChain, MachineError};
 use crate::interp::{Fault, Interp};
 use crate::memory::{gp0, is_canonical};
@@ -121,11 +121,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
 
     pub(crate) fn deliver_external_interrupt(&mut self, vector: u8) -> Result<(), MachineError> {
         let rip = self.cpu.rip;
-        if O::ENABLED {
-            let transfer = Transfer::ExternalInterrupt { vector, rip: self.code_linear(rip) };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::ExternalInterrupt { vector, rip: self.code_linear(rip) });
         match self.deliver(vector, None, EventSource::External, rip) {
             Ok(()) => Ok(()),
             Err(Fault::Stop(error)) => Err(*error),
@@ -150,13 +146,41 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 (OVERFLOW, EventSource::Software)
             }
         };
-        if O::ENABLED {
-            let transfer = Transfer::SoftwareInterrupt { vector, rip: self.code_linear(instruction.ip()) };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::SoftwareInterrupt { vector, rip: self.code_linear(instruction.ip()) });
         let return_rip = self.cpu.rip;
         self.deliver(vector, None, source, return_rip)
+    }
+
+    /// The stack a 32-bit TSS gives privilege level `new_cpl` (an interrupt or a call gate into an inner ring),
+    /// with the checks of that switch: #TS naming the stack selector when it is null, of another privilege, or
+    /// not a writable data segment, #SS when it is not present. `external` is the error code's EXT bit.
+    pub(crate) fn legacy_inner_stack(&mut self, new_cpl: u8, external: u32) -> Result<(Segment, u64), Fault> {
+        let stack_pointer = self.read_tss(4 + 8 * new_cpl as u64, 4)?;
+        let stack_selector = self.read_tss(8 + 8 * new_cpl as u64, 2)? as u16;
+        let ts_fault = Fault::Exception {
+            vector: TS,
+            error_code: Some((stack_selector as u32 & 0xFFFC) | external),
+            address: None,
+        };
+        if stack_selector & !3 == 0 {
+            return Err(ts_fault);
+        }
+        let stack_descriptor = self.read_descriptor(stack_selector)?;
+        let segment = segment_from_descriptor(stack_selector, stack_descriptor);
+        let writable_data = segment.attributes
+            & (seg_attr::NOT_SYSTEM | seg_attr::CODE | seg_attr::WRITABLE_OR_READABLE)
+            == seg_attr::NOT_SYSTEM | seg_attr::WRITABLE_OR_READABLE;
+        if (stack_selector & 3) as u8 != new_cpl || segment.dpl() != new_cpl || !writable_data {
+            return Err(ts_fault);
+        }
+        if segment.attributes & seg_attr::PRESENT == 0 {
+            return Err(Fault::Exception {
+                vector: SS,
+                error_code: Some(stack_selector as u32 & 0xFFFC),
+                address: None,
+            });
+        }
+        Ok((segment, stack_pointer))
     }
 
     fn read_tss(&mut self, offset: u64, bytes: u32) -> Result<u64, Fault> {
@@ -278,31 +302,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
             };
         } else {
             let (stack_segment, mut esp, mut frame) = if new_cpl < old_cpl {
-                let stack_pointer = self.read_tss(4 + 8 * new_cpl as u64, 4)?;
-                let stack_selector = self.read_tss(8 + 8 * new_cpl as u64, 2)? as u16;
-                let ts_fault = Fault::Exception {
-                    vector: TS,
-                    error_code: Some((stack_selector as u32 & 0xFFFC) | external),
-                    address: None,
-                };
-                if stack_selector & !3 == 0 {
-                    return Err(ts_fault);
-                }
-                let stack_descriptor = self.read_descriptor(stack_selector)?;
-                let segment = segment_from_descriptor(stack_selector, stack_descriptor);
-                let writable_data = segment.attributes
-                    & (seg_attr::NOT_SYSTEM | seg_attr::CODE | seg_attr::WRITABLE_OR_READABLE)
-                    == seg_attr::NOT_SYSTEM | seg_attr::WRITABLE_OR_READABLE;
-                if (stack_selector & 3) as u8 != new_cpl || segment.dpl() != new_cpl || !writable_data {
-                    return Err(ts_fault);
-                }
-                if segment.attributes & seg_attr::PRESENT == 0 {
-                    return Err(Fault::Exception {
-                        vector: SS,
-                        error_code: Some(stack_selector as u32 & 0xFFFC),
-                        address: None,
-                    });
-                }
+                let (segment, stack_pointer) = self.legacy_inner_stack(new_cpl, external)?;
                 (segment, stack_pointer, vec![old_ss.selector as u64, old_rsp & 0xFFFF_FFFF])
             } else {
                 (old_ss, old_rsp, Vec::new())
@@ -386,11 +386,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         if new_cpl > old_cpl {
             self.null_inaccessible_data_segments();
         }
-        if O::ENABLED {
-            let transfer = Transfer::InterruptReturn { from, to: self.code_linear(self.cpu.rip) };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::InterruptReturn { from, to: self.code_linear(self.cpu.rip) });
         Ok(())
     }
 
@@ -449,11 +445,66 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         self.cpu.cpl = 0;
         self.cpu.rip = self.cpu.msr.lstar;
         self.mode = self.cpu.code_mode();
+        self.notify_transfer(Transfer::Syscall { from: from.wrapping_sub(2), to: self.cpu.rip });
+        Ok(())
+    }
+
+    /// Tells the observer about a privilege transfer (compiled out when nothing observes).
+    fn notify_transfer(&mut self, transfer: Transfer) {
         if O::ENABLED {
-            let transfer = Transfer::Syscall { from: from.wrapping_sub(2), to: self.cpu.rip };
             let index = self.index_in_block;
             self.obs.transfer(index, &transfer);
         }
+    }
+
+    /// SYSENTER: the fast system call of 32-bit kernels. CS and SS come from IA32_SYSENTER_CS (flat, DPL 0;
+    /// 64-bit code when long mode is active), ESP and EIP from the other two MSRs; VM, IF and RF are cleared.
+    /// Recorded as a system call, as SYSCALL is: the engines see the same privilege transition.
+    pub(crate) fn sysenter(&mut self) -> Result<(), Fault> {
+        let selector = (self.cpu.msr.sysenter_cs & 0xFFFC) as u16;
+        if self.cpu.cr0 & crate::cpu::cr0::PE == 0 || selector == 0 {
+            return Err(gp0());
+        }
+        let from = self.cpu.rip.wrapping_sub(2);
+        let long_mode = self.cpu.long_mode_active();
+        let mask = if long_mode { u64::MAX } else { 0xFFFF_FFFF };
+        self.cpu.segments[SegmentRegister::Cs as usize] = flat_segment(selector, 0, true, long_mode);
+        self.cpu.segments[SegmentRegister::Ss as usize] = flat_segment(selector + 8, 0, false, false);
+        self.cpu.rflags &= !(rflags::VM | rflags::IF | rflags::RF);
+        self.cpu.cpl = 0;
+        self.cpu.gpr[RSP] = self.cpu.msr.sysenter_esp & mask;
+        self.cpu.rip = self.cpu.msr.sysenter_eip & mask;
+        self.mode = self.cpu.code_mode();
+        self.notify_transfer(Transfer::Syscall { from, to: self.cpu.rip });
+        Ok(())
+    }
+
+    /// SYSEXIT: back to CPL 3 at EDX with ESP from ECX, CS and SS at fixed offsets from IA32_SYSENTER_CS
+    /// (+16/+24, or +32/+40 for the 64-bit form). Flags are left as they are, so a kernel sets IF itself.
+    pub(crate) fn sysexit(&mut self, instruction: &Instruction) -> Result<(), Fault> {
+        let base = (self.cpu.msr.sysenter_cs & 0xFFFC) as u16;
+        if self.cpu.cr0 & crate::cpu::cr0::PE == 0 || base == 0 || self.cpu.cpl != 0 {
+            return Err(gp0());
+        }
+        let from = instruction.ip();
+        let to_64_bit = instruction.code() == Code::Sysexitq;
+        let (code_selector, target, stack) = if to_64_bit {
+            let (target, stack) = (self.cpu.gpr[RDX], self.cpu.gpr[RCX]);
+            if !is_canonical(target) || !is_canonical(stack) {
+                return Err(gp0());
+            }
+            (base.wrapping_add(32), target, stack)
+        } else {
+            (base.wrapping_add(16), self.cpu.gpr[RDX] & 0xFFFF_FFFF, self.cpu.gpr[RCX] & 0xFFFF_FFFF)
+        };
+        self.cpu.segments[SegmentRegister::Cs as usize] = flat_segment(code_selector | 3, 3, true, to_64_bit);
+        self.cpu.segments[SegmentRegister::Ss as usize] =
+            flat_segment(code_selector.wrapping_add(8) | 3, 3, false, false);
+        self.cpu.cpl = 3;
+        self.cpu.gpr[RSP] = stack;
+        self.cpu.rip = target;
+        self.mode = self.cpu.code_mode();
+        self.notify_transfer(Transfer::Sysret { from, to: target });
         Ok(())
     }
 
@@ -477,11 +528,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         self.cpu.cpl = 3;
         self.cpu.rip = target;
         self.mode = self.cpu.code_mode();
-        if O::ENABLED {
-            let transfer = Transfer::Sysret { from, to: target };
-            let index = self.index_in_block;
-            self.obs.transfer(index, &transfer);
-        }
+        self.notify_transfer(Transfer::Sysret { from, to: target });
         Ok(())
     }
 }

@@ -45,7 +45,7 @@ pub struct MultibootHeader {
 }
 
 fn word(image: &[u8], offset: usize) -> Option<u32> {
-    image.get(offset..offset + 4).map(|bytes| u32::from_le_bytes(bytes.try_into().unwrap()))
+    image.get(offset..).and_then(<[u8]>::first_chunk::<4>).map(|bytes| u32::from_le_bytes(*bytes))
 }
 
 /// Load address of [`flat_image`]: 1 MiB, where Multiboot kernels usually go.

@@ -62,6 +62,16 @@ pub fn cpuid(leaf: u32, _subleaf: u32) -> [u32; 4] {
     }
 }
 
+/// System-descriptor type of a 32-bit call gate.
+const CALL_GATE_32: u64 = 0x0C;
+
+/// What a call gate says: where it leads and how many parameter dwords a CALL through it copies.
+struct CallGate {
+    code_selector: u16,
+    offset: u64,
+    parameters: u32,
+}
+
 fn gp(selector: u16) -> Fault {
     Fault::Exception { vector: crate::interrupts::GP, error_code: Some((selector & 0xFFFC) as u32), address: None }
 }
@@ -421,13 +431,106 @@ impl<O: ExecutionObserver> Interp<'_, O> {
 
     pub(crate) fn far_jump(&mut self, selector: u16, offset: u64) -> Result<(), Fault> {
         let cpl = self.cpu.cpl;
+        if let Some(gate) = self.call_gate(selector)? {
+            let (code, new_cpl) = self.code_segment_through_gate(gate.code_selector, true)?;
+            return self.commit_far_target(code, new_cpl, gate.offset);
+        }
         let code = self.code_segment_for_transfer(selector, cpl, false)?;
         self.commit_far_target(code, cpl, offset)
     }
 
     pub(crate) fn far_call(&mut self, selector: u16, offset: u64, bytes: u32) -> Result<(), Fault> {
         let cpl = self.cpu.cpl;
+        if let Some(gate) = self.call_gate(selector)? {
+            let (code, new_cpl) = self.code_segment_through_gate(gate.code_selector, false)?;
+            if new_cpl < cpl {
+                return self.call_to_inner_ring(code, new_cpl, &gate);
+            }
+            return self.push_return_and_commit(code, cpl, gate.offset, 4);
+        }
         let code = self.code_segment_for_transfer(selector, cpl, false)?;
+        self.push_return_and_commit(code, cpl, offset, bytes)
+    }
+
+    /// A 32-bit call gate named by a far CALL or JMP, after the gate's own checks (DPL against CPL and RPL,
+    /// present); `None` when the selector names anything else, which the code-segment path then judges.
+    fn call_gate(&mut self, selector: u16) -> Result<Option<CallGate>, Fault> {
+        if selector & !3 == 0 || self.cpu.long_mode_active() {
+            return Ok(None);
+        }
+        let descriptor = self.read_descriptor(selector)?;
+        if (descriptor >> 40) & 0x1F != CALL_GATE_32 {
+            return Ok(None);
+        }
+        let gate_dpl = ((descriptor >> 45) & 3) as u8;
+        if gate_dpl < self.cpu.cpl.max((selector & 3) as u8) {
+            return Err(gp(selector));
+        }
+        if descriptor & (1 << 47) == 0 {
+            return Err(not_present(selector));
+        }
+        Ok(Some(CallGate {
+            code_selector: ((descriptor >> 16) & 0xFFFF) as u16,
+            offset: (descriptor & 0xFFFF) | ((descriptor >> 32) & 0xFFFF_0000),
+            parameters: ((descriptor >> 32) & 0x1F) as u32,
+        }))
+    }
+
+    /// The code segment a call gate leads to and the CPL it runs at: a non-conforming segment of a more
+    /// privileged ring raises the CPL to its DPL (CALL only; a JMP through a gate never changes privilege).
+    fn code_segment_through_gate(&mut self, selector: u16, jump: bool) -> Result<(Segment, u8), Fault> {
+        if selector & !3 == 0 {
+            return Err(gp0());
+        }
+        let descriptor = self.read_descriptor(selector)?;
+        let mut code = segment_from_descriptor(selector, descriptor);
+        let cpl = self.cpu.cpl;
+        let conforming = code.attributes & seg_attr::EXPAND_DOWN_OR_CONFORMING != 0;
+        let is_code =
+            code.attributes & (seg_attr::NOT_SYSTEM | seg_attr::CODE) == seg_attr::NOT_SYSTEM | seg_attr::CODE;
+        if !is_code || code.dpl() > cpl || (jump && !conforming && code.dpl() != cpl) {
+            return Err(gp(selector));
+        }
+        if code.attributes & seg_attr::PRESENT == 0 {
+            return Err(not_present(selector));
+        }
+        self.set_descriptor_bits(selector, descriptor, 1 << 40)?;
+        let new_cpl = if conforming { cpl } else { code.dpl() };
+        code.attributes |= seg_attr::ACCESSED;
+        code.selector = (selector & !3) | new_cpl as u16;
+        Ok((code, new_cpl))
+    }
+
+    /// A CALL through a gate into an inner ring: the TSS's stack for the new ring receives the caller's SS and
+    /// ESP, the gate's count of parameter dwords copied from the caller's stack, then CS and EIP. Nothing
+    /// changes unless every read and write succeeds.
+    fn call_to_inner_ring(&mut self, code: Segment, new_cpl: u8, gate: &CallGate) -> Result<(), Fault> {
+        let (stack, mut esp) = self.legacy_inner_stack(new_cpl, 0)?;
+        let old_ss = self.cpu.segments[SegmentRegister::Ss as usize].selector as u64;
+        let old_esp = self.cpu.gpr[crate::cpu::RSP] & 0xFFFF_FFFF;
+        let mut frame = vec![old_ss, old_esp];
+        for index in (0..gate.parameters).rev() {
+            frame.push(self.peek_stack(4 * index as u64, 4)?);
+        }
+        frame.push(self.cpu.segments[SegmentRegister::Cs as usize].selector as u64);
+        frame.push(self.cpu.rip & 0xFFFF_FFFF);
+        let stack_mask: u64 = if stack.is_default_big() { 0xFFFF_FFFF } else { 0xFFFF };
+        for value in frame {
+            esp = esp.wrapping_sub(4) & stack_mask;
+            self.write_linear((stack.base + esp) & 0xFFFF_FFFF, 4, value, new_cpl == 3)?;
+        }
+        let previous = (self.cpu.segments, self.cpu.cpl, self.cpu.rip, self.mode);
+        if let Err(fault) = self.commit_far_target(code, new_cpl, gate.offset) {
+            (self.cpu.segments, self.cpu.cpl, self.cpu.rip, self.mode) = previous;
+            return Err(fault);
+        }
+        self.cpu.segments[SegmentRegister::Ss as usize] = stack;
+        self.cpu.gpr[crate::cpu::RSP] = esp;
+        Ok(())
+    }
+
+    /// Pushes the return CS:RIP and transfers to `code:offset` at the same privilege level.
+    fn push_return_and_commit(&mut self, code: Segment, cpl: u8, offset: u64, bytes: u32) -> Result<(), Fault> {
         let old_rsp = self.cpu.gpr[crate::cpu::RSP];
         let return_cs = self.cpu.segments[SegmentRegister::Cs as usize].selector as u64;
         let return_rip = self.cpu.rip;
@@ -531,7 +634,8 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         value
     }
 
-    pub(crate) fn port_write(&mut self, port: u16, bytes: u32, value: u32) {
+    /// An OUT by the instruction at `ip`; a guest flooding the serial port is stopped there.
+    pub(crate) fn port_write(&mut self, ip: u64, port: u16, bytes: u32, value: u32) -> Result<(), Fault> {
         let value = value & mask(bytes) as u32;
         let now = self.instruction_time();
         if O::ENABLED {
@@ -542,6 +646,13 @@ impl<O: ExecutionObserver> Interp<'_, O> {
             self.exit_status = Some(status);
             self.end_block = true;
         }
+        if self.devices.serial.flooded() {
+            return Err(Fault::Stop(Box::new(MachineError::SerialFlood {
+                limit: crate::devices::MAX_SERIAL_BYTES,
+                address: self.code_linear(ip),
+            })));
+        }
+        Ok(())
     }
 
     fn read_msr(&mut self, index: u32) -> Result<u64, Fault> {
@@ -810,13 +921,14 @@ impl<O: ExecutionObserver> Interp<'_, O> {
                 };
                 self.check_io_permission(port, bytes)?;
                 let value = self.read_register(instruction.op1_register()) as u32;
-                self.port_write(port, bytes, value);
-                Ok(())
+                self.port_write(instruction.ip(), port, bytes, value)
             }
             M::Int | M::Int3 | M::Into | M::Int1 => self.software_interrupt(instruction),
             M::Iret | M::Iretd | M::Iretq => self.interrupt_return(instruction),
             M::Syscall => self.syscall(),
             M::Sysret | M::Sysretq => self.sysret(instruction),
+            M::Sysenter => self.sysenter(),
+            M::Sysexit | M::Sysexitq => self.sysexit(instruction),
             _ => Err(self.unimplemented(instruction)),
         }
     }

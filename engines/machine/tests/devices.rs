@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use iced_x86::code_asm::*;
-use virtlab_machine::devices::INSTRUCTIONS_PER_PIT_TICK;
+use virtlab_machine::devices::{INSTRUCTIONS_PER_PIT_TICK, MAX_SERIAL_BYTES};
 use virtlab_machine::{Machine, MachineError, MMIO_TEST_BASE};
 
 #[test]
@@ -23,6 +23,22 @@ fn serial_output_is_captured_and_transmitter_always_ready() {
     assert_eq!(outcome.serial, b"hi\n");
     assert_eq!(outcome.exit_status, 0x31, "QEMU would exit with (0x31 << 1) | 1 = 0x63");
     assert_eq!(machine.cpu().gpr[8] & 0xFF, 0x60);
+}
+
+#[test]
+fn a_guest_flooding_the_serial_port_is_stopped_at_its_out_with_the_output_bounded() {
+    // One REP OUTSB of 2 MiB (one instruction, so the instruction limit does not stop it first).
+    let (machine, result) = run_code(|a| {
+        a.mov(esi, CODE as u32).unwrap(); // 5 bytes
+        a.mov(ecx, 2u32 << 20).unwrap(); // 5 bytes
+        a.mov(dx, 0x3F8).unwrap(); // 4 bytes
+        a.rep().outsb().unwrap();
+    });
+    match result.unwrap_err() {
+        MachineError::SerialFlood { limit, address } => assert_eq!((limit, address), (MAX_SERIAL_BYTES, CODE + 14)),
+        other => panic!("unexpected {other}"),
+    }
+    assert_eq!(machine.serial_output().len(), MAX_SERIAL_BYTES);
 }
 
 #[test]

@@ -84,6 +84,22 @@ fn a_guest_that_never_stops_gives_a_valid_incomplete_trace() {
 }
 
 #[test]
+fn a_guest_flooding_the_serial_port_ends_a_valid_incomplete_trace_naming_the_out() {
+    // mov dx, 0x3f8; mov al, 'x'; again: out dx, al; jmp again
+    let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'x', 0xee, 0xeb, 0xfd];
+    let (trace, _) = record("flood", &code, 10_000_000);
+    check(Cursor::new(&trace)).unwrap();
+    let view = TraceView::open(&trace).unwrap();
+    assert_eq!(view.footer().ending.reason, EndReason::MachineError);
+    assert!(!view.footer().is_complete());
+    let out = u64::from(LOAD) + CODE_OFFSET as u64 + 6;
+    let detail = &view.footer().ending.detail;
+    assert!(detail.contains("serial port") && detail.contains(&format!("{out:#x}")), "{detail}");
+    // Two instructions before the loop, then OUT and JMP per byte; the OUT of byte 2^20 + 1 is stopped.
+    assert_eq!(view.footer().totals.instructions, 2 + 2 * (1 << 20));
+}
+
+#[test]
 fn a_triple_fault_ends_the_trace_with_its_chain() {
     // lidt [limit 0]; mov ax, 0xfff8; mov ds, ax -> #GP -> #DF -> triple fault.
     let descriptor = LOAD + CODE_OFFSET as u32 + 16;

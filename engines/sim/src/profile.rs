@@ -14,7 +14,6 @@
 //! emerge from primitives times mechanism.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 pub use crate::primitive::{Primitive, Unit};
 
@@ -89,8 +88,6 @@ pub struct Profile {
 pub enum ProfileError {
     #[error("no built-in profile named `{0}`; built-in profiles: p4-2006, core2-2006, sandybridge-2011 (or give a path to a .toml file)")]
     UnknownName(String),
-    #[error("cannot read profile {path}: {source}")]
-    Read { path: String, source: std::io::Error },
     #[error("profile {origin}: {message}")]
     Invalid { origin: String, message: String },
     #[error("profile {origin}: `{key}` = {value} is out of range: expected {expected}")]
@@ -103,23 +100,19 @@ const TOP_LEVEL: [&str; 3] = ["name", "description", "clock_ghz"];
 const ENTRY_FIELDS: [&str; 3] = ["value", "provenance", "source"];
 
 impl Profile {
-    /// A built-in profile by name, or a TOML file by path.
-    pub fn load(name_or_path: &str) -> Result<Profile, ProfileError> {
-        Profile::load_with(name_or_path, &[])
+    /// A built-in profile by name. Profile files are read by the caller (engines do no I/O) and given to
+    /// [`Profile::parse`].
+    pub fn load(name: &str) -> Result<Profile, ProfileError> {
+        Profile::load_with(name, &[])
     }
 
     /// Like [`Profile::load`], with `section.key=value` overrides applied before validation.
-    pub fn load_with(name_or_path: &str, overrides: &[(String, String)]) -> Result<Profile, ProfileError> {
-        if let Some((_, text)) = BUILT_IN.iter().find(|(name, _)| *name == name_or_path) {
-            return Profile::parse(text, name_or_path, overrides);
-        }
-        let path = Path::new(name_or_path);
-        if !path.extension().is_some_and(|ext| ext == "toml") && !path.exists() {
-            return Err(ProfileError::UnknownName(name_or_path.to_string()));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProfileError::Read { path: name_or_path.to_string(), source })?;
-        Profile::parse(&text, name_or_path, overrides)
+    pub fn load_with(name: &str, overrides: &[(String, String)]) -> Result<Profile, ProfileError> {
+        let (_, text) = BUILT_IN
+            .iter()
+            .find(|(built_in, _)| *built_in == name)
+            .ok_or_else(|| ProfileError::UnknownName(name.to_string()))?;
+        Profile::parse(text, name, overrides)
     }
 
     /// Parse profile text; `origin` names it in errors.
@@ -406,17 +399,12 @@ mod tests {
     }
 
     #[test]
-    fn a_profile_file_loads_by_path_and_a_missing_one_is_named() {
-        let dir = std::env::temp_dir().join(format!("virtlab-profile-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("mine.toml");
-        std::fs::write(&path, BUILT_IN[2].1.replace("name = \"sandybridge-2011\"", "name = \"mine\"")).unwrap();
-        let profile = Profile::load(path.to_str().unwrap()).unwrap();
+    fn profile_text_parses_under_its_own_name_and_errors_name_the_origin() {
+        let text = BUILT_IN[2].1.replace("name = \"sandybridge-2011\"", "name = \"mine\"");
+        let profile = Profile::parse(&text, "mine.toml", &[]).unwrap();
         assert_eq!((profile.name.as_str(), profile.get(Primitive::Exit)), ("mine", 438.0));
-        let missing = dir.join("gone.toml");
-        let err = Profile::load(missing.to_str().unwrap()).unwrap_err();
-        assert!(matches!(err, ProfileError::Read { .. }) && err.to_string().contains("gone.toml"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        let err = Profile::parse(&text.replace("clock_ghz", "clock"), "mine.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("mine.toml") && err.contains("clock"), "{err}");
     }
 
     #[test]

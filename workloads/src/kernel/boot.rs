@@ -7,6 +7,7 @@ use iced_x86::{Code, Instruction};
 
 use super::AsmResult;
 use crate::layout::*;
+use crate::symbols::{FunctionLabels, Symbol};
 
 pub const MULTIBOOT_MAGIC: u32 = 0x1BAD_B002;
 /// Bit 16: the header carries the load addresses (the a.out kludge), so no ELF is needed.
@@ -59,21 +60,24 @@ pub fn gdt() -> [u64; 8] {
 }
 
 /// The first page of the image after the Multiboot header: GDT, GDTR and the boot stub, padded to
-/// `KERNEL_CODE_ADDRESS`.
-pub fn first_page_after_header() -> AsmResult<Vec<u8>> {
+/// `KERNEL_CODE_ADDRESS`; and the stub's symbol, `boot_stub`.
+pub fn first_page_after_header() -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
     let mut bytes: Vec<u8> = gdt().iter().flat_map(|descriptor| descriptor.to_le_bytes()).collect();
     bytes.extend_from_slice(&((GDT_BYTES - 1) as u16).to_le_bytes());
     bytes.extend_from_slice(&GDT_ADDRESS.to_le_bytes());
     bytes.resize((BOOT_STUB_ADDRESS - GDT_ADDRESS) as usize, 0);
-    bytes.extend(assemble_stub()?);
+    let (stub, symbols) = assemble_stub()?;
+    bytes.extend(stub);
     let page_end = (KERNEL_CODE_ADDRESS - GDT_ADDRESS) as usize;
     assert!(bytes.len() <= page_end, "boot stub overruns the first page");
     bytes.resize(page_end, 0);
-    Ok(bytes)
+    Ok((bytes, symbols))
 }
 
-fn assemble_stub() -> AsmResult<Vec<u8>> {
+fn assemble_stub() -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
     let mut a = CodeAssembler::new(32)?;
+    let mut functions = FunctionLabels::default();
+    functions.begin(&mut a, "boot_stub")?;
     a.cli()?;
     a.cld()?;
     // First 2 MiB with 4 KiB pages, page 0 left unmapped.
@@ -107,7 +111,7 @@ fn assemble_stub() -> AsmResult<Vec<u8>> {
         KERNEL_CODE_SELECTOR,
         KERNEL_CODE_ADDRESS as u32,
     )?)?;
-    a.assemble(BOOT_STUB_ADDRESS)
+    functions.assemble(&mut a, BOOT_STUB_ADDRESS)
 }
 
 /// Writes `count` consecutive 64-bit entries starting at `first`, the low dword of each being

@@ -17,61 +17,90 @@ pub(crate) mod process;
 pub(crate) mod serial;
 pub(crate) mod syscalls;
 
+use std::collections::HashSet;
+
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
 use crate::layout;
+use crate::symbols::{FunctionLabels, Symbol};
 
 pub(crate) type AsmResult<T = ()> = Result<T, IcedError>;
 
-/// Labels of the kernel routines that other modules call or jump to.
-pub(crate) struct Routines {
-    pub kernel_init: CodeLabel,
-    pub serial_init: CodeLabel,
-    pub serial_write: CodeLabel,
-    pub print_unsigned: CodeLabel,
-    pub exit_machine: CodeLabel,
-    pub report_success: CodeLabel,
-    pub report_failure: CodeLabel,
-    pub load_descriptor_tables: CodeLabel,
-    pub set_interrupt_gate: CodeLabel,
-    pub interrupt_controller_init: CodeLabel,
-    pub syscall_init: CodeLabel,
-    pub frame_pool_init: CodeLabel,
-    pub alloc_frame: CodeLabel,
-    pub alloc_frame_raw: CodeLabel,
-    pub alloc_page_table: CodeLabel,
-    pub free_frame: CodeLabel,
-    pub put_frame: CodeLabel,
-    pub out_of_memory: CodeLabel,
-    pub user_pte_address: CodeLabel,
-    pub create_address_space: CodeLabel,
-    pub free_address_space: CodeLabel,
-    pub share_user_pages: CodeLabel,
-    pub user_region_lookup: CodeLabel,
-    pub page_fault_handler: CodeLabel,
-    pub divide_error_handler: CodeLabel,
-    pub timer_handler: CodeLabel,
-    pub spurious_irq_handler: CodeLabel,
-    pub fault_common: CodeLabel,
-    pub exception_stubs: Vec<CodeLabel>,
-    pub syscall_entry: CodeLabel,
-    pub syscall_return: CodeLabel,
-    pub sys_exit: CodeLabel,
-    pub sys_getpid: CodeLabel,
-    pub sys_write: CodeLabel,
-    pub sys_fork: CodeLabel,
-    pub sys_wait: CodeLabel,
-    pub sys_yield: CodeLabel,
-    pub sys_mmap: CodeLabel,
-    pub sys_munmap: CodeLabel,
-    pub sys_set_trap_handler: CodeLabel,
-    pub schedule: CodeLabel,
-    pub switch_to: CodeLabel,
-    pub exit_current: CodeLabel,
-    pub fork_child_return: CodeLabel,
-    pub start_first_process: CodeLabel,
+/// Declares the kernel routines' labels (fields of `Routines`) once: the struct, their creation, and their names
+/// for the image's symbol map.
+macro_rules! routines {
+    ($($name:ident),* $(,)?) => {
+        /// Labels of the kernel routines that other modules call or jump to.
+        pub(crate) struct Routines {
+            $(pub $name: CodeLabel,)*
+            pub exception_stubs: Vec<CodeLabel>,
+        }
+
+        impl Routines {
+            fn new(a: &mut CodeAssembler) -> Self {
+                Routines {
+                    $($name: a.create_label(),)*
+                    exception_stubs: (0..layout::IDT_ENTRIES).map(|_| a.create_label()).collect(),
+                }
+            }
+
+            /// Every routine's label with its name (`exception_stub_14` for the stubs).
+            fn named(&self) -> Vec<(String, CodeLabel)> {
+                let mut named = vec![$((stringify!($name).to_string(), self.$name)),*];
+                named.extend(self.exception_stubs.iter().enumerate().map(|(v, l)| (format!("exception_stub_{v}"), *l)));
+                named
+            }
+        }
+    };
 }
+
+routines!(
+    kernel_init,
+    serial_init,
+    serial_write,
+    print_unsigned,
+    exit_machine,
+    report_success,
+    report_failure,
+    load_descriptor_tables,
+    set_interrupt_gate,
+    interrupt_controller_init,
+    syscall_init,
+    frame_pool_init,
+    alloc_frame,
+    alloc_frame_raw,
+    alloc_page_table,
+    free_frame,
+    put_frame,
+    out_of_memory,
+    user_pte_address,
+    create_address_space,
+    free_address_space,
+    share_user_pages,
+    user_region_lookup,
+    page_fault_handler,
+    divide_error_handler,
+    timer_handler,
+    spurious_irq_handler,
+    fault_common,
+    syscall_entry,
+    syscall_return,
+    sys_exit,
+    sys_getpid,
+    sys_write,
+    sys_fork,
+    sys_wait,
+    sys_yield,
+    sys_mmap,
+    sys_munmap,
+    sys_set_trap_handler,
+    schedule,
+    switch_to,
+    exit_current,
+    fork_child_return,
+    start_first_process,
+);
 
 /// The 64-bit kernel under construction.
 pub(crate) struct Kernel {
@@ -81,61 +110,26 @@ pub(crate) struct Kernel {
     pub print_counters: bool,
     strings: Vec<(CodeLabel, Vec<u8>)>,
     failure_paths: Vec<(CodeLabel, String)>,
-    user_program: Option<(CodeLabel, Vec<u8>)>,
+    user_program: Option<(CodeLabel, Vec<u8>, Vec<Symbol>)>,
+    functions: FunctionLabels,
+    /// Every label bound through `bind`, as bound (the routines' copies in `r` never are).
+    bound: HashSet<CodeLabel>,
 }
 
 impl Kernel {
     pub fn new() -> AsmResult<Self> {
         let mut a = CodeAssembler::new(64)?;
-        let mut l = || a.create_label();
-        let r = Routines {
-            kernel_init: l(),
-            serial_init: l(),
-            serial_write: l(),
-            print_unsigned: l(),
-            exit_machine: l(),
-            report_success: l(),
-            report_failure: l(),
-            load_descriptor_tables: l(),
-            set_interrupt_gate: l(),
-            interrupt_controller_init: l(),
-            syscall_init: l(),
-            frame_pool_init: l(),
-            alloc_frame: l(),
-            alloc_frame_raw: l(),
-            alloc_page_table: l(),
-            free_frame: l(),
-            put_frame: l(),
-            out_of_memory: l(),
-            user_pte_address: l(),
-            create_address_space: l(),
-            free_address_space: l(),
-            share_user_pages: l(),
-            user_region_lookup: l(),
-            page_fault_handler: l(),
-            divide_error_handler: l(),
-            timer_handler: l(),
-            spurious_irq_handler: l(),
-            fault_common: l(),
-            exception_stubs: (0..layout::IDT_ENTRIES).map(|_| l()).collect(),
-            syscall_entry: l(),
-            syscall_return: l(),
-            sys_exit: l(),
-            sys_getpid: l(),
-            sys_write: l(),
-            sys_fork: l(),
-            sys_wait: l(),
-            sys_yield: l(),
-            sys_mmap: l(),
-            sys_munmap: l(),
-            sys_set_trap_handler: l(),
-            schedule: l(),
-            switch_to: l(),
-            exit_current: l(),
-            fork_child_return: l(),
-            start_first_process: l(),
-        };
-        Ok(Kernel { a, r, print_counters: false, strings: Vec::new(), failure_paths: Vec::new(), user_program: None })
+        let r = Routines::new(&mut a);
+        Ok(Kernel {
+            a,
+            r,
+            print_counters: false,
+            strings: Vec::new(),
+            failure_paths: Vec::new(),
+            user_program: None,
+            functions: FunctionLabels::default(),
+            bound: HashSet::new(),
+        })
     }
 
     pub fn label(&mut self) -> CodeLabel {
@@ -143,7 +137,14 @@ impl Kernel {
     }
 
     pub fn bind(&mut self, label: &mut CodeLabel) -> AsmResult {
-        self.a.set_label(label)
+        self.a.set_label(label)?;
+        self.bound.insert(*label);
+        Ok(())
+    }
+
+    /// Names the code from the next instruction to the next named function in the symbol map.
+    pub fn function(&mut self, name: &str) -> AsmResult {
+        self.functions.begin(&mut self.a, name)
     }
 
     /// A read-only string placed after the code; returns its label and length.
@@ -155,12 +156,12 @@ impl Kernel {
         (label, length)
     }
 
-    /// Embeds the user program after the strings; returns its label and its size rounded up to
-    /// whole pages.
-    pub fn embed_user_program(&mut self, program: Vec<u8>) -> (CodeLabel, u32) {
+    /// Embeds the user program (its bytes and its symbols at its user-space addresses) after the strings; returns
+    /// its label and its size rounded up to whole pages.
+    pub fn embed_user_program(&mut self, program: Vec<u8>, symbols: Vec<Symbol>) -> (CodeLabel, u32) {
         let label = self.a.create_label();
         let length = program.len().next_multiple_of(4096) as u32;
-        self.user_program = Some((label, program));
+        self.user_program = Some((label, program, symbols));
         (label, length)
     }
 
@@ -185,32 +186,48 @@ impl Kernel {
         label
     }
 
-    /// Emits the failure paths, strings and the user program, and assembles everything.
-    pub fn finish(mut self) -> AsmResult<Vec<u8>> {
-        for (mut label, message) in std::mem::take(&mut self.failure_paths) {
+    /// Emits the failure paths, strings and the user program, and assembles everything: the image's kernel bytes
+    /// and the symbols of the kernel and of the user program.
+    pub fn finish(mut self) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
+        for (name, label) in self.r.named() {
+            if let Some(bound) = self.bound.get(&label) {
+                self.functions.add(&name, *bound);
+            }
+        }
+        for (i, (mut label, message)) in std::mem::take(&mut self.failure_paths).into_iter().enumerate() {
             let (text, length) = self.string(&message);
             self.a.set_label(&mut label)?;
+            if i == 0 {
+                self.functions.add("failure_paths", label);
+            }
             self.a.lea(rsi, ptr(text))?;
             self.a.mov(edx, length)?;
             self.a.jmp(self.r.report_failure)?;
         }
         for (mut label, bytes) in std::mem::take(&mut self.strings) {
             self.a.set_label(&mut label)?;
+            self.functions.end_code_at(label);
             self.a.db(&bytes)?;
         }
-        if let Some((mut label, mut program)) = self.user_program.take() {
+        let mut user_symbols = Vec::new();
+        if let Some((mut label, mut program, symbols)) = self.user_program.take() {
             // Whole pages, so the page-by-page copy into the first process never reads past the image.
             program.resize(program.len().next_multiple_of(4096), 0);
             self.a.set_label(&mut label)?;
+            self.functions.end_code_at(label);
             self.a.db(&program)?;
+            user_symbols = symbols;
         }
-        self.a.assemble(layout::KERNEL_CODE_ADDRESS)
+        let (bytes, mut symbols) = self.functions.assemble(&mut self.a, layout::KERNEL_CODE_ADDRESS)?;
+        symbols.extend(user_symbols);
+        Ok((bytes, symbols))
     }
 }
 
 /// The 64-bit entry point (first instruction at `KERNEL_CODE_ADDRESS`): flat data segments, the
 /// boot stack, kernel initialisation, the banner; the workload driver follows directly.
 pub(crate) fn emit_entry(k: &mut Kernel, banner: &str) -> AsmResult {
+    k.function("kernel_entry")?;
     k.a.mov(ax, layout::KERNEL_DATA_SELECTOR as u32)?;
     k.a.mov(ds, ax)?;
     k.a.mov(es, ax)?;

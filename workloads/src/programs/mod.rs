@@ -10,17 +10,19 @@ use iced_x86::code_asm::*;
 
 use crate::catalog::{Privilege, ResolvedParams, WorkloadSpec};
 use crate::kernel::{self, AsmResult, Kernel};
+use crate::symbols::Symbol;
 
-/// Assembles the 64-bit kernel with the driver for `spec`.
-pub(crate) fn assemble(spec: &WorkloadSpec, params: &ResolvedParams) -> AsmResult<Vec<u8>> {
+/// Assembles the 64-bit kernel with the driver for `spec`: its bytes, and the symbols of the kernel and of the
+/// user program.
+pub(crate) fn assemble(spec: &WorkloadSpec, params: &ResolvedParams) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
     let banner = crate::banner(spec.name, &params.0);
     match spec.privilege {
         Privilege::Kernel => assemble_with_driver(&banner, |k| kernel_mode::emit(k, spec.name, params)),
         Privilege::User => {
-            let program = user_mode::assemble(spec.name, params)?;
+            let (program, symbols) = user_mode::assemble(spec.name, params)?;
             assemble_with_driver(&banner, |k| {
                 k.print_counters = params.get("counters") == 1;
-                start_user_program(k, program)
+                start_user_program(k, program, symbols)
             })
         }
     }
@@ -63,18 +65,22 @@ pub(crate) fn emit_register_probes(a: &mut CodeAssembler, failures: &ProbeFailur
     a.jne(failures.msw)
 }
 
-/// The kernel: entry point, banner line, `driver`, then the kernel's routines.
-fn assemble_with_driver(banner: &str, driver: impl FnOnce(&mut Kernel) -> AsmResult) -> AsmResult<Vec<u8>> {
+/// The kernel: entry point, banner line, `driver` (the symbol `driver`), then the kernel's routines.
+fn assemble_with_driver(
+    banner: &str,
+    driver: impl FnOnce(&mut Kernel) -> AsmResult,
+) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
     let mut k = Kernel::new()?;
     kernel::emit_entry(&mut k, &format!("{banner}\n"))?;
+    k.function("driver")?;
     driver(&mut k)?;
     kernel::emit_routines(&mut k)?;
     k.finish()
 }
 
 /// The driver of a user-mode workload: embed the program and start it as process 1.
-fn start_user_program(k: &mut Kernel, program: Vec<u8>) -> AsmResult {
-    let (label, length) = k.embed_user_program(program);
+fn start_user_program(k: &mut Kernel, program: Vec<u8>, symbols: Vec<Symbol>) -> AsmResult {
+    let (label, length) = k.embed_user_program(program, symbols);
     k.a.lea(rsi, ptr(label))?;
     k.a.mov(edx, length)?;
     k.a.jmp(k.r.start_first_process)

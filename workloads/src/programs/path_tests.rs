@@ -16,6 +16,7 @@ use crate::kernel::{boot, AsmResult, Kernel};
 use crate::layout::*;
 use crate::machine::exit_code;
 use crate::qemu;
+use crate::symbols::Symbol;
 
 const BANNER: &str = "virtlab: fault-test";
 
@@ -24,13 +25,13 @@ fn status_for(code: u32) -> i32 {
     ((code << 1) | 1) as i32
 }
 
-fn boot_kernel(kernel: Vec<u8>) -> Option<(String, i32)> {
+fn boot_kernel((kernel, symbols): (Vec<u8>, Vec<Symbol>)) -> Option<(String, i32)> {
     if let Err(reason) = qemu::available() {
         eprintln!("skipping: {reason}");
         return None;
     }
     eprintln!("booting a test kernel under {}", qemu::QEMU);
-    let image = GuestImage::new("fault-test", Vec::new(), boot::first_page_after_header().unwrap(), kernel);
+    let image = GuestImage::new("fault-test", Vec::new(), boot::first_page_after_header().unwrap().0, kernel, symbols);
     let run = qemu::boot(&image.bytes, Duration::from_secs(60)).unwrap();
     let banner_at = run.serial.find(BANNER).expect("the guest printed its banner");
     Some((run.serial[banner_at..].to_string(), run.qemu_status))
@@ -39,8 +40,8 @@ fn boot_kernel(kernel: Vec<u8>) -> Option<(String, i32)> {
 fn run_user(program: impl FnOnce(&mut UserProgram) -> AsmResult) -> Option<(String, i32)> {
     let mut p = UserProgram::new().unwrap();
     program(&mut p).unwrap();
-    let bytes = p.finish().unwrap();
-    boot_kernel(assemble_with_driver(BANNER, |k| start_user_program(k, bytes)).unwrap())
+    let (bytes, symbols) = p.finish().unwrap();
+    boot_kernel(assemble_with_driver(BANNER, |k| start_user_program(k, bytes, symbols)).unwrap())
 }
 
 fn run_kernel(driver: impl FnOnce(&mut Kernel) -> AsmResult) -> Option<(String, i32)> {

@@ -11,6 +11,7 @@ use crate::kernel::boot::{FLAT_LIMIT, USER_CODE_ACCESS_RIGHTS};
 use crate::kernel::syscalls::*;
 use crate::kernel::AsmResult;
 use crate::layout::*;
+use crate::symbols::{FunctionLabels, Symbol};
 
 const ERROR: i32 = -1;
 /// `demandzero` maps this many pages at a time, touches each once, then unmaps them.
@@ -35,11 +36,15 @@ pub(super) struct UserProgram {
     pub(super) a: CodeAssembler,
     strings: Vec<(CodeLabel, Vec<u8>)>,
     failures: Vec<(CodeLabel, String)>,
+    functions: FunctionLabels,
 }
 
 impl UserProgram {
     pub(super) fn new() -> AsmResult<Self> {
-        Ok(UserProgram { a: CodeAssembler::new(64)?, strings: Vec::new(), failures: Vec::new() })
+        let mut a = CodeAssembler::new(64)?;
+        let mut functions = FunctionLabels::default();
+        functions.begin(&mut a, "main")?;
+        Ok(UserProgram { a, strings: Vec::new(), failures: Vec::new(), functions })
     }
 
     pub(super) fn label(&mut self) -> CodeLabel {
@@ -48,6 +53,13 @@ impl UserProgram {
 
     pub(super) fn bind(&mut self, label: &mut CodeLabel) -> AsmResult {
         self.a.set_label(label)
+    }
+
+    /// Binds `label` and names the code from there to the next named label `name` in the symbol map.
+    pub(super) fn bind_function(&mut self, label: &mut CodeLabel, name: &str) -> AsmResult {
+        self.a.set_label(label)?;
+        self.functions.add(name, *label);
+        Ok(())
     }
 
     pub(super) fn syscall(&mut self, number: u32) -> AsmResult {
@@ -85,21 +97,26 @@ impl UserProgram {
         self.a.jnz(top)
     }
 
-    pub(super) fn finish(mut self) -> AsmResult<Vec<u8>> {
-        for (mut label, message) in std::mem::take(&mut self.failures) {
+    /// The program's bytes at `USER_CODE` and its symbols.
+    pub(super) fn finish(mut self) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
+        for (i, (mut label, message)) in std::mem::take(&mut self.failures).into_iter().enumerate() {
             self.bind(&mut label)?;
+            if i == 0 {
+                self.functions.add("failure_paths", label);
+            }
             self.write(&format!("check failed: {message}\n"))?;
             self.exit(1)?;
         }
         for (mut label, bytes) in std::mem::take(&mut self.strings) {
             self.a.set_label(&mut label)?;
+            self.functions.end_code_at(label);
             self.a.db(&bytes)?;
         }
-        self.a.assemble(USER_CODE)
+        self.functions.assemble(&mut self.a, USER_CODE)
     }
 }
 
-pub(crate) fn assemble(name: &str, params: &ResolvedParams) -> Result<Vec<u8>, IcedError> {
+pub(crate) fn assemble(name: &str, params: &ResolvedParams) -> Result<(Vec<u8>, Vec<Symbol>), IcedError> {
     let iterations = params.get("iterations");
     let mut p = UserProgram::new()?;
     match name {
@@ -176,13 +193,13 @@ fn emit_trapping_loop(
     p.a.cmp(r13, rax)?;
     p.a.jne(wrong_count)?;
     p.a.jmp(done)?;
-    p.bind(&mut handler)?;
+    p.bind_function(&mut handler, "trap_handler")?;
     p.a.lea(rax, ptr(faulting))?;
     p.a.cmp(rdi, rax)?;
     p.a.jne(wrong_address)?;
     p.a.inc(r13)?;
     p.a.jmp(resume)?;
-    p.bind(&mut done)?;
+    p.bind_function(&mut done, "main")?;
     p.a.xor(edi, edi)?;
     p.syscall(SYS_SET_TRAP_HANDLER)
 }

@@ -27,7 +27,7 @@ fn bits64(options: &Options, trace: Option<&PreparedTrace>) -> bool {
     match options.paravirt_guest_bits {
         GuestBits::Bits64 => true,
         GuestBits::Bits32 => false,
-        GuestBits::Auto => trace.map_or(true, |t| t.has_64_bit_code()),
+        GuestBits::Auto => trace.is_none_or(|t| t.has_64_bit_code()),
     }
 }
 

@@ -1,0 +1,340 @@
+//! Untrusted input, mutated: real traces recorded from catalog workloads, guest images, profile files and the
+//! catalog's budget file are damaged in many small ways and fed to every parser that reads them. Each must answer
+//! with a value or an error, never a panic; a trace the checker accepts must replay under every engine without
+//! one.
+//!
+//! Trace mutations go *inside* the chunks: each chunk is decompressed, its payload (or its header fields) changed,
+//! and the chunk written back stored, with lengths and both checksums recomputed — otherwise the chunk checksums
+//! stop every mutation before a decoder sees it. The run is deterministic (a fixed seed); `VIRTLAB_MUTATIONS=N`
+//! sets the number of mutations per seed for a long run (the default keeps CI to seconds), and a failure names
+//! the seed trace, the mutation number and what was done, so it replays exactly.
+
+use std::io::Cursor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use virtlab_engines::profile::BUILT_IN;
+use virtlab_engines::{engine, ExitReason, Hypercall, Options, PreparedTrace, Profile};
+use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
+use virtlab_reports::gate::{Budgets, Vocabulary};
+use virtlab_traces::format::{ChunkHeader, ChunkKind, Codec, CHUNK_HEADER_LEN, PREAMBLE_LEN};
+use virtlab_traces::{check, Metadata, TraceView};
+
+/// Mutations per seed unless `VIRTLAB_MUTATIONS` says otherwise.
+const DEFAULT_MUTATIONS: u64 = 300;
+
+fn mutations() -> u64 {
+    std::env::var("VIRTLAB_MUTATIONS").ok().and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_MUTATIONS)
+}
+
+/// SplitMix64: a tiny deterministic generator, so a failing case is a seed and a number.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Bytes that tend to sit on a boundary of some field.
+    fn interesting_byte(&mut self) -> u8 {
+        [0x00, 0x01, 0x7F, 0x80, 0xFF, 0xFE, 0x40, 0x10][self.below(8)]
+    }
+}
+
+/// One chunk with its payload decompressed.
+#[derive(Clone)]
+struct Chunk {
+    kind: u8,
+    items: u32,
+    raw: Vec<u8>,
+}
+
+/// A trace's preamble and chunks, payloads raw.
+fn split(trace: &[u8]) -> (Vec<u8>, Vec<Chunk>) {
+    let mut chunks = Vec::new();
+    let mut at = PREAMBLE_LEN;
+    let mut scratch = Vec::new();
+    while at < trace.len() {
+        let header_bytes: &[u8; CHUNK_HEADER_LEN] = trace[at..at + CHUNK_HEADER_LEN].try_into().unwrap();
+        let header = ChunkHeader::decode(header_bytes, at as u64).unwrap();
+        let start = at + CHUNK_HEADER_LEN;
+        let stored = &trace[start..start + header.stored_len as usize];
+        let raw = header.raw_payload(stored, &mut scratch, at as u64).unwrap().to_vec();
+        chunks.push(Chunk { kind: header.kind.code(), items: header.items, raw });
+        at = start + header.stored_len as usize;
+    }
+    (trace[..PREAMBLE_LEN].to_vec(), chunks)
+}
+
+/// Writes the chunks back, every one stored, with lengths and checksums that match its (mutated) payload.
+fn join(preamble: &[u8], chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = preamble.to_vec();
+    for chunk in chunks {
+        let kind = ChunkKind::from_code(chunk.kind).unwrap_or(ChunkKind::Optional(0x80));
+        let len = chunk.raw.len() as u32;
+        let header = ChunkHeader {
+            kind,
+            codec: Codec::Stored,
+            items: chunk.items,
+            raw_len: len,
+            stored_len: len,
+            payload_crc: crc32fast::hash(&chunk.raw),
+        };
+        out.extend_from_slice(&header.encode());
+        out.extend_from_slice(&chunk.raw);
+    }
+    out
+}
+
+/// Damages one chunk (or the chunk sequence) and says how.
+fn mutate(rng: &mut Rng, chunks: &mut Vec<Chunk>) -> String {
+    let index = rng.below(chunks.len());
+    let count = chunks.len();
+    let chunk = &mut chunks[index];
+    let len = chunk.raw.len();
+    match rng.below(9) {
+        0 if len > 0 => {
+            let (at, bit) = (rng.below(len), rng.below(8));
+            chunk.raw[at] ^= 1 << bit;
+            format!("chunk {index}: flip bit {bit} of byte {at}")
+        }
+        1 if len > 0 => {
+            let (at, value) = (rng.below(len), rng.interesting_byte());
+            chunk.raw[at] = value;
+            format!("chunk {index}: byte {at} = {value:#04x}")
+        }
+        2 => {
+            let at = rng.below(len + 1);
+            chunk.raw.truncate(at);
+            format!("chunk {index}: truncate to {at} bytes")
+        }
+        3 if len > 0 => {
+            let (from, count) = (rng.below(len), 1 + rng.below(16));
+            let end = (from + count).min(len);
+            let copy = chunk.raw[from..end].to_vec();
+            let at = rng.below(len + 1);
+            chunk.raw.splice(at..at, copy);
+            format!("chunk {index}: duplicate bytes {from}..{end} at {at}")
+        }
+        4 => {
+            let delta = [1u32, u32::MAX, 1 << 20][rng.below(3)];
+            chunk.items = chunk.items.wrapping_add(delta);
+            format!("chunk {index}: items {:+}", delta as i32)
+        }
+        5 => {
+            let value = [0u8, 6, 0x7F, 0x81][rng.below(4)];
+            chunk.kind = value;
+            format!("chunk {index}: kind {value:#04x}")
+        }
+        6 if count > 1 => {
+            let other = rng.below(count);
+            chunks.swap(index, other);
+            format!("swap chunks {index} and {other}")
+        }
+        7 => {
+            chunks.remove(index);
+            format!("drop chunk {index}")
+        }
+        _ => {
+            let copy = chunk.clone();
+            chunks.insert(index, copy);
+            format!("duplicate chunk {index}")
+        }
+    }
+}
+
+/// Every reading path over `bytes`; returns the checker's verdict (its error's kind when it refused). Panics
+/// propagate.
+fn read_every_way(bytes: &[u8]) -> Result<(), String> {
+    if let Ok(view) = TraceView::open(bytes) {
+        for event in view.events() {
+            if event.is_err() {
+                break;
+            }
+        }
+        let _ = view.for_each_event(|_| {});
+    }
+    check(Cursor::new(bytes)).map(|_| ()).map_err(|error| error_kind(&error.to_string()))
+}
+
+/// An error message without its numbers, so errors group by the rule or field they name.
+fn error_kind(message: &str) -> String {
+    let words: Vec<&str> = message.split_whitespace().filter(|w| !w.chars().any(|c| c.is_ascii_digit())).collect();
+    words.into_iter().take(8).collect::<Vec<_>>().join(" ")
+}
+
+/// A trace the checker accepts is prepared and replayed by every engine: an error is allowed, a panic is not.
+fn replay_every_engine(bytes: &[u8], profile: &Profile) {
+    let view = TraceView::open(bytes).expect("a checked trace opens");
+    let Ok(trace) = PreparedTrace::new(view) else { return };
+    let mut options = Options::default();
+    options.set("bt.lmsle", "true").unwrap();
+    for engine in engine::all() {
+        let _ = engine.replay(&trace, profile, &options);
+    }
+}
+
+fn record(workload: &str, iterations: &str) -> Vec<u8> {
+    let params = vec![("iterations".to_string(), iterations.to_string())];
+    let image = virtlab_workloads::build(workload, &params).unwrap();
+    let metadata =
+        Metadata { workload: workload.into(), params, recorder: "tests/mutations".into(), ..Metadata::default() };
+    virtlab_record::record_in_memory(&image.bytes, metadata, 50_000_000).unwrap()
+}
+
+#[test]
+fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
+    let profile = Profile::load("p4-2006").unwrap();
+    let count = mutations();
+    let mut accepted = 0u64;
+    let mut refusals = std::collections::BTreeMap::new();
+    for (seed_index, (workload, iterations)) in
+        [("syscall", "3"), ("pgfault", "2"), ("forkwait", "1")].into_iter().enumerate()
+    {
+        let trace = record(workload, iterations);
+        let (preamble, chunks) = split(&trace);
+        // The harness itself round-trips: every chunk rewritten stored is still a valid trace.
+        assert_eq!(read_every_way(&join(&preamble, &chunks)), Ok(()), "{workload}: re-stored trace rejected");
+        let mut rng = Rng(0x5EED_0000 + seed_index as u64);
+        for number in 0..count {
+            let mut damaged = chunks.clone();
+            let mut what = mutate(&mut rng, &mut damaged);
+            if rng.below(4) == 0 && !damaged.is_empty() {
+                what = format!("{what}; {}", mutate(&mut rng, &mut damaged));
+            }
+            let bytes = join(&preamble, &damaged);
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                let verdict = read_every_way(&bytes);
+                if verdict.is_ok() {
+                    replay_every_engine(&bytes, &profile);
+                }
+                verdict
+            }));
+            match outcome {
+                Ok(Ok(())) => accepted += 1,
+                Ok(Err(kind)) => *refusals.entry(kind).or_insert(0u64) += 1,
+                Err(_) => {
+                    panic!("{workload} trace, mutation {number} ({what}): a reader, the checker or an engine panicked")
+                }
+            }
+        }
+    }
+    // Some mutations are harmless (an optional chunk, a flipped bit in serial output), most are caught.
+    eprintln!("{} mutated traces, {accepted} accepted by the checker and replayed; refusals by kind:", 3 * count);
+    for (kind, n) in &refusals {
+        eprintln!("{n:>8}  {kind}");
+    }
+    assert!(accepted < 3 * count, "the checker accepted every mutation: it checks nothing");
+    // The mutations reach past the container into the decoders and the checker's rules: many kinds of refusal.
+    assert!(refusals.len() >= 10, "only {} kinds of refusal: {refusals:?}", refusals.len());
+}
+
+#[test]
+fn mutated_guest_images_load_or_are_refused_and_run_within_their_budget() {
+    let image = virtlab_workloads::build("cpuid", &[("iterations".into(), "2".into())]).unwrap().bytes;
+    let mut rng = Rng(0x1A6E);
+    // A run costs a boot; half as many images as traces keep the test to seconds.
+    for number in 0..mutations().div_ceil(2) {
+        let mut damaged = image.clone();
+        let what = match rng.below(4) {
+            // The Multiboot header and the boot stub are the first page: aim there most of the time.
+            0 | 1 => {
+                let at = rng.below(4096.min(damaged.len()));
+                damaged[at] = rng.interesting_byte();
+                format!("byte {at}")
+            }
+            2 => {
+                let at = rng.below(damaged.len());
+                damaged[at] ^= 1 << rng.below(8);
+                format!("bit in byte {at}")
+            }
+            _ => {
+                let at = rng.below(damaged.len() + 1);
+                damaged.truncate(at);
+                format!("truncate to {at}")
+            }
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let config = MachineConfig { ram_size: 40 << 20, ..MachineConfig::default() };
+            let Ok(mut machine) = Machine::from_multiboot(&damaged, config) else { return };
+            // A damaged guest may loop, fault or stop: each is an outcome; the budget bounds the run.
+            let _ = machine.run(&mut NullObserver, RunLimits { max_instructions: 50_000 });
+        }));
+        assert!(outcome.is_ok(), "image mutation {number} ({what}): the loader or the machine panicked");
+    }
+}
+
+/// One small damage to a text file: a byte replaced by one that means something in TOML, a truncation, or a huge
+/// number inserted. Returns the damaged text and what was done.
+fn damage_toml(rng: &mut Rng, text: &str) -> (String, String) {
+    let mut bytes = text.as_bytes().to_vec();
+    let at = rng.below(bytes.len());
+    let what = match rng.below(3) {
+        0 => {
+            bytes[at] = b"=[]\"'.-#\n0e9x"[rng.below(13)];
+            format!("byte {at}")
+        }
+        1 => {
+            bytes.truncate(at);
+            format!("truncate to {at}")
+        }
+        _ => {
+            bytes.splice(at..at, b"1e308".iter().copied());
+            format!("insert 1e308 at {at}")
+        }
+    };
+    (String::from_utf8_lossy(&bytes).into_owned(), what)
+}
+
+#[test]
+fn mutated_profiles_parse_or_name_what_is_wrong() {
+    let mut rng = Rng(0x9F0F);
+    for (name, text) in BUILT_IN {
+        for number in 0..mutations() {
+            let (text, what) = damage_toml(&mut rng, text);
+            let outcome = catch_unwind(AssertUnwindSafe(|| match Profile::parse(&text, "mutated.toml", &[]) {
+                Ok(profile) => assert!(profile.clock_ghz > 0.0, "a parsed profile has a clock"),
+                Err(error) => {
+                    assert!(error.to_string().contains("mutated.toml") || error.to_string().contains("--set"))
+                }
+            }));
+            assert!(
+                outcome.is_ok(),
+                "{name} profile, mutation {number} ({what}): the parser panicked or named nothing"
+            );
+        }
+    }
+}
+
+#[test]
+fn mutated_budget_files_parse_or_name_the_file() {
+    let engines = engine::all().iter().map(|e| e.name().to_string()).collect();
+    let workloads = virtlab_workloads::catalog().iter().map(|spec| spec.name.to_string()).collect();
+    let mut keys: Vec<(String, String)> = ExitReason::ALL.iter().map(|r| ("exits".into(), r.name().into())).collect();
+    keys.extend(Hypercall::ALL.iter().map(|h| ("hypercalls".to_string(), h.name().to_string())));
+    keys.extend([("translations".into(), "callouts".into()), ("shadow".into(), "hidden_faults".into())]);
+    let vocabulary = Vocabulary::new(engines, workloads, &keys);
+    let path = std::path::Path::new("mutated.toml");
+    let original = include_str!("../budgets/catalog.toml");
+    assert!(Budgets::parse(original, path, &vocabulary).is_ok(), "the catalog's budgets parse unmutated");
+    let mut rng = Rng(0xB0D6);
+    for number in 0..mutations() {
+        let (text, what) = damage_toml(&mut rng, original);
+        let outcome = catch_unwind(AssertUnwindSafe(|| match Budgets::parse(&text, path, &vocabulary) {
+            Ok(budgets) => assert_eq!(budgets.profile, "p4-2006"),
+            Err(error) => assert!(error.to_string().starts_with("mutated.toml"), "{error}"),
+        }));
+        assert!(outcome.is_ok(), "budget mutation {number} ({what}): the parser panicked or named no file");
+    }
+}
