@@ -1,7 +1,7 @@
-//! Untrusted input, mutated: real traces recorded from catalog workloads, guest images, profile files and the
-//! catalog's budget file are damaged in many small ways and fed to every parser that reads them. Each must answer
-//! with a value or an error, never a panic; a trace the checker accepts must replay under every engine without
-//! one.
+//! Untrusted input, mutated: real traces recorded from catalog workloads, guest images, profile files, the
+//! catalog's budget file and a sweep's results directory are damaged in many small ways and fed to every parser
+//! that reads them. Each must answer with a value or an error, never a panic; a trace the checker accepts must
+//! replay under every engine without one.
 //!
 //! Trace mutations go *inside* the chunks: each chunk is decompressed, its payload (or its header fields) changed,
 //! and the chunk written back stored, with lengths and both checksums recomputed — otherwise the chunk checksums
@@ -337,4 +337,82 @@ fn mutated_budget_files_parse_or_name_the_file() {
         }));
         assert!(outcome.is_ok(), "budget mutation {number} ({what}): the parser panicked or named no file");
     }
+}
+
+/// A results directory written by `virtlab sweep` for a small recorded trace, in a fresh temporary directory.
+fn swept_results() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("virtlab-mutations-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("syscall.vlt"), record("syscall", "20")).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_virtlab"))
+        .current_dir(&dir)
+        .args(["sweep", "syscall.vlt", "--set", "bt.lmsle=true", "-o", "results"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    dir
+}
+
+#[test]
+fn mutated_results_directories_read_or_name_the_damaged_file() {
+    let dir = swept_results();
+    let original = dir.join("results");
+    let pristine = virtlab_reports::table::read_results(&original).unwrap();
+    assert!(!pristine.rows.is_empty() && !pristine.sites.is_empty(), "the sweep wrote rows and sites");
+    let files = ["manifest.json", "results.parquet", "sites.parquet"];
+    let contents: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(original.join(f)).unwrap()).collect();
+    let damaged = dir.join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    let mut rng = Rng(0x5E5F);
+    let (mut read, mut refused) = (0u64, 0u64);
+    for number in 0..mutations() {
+        let which = rng.below(files.len());
+        for (file, bytes) in files.iter().zip(&contents) {
+            std::fs::write(damaged.join(file), bytes).unwrap();
+        }
+        let mut bytes = contents[which].clone();
+        let at = rng.below(bytes.len());
+        let what = match rng.below(3) {
+            0 => {
+                let bit = 1u8 << rng.below(8);
+                bytes[at] ^= bit;
+                format!("bit {bit:#x} of byte {at} flipped")
+            }
+            1 => {
+                bytes.truncate(at);
+                format!("truncated to {at} bytes")
+            }
+            _ => {
+                let byte = rng.next() as u8;
+                bytes.insert(at, byte);
+                format!("byte {byte:#x} inserted at {at}")
+            }
+        };
+        std::fs::write(damaged.join(files[which]), &bytes).unwrap();
+        let outcome = catch_unwind(AssertUnwindSafe(|| virtlab_reports::table::read_results(&damaged)));
+        match outcome {
+            Ok(Ok(results)) => {
+                read += 1;
+                assert_eq!(
+                    results.rows.len(),
+                    pristine.rows.len(),
+                    "{} ({what}): rows the manifest counts",
+                    files[which]
+                );
+            }
+            Ok(Err(error)) => {
+                refused += 1;
+                let message = error.to_string();
+                assert!(
+                    files.iter().any(|file| message.contains(file)),
+                    "{} mutation {number} ({what}): the error names no file: {message}",
+                    files[which]
+                );
+            }
+            Err(_) => panic!("{} mutation {number} ({what}): reading the results panicked", files[which]),
+        }
+    }
+    eprintln!("results directories: {read} read, {refused} refused, of {} mutations", mutations());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -301,7 +301,17 @@ fn read_parquet(path: &Path, expected_rows: u64) -> Result<DataFrame> {
         }
         _ => Error::Read { path: path.to_path_buf(), source },
     })?;
-    let frame = ParquetReader::new(file).finish().map_err(polars_error(path, "not a readable Parquet file"))?;
+    // Polars' Parquet decoder asserts on some damaged files (a dictionary page whose length disagrees with its
+    // header, for one) instead of returning an error: a damaged results file must be an error naming it.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ParquetReader::new(file).finish()));
+    let Ok(decoded) = decoded else {
+        return Err(Error::invalid(
+            path,
+            "damaged: its Parquet pages do not decode",
+            "the file `virtlab sweep` wrote (run the sweep again)",
+        ));
+    };
+    let frame = decoded.map_err(polars_error(path, "not a readable Parquet file"))?;
     if frame.height() as u64 != expected_rows {
         return Err(Error::invalid(
             path,

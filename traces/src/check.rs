@@ -138,7 +138,13 @@ pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> R
         checked?;
     }
     pass.define_blocks(reader.blocks(), reader.blocks().len())?;
-    let footer = reader.footer().expect("the stream ended at the footer");
+    let Some(footer) = reader.footer() else {
+        return Err(TraceError::ChunkOrder {
+            offset: reader.bytes_read(),
+            message: "the trace ends without a footer".into(),
+        }
+        .into());
+    };
     pass.finish(reader.header(), footer, reader.chunks().len(), reader.bytes_read())
 }
 
@@ -435,7 +441,10 @@ impl Visit for ChunkRules<'_> {
                 }
             }
             other => {
-                self.position(other.at().expect("non-block events have a position"), other)?;
+                // Every event but a block execution (matched above) has a position.
+                if let Some(at) = other.at() {
+                    self.position(at, other)?;
+                }
             }
         }
         self.count(event.kind());

@@ -62,8 +62,14 @@ impl<'a> PayloadReader<'a> {
     }
 
     pub fn u64_le(&mut self, what: &str) -> Result<u64, PayloadError> {
-        let bytes = self.take(8, what)?;
-        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// The next `N` bytes as an array.
+    pub fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], PayloadError> {
+        let start = self.pos;
+        let bytes = self.take(N, what)?;
+        bytes.first_chunk::<N>().copied().ok_or_else(|| ends_before(start, what))
     }
 
     /// LEB128, at most 10 bytes, canonical (no redundant trailing zero groups).
@@ -81,8 +87,8 @@ impl<'a> PayloadReader<'a> {
                 return Ok(byte.into());
             }
         }
-        if let Some(word) = self.buf.get(pos..pos + 8) {
-            let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        if let Some(word) = self.buf.get(pos..).and_then(<[u8]>::first_chunk::<8>) {
+            let word = u64::from_le_bytes(*word);
             let stops = !word & 0x8080_8080_8080_8080;
             if stops != 0 {
                 // The first byte with its high bit clear ends the varint: bit 8k + 7 for byte k (k ≥ 1 here).
@@ -504,7 +510,8 @@ impl ChunkTables {
 pub(crate) fn encode_event_dictionary(out: &mut Vec<u8>, events: &[Event]) {
     put_varint(out, events.len() as u64);
     for event in events {
-        encode_event(out, event, |_| unreachable!("a repeated event names no block"));
+        // The writer repeats no block execution, so `local` is never asked for a block's index here.
+        encode_event(out, event, |id| id.0);
     }
 }
 
@@ -568,8 +575,8 @@ fn walk(r: &mut PayloadReader<'_>, levels: u8) -> Result<Walk, PayloadError> {
     Ok(Walk::from_array(levels, tables))
 }
 
-/// Encodes one event, naming blocks by the local index `local` gives them.
-pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(BlockId) -> u32) {
+/// A block execution, whole or partial: the events that have no position in a block.
+fn encode_block_execution(out: &mut Vec<u8>, event: &Event, local: impl Fn(BlockId) -> u32) {
     match *event {
         Event::Block(id) => {
             let index = local(id);
@@ -579,19 +586,27 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(Bloc
                 out.push(head(EventKind::Block));
                 put_varint(out, u64::from(index - u32::from(SHORT_BLOCK_HEADS)));
             }
-            return;
         }
         Event::PartialBlock { block, executed } => {
             out.push(head(EventKind::PartialBlock));
             put_varint(out, local(block).into());
             put_varint(out, executed.into());
-            return;
         }
-        _ => out.push(head(event.kind())),
+        _ => {}
     }
-    put_varint(out, event.at().expect("non-block events have a position").into());
+}
+
+/// Encodes one event, naming blocks by the local index `local` gives them.
+pub(crate) fn encode_event(out: &mut Vec<u8>, event: &Event, local: impl Fn(BlockId) -> u32) {
+    let Some(at) = event.at() else {
+        encode_block_execution(out, event, local);
+        return;
+    };
+    out.push(head(event.kind()));
+    put_varint(out, at.into());
     match *event {
-        Event::Block(_) | Event::PartialBlock { .. } => unreachable!("handled above"),
+        // Written by `encode_block_execution`: a block execution has no position.
+        Event::Block(_) | Event::PartialBlock { .. } => {}
         Event::Context { context, .. } => {
             out.push(context.cpl | u8::from(context.interrupts_enabled) << 2 | context.paging.code() << 3);
             put_varint(out, context.cr3);
@@ -771,7 +786,8 @@ pub(crate) fn decode_event<N: BlockNames + ?Sized>(
             Ok((size, if byte & 0x80 != 0 { Direction::Write } else { Direction::Read }))
         };
     Ok(match kind {
-        EventKind::Block | EventKind::PartialBlock => unreachable!("handled above"),
+        // Returned above: a block execution has no position.
+        EventKind::Block | EventKind::PartialBlock => return Err(unknown_head(start, head_byte)),
         EventKind::Context => {
             let flags = r.u8("context flags")?;
             let paging = PagingMode::from_code((flags >> 3) & 7).filter(|_| flags & 0xc0 == 0);
@@ -906,7 +922,7 @@ pub(crate) fn decode_footer(payload: &[u8], allow_trailing: bool) -> Result<Foot
     let exit_status = r.varint_u32("exit status")?;
     let detail = r.string("end detail")?;
     let serial = r.length_prefixed("serial output", usize::MAX)?.to_vec();
-    let state_digest: [u8; 32] = r.take(32, "state digest")?.try_into().expect("32 bytes");
+    let state_digest: [u8; 32] = r.array("state digest")?;
     if !allow_trailing {
         r.expect_end("footer")?;
     }

@@ -129,7 +129,7 @@ impl ChunkHeader {
     /// Parses the 24 header bytes of the chunk at file offset `offset`, checking everything that can be checked
     /// without the payload.
     pub fn decode(bytes: &[u8; CHUNK_HEADER_LEN], offset: u64) -> Result<ChunkHeader, TraceError> {
-        let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4-byte field"));
+        let le32 = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
         let stored_crc = le32(20);
         let computed = crc32fast::hash(&bytes[..20]);
         if stored_crc != computed {
@@ -300,7 +300,7 @@ pub fn parse_preamble(bytes: &[u8]) -> Result<Version, TraceError> {
     if !(OLDEST_READABLE_MAJOR..=VERSION_MAJOR).contains(&major) {
         return Err(TraceError::UnsupportedVersion { major, minor });
     }
-    let reserved = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    let reserved = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
     if reserved != 0 {
         return Err(TraceError::BadPreamble {
             offset: 12,

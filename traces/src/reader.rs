@@ -54,7 +54,7 @@ impl ChunkSequence {
             (Stage::ExpectHeader, other) => {
                 return Err(order_error(format!("expected the header chunk first, found a {other} chunk")))
             }
-            (Stage::Done, _) => unreachable!("callers stop at the footer"),
+            (Stage::Done, other) => return Err(order_error(format!("a {other} chunk after the footer"))),
             (_, ChunkKind::Header) => return Err(order_error("a second header chunk".into())),
             (Stage::Image, ChunkKind::Image) => Stage::Image,
             (Stage::Stream, ChunkKind::Image) => {
@@ -265,22 +265,17 @@ impl<'a> TraceView<'a> {
                 ChunkKind::Image => decode_image(payload, &info, &mut image)?,
                 ChunkKind::Blocks => decode_blocks(payload, &info, &mut blocks)?,
                 ChunkKind::Footer => break decode_footer_chunk(payload, &info, &sequence)?,
-                ChunkKind::Events | ChunkKind::Optional(_) => unreachable!("handled above"),
+                // Listed above, decoded when an engine or the checker reads them.
+                ChunkKind::Events | ChunkKind::Optional(_) => {}
             }
         };
         if offset < bytes.len() as u64 {
             return Err(trailing_error(chunks.last().map_or(0, |c| c.offset), bytes.len() as u64 - offset));
         }
-        Ok(TraceView {
-            bytes,
-            version,
-            header: header.expect("the sequence starts with a header"),
-            image,
-            blocks,
-            footer,
-            chunks,
-            event_chunks,
-        })
+        let Some(header) = header else {
+            return Err(TraceError::ChunkOrder { offset: 0, message: "the trace has no header chunk".into() });
+        };
+        Ok(TraceView { bytes, version, header, image, blocks, footer, chunks, event_chunks })
     }
 
     pub fn version(&self) -> Version {
@@ -406,8 +401,9 @@ fn chunk_at(bytes: &[u8], offset: u64) -> Result<(ChunkInfo, &[u8]), TraceError>
         return Err(TraceError::Truncated { what: "chunk header", offset, needed: CHUNK_HEADER_LEN as u64, available });
     }
     let start = offset as usize;
-    let header_bytes: &[u8; CHUNK_HEADER_LEN] =
-        bytes[start..start + CHUNK_HEADER_LEN].try_into().expect("length checked");
+    let Some(header_bytes) = bytes.get(start..).and_then(<[u8]>::first_chunk::<CHUNK_HEADER_LEN>) else {
+        return Err(TraceError::Truncated { what: "chunk header", offset, needed: CHUNK_HEADER_LEN as u64, available });
+    };
     let header = ChunkHeader::decode(header_bytes, offset)?;
     let payload_available = available - CHUNK_HEADER_LEN as u64;
     if u64::from(header.stored_len) > payload_available {
@@ -686,8 +682,11 @@ impl<R: Read> TraceReader<R> {
                         return Err(trailing_error(info.offset, trailing));
                     }
                 }
-                ChunkKind::Header | ChunkKind::Image | ChunkKind::Optional(_) => {
-                    unreachable!("the chunk sequence refuses these here")
+                kind @ (ChunkKind::Header | ChunkKind::Image | ChunkKind::Optional(_)) => {
+                    return Err(TraceError::ChunkOrder {
+                        offset: info.offset,
+                        message: format!("a {kind} chunk among the events chunks"),
+                    });
                 }
             }
         }

@@ -36,6 +36,9 @@ struct Image {
     status: u32,
 }
 
+/// Two runs whose wall times differ by less than this do not measure a rate.
+const MIN_DIFFERENCE: Duration = Duration::from_millis(20);
+
 fn image(name: &str, iterations: u64) -> anyhow::Result<Image> {
     let bytes = virtlab_workloads::build(name, &[("iterations".into(), iterations.to_string())])?.bytes;
     let mut machine = Machine::from_multiboot(&bytes, MachineConfig::default())?;
@@ -83,16 +86,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let (qemu_big, qemu_same) = under_qemu(&big, args.repeat)?;
         let (qemu_little, qemu_little_same) = under_qemu(&little, args.repeat)?;
         let extra = (big.instructions - little.instructions) as f64 / 1e6;
-        let per_million = |big: Duration, little: Duration| (big.as_secs_f64() - little.as_secs_f64()) * 1e3 / extra;
+        // A difference of a few milliseconds is timer noise: the rate it gives means nothing, so it is not shown.
+        let per_million = |big: Duration, little: Duration| {
+            let difference = big.as_secs_f64() - little.as_secs_f64();
+            (difference > MIN_DIFFERENCE.as_secs_f64()).then(|| difference * 1e3 / extra)
+        };
         let (reference_rate, qemu_rate) =
             (per_million(reference_big, reference_little), per_million(qemu_big, qemu_little));
+        let shown = |rate: Option<f64>| rate.map_or("below resolution".to_string(), |r| format!("{r:.1} ms"));
+        let ratio = match (reference_rate, qemu_rate) {
+            (Some(reference), Some(qemu)) => format!("{:.2}", reference / qemu),
+            _ => "—".to_string(),
+        };
         let correct = reference_same && little_same && qemu_same && qemu_little_same;
         println!(
-            "| {name} | {small}, {large} | {} | {:.2} s | {:.2} s | {reference_rate:.1} ms | {qemu_rate:.1} ms | {:.2} | {} |",
+            "| {name} | {small}, {large} | {} | {:.2} s | {:.2} s | {} | {} | {ratio} | {} |",
             big.instructions,
             reference_big.as_secs_f64(),
             qemu_big.as_secs_f64(),
-            reference_rate / qemu_rate,
+            shown(reference_rate),
+            shown(qemu_rate),
             if correct { "yes (same serial output and exit status)" } else { "NO" }
         );
     }
