@@ -2,8 +2,7 @@
 //! (`traces/FORMAT.md`). The machine knows nothing of the trace format and the format nothing of the machine; this crate is
 //! the only place the two meet.
 
-use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -265,6 +264,12 @@ pub enum RecordError {
     UncleanExit { workload: String, reason: EndReason, status: u32, detail: String },
 }
 
+impl From<std::io::Error> for RecordError {
+    fn from(error: std::io::Error) -> Self {
+        RecordError::Write(WriteError::Io(error))
+    }
+}
+
 /// Records `image` in memory on the default reference machine, as `virtlab record` would, and insists that the
 /// guest ran to a clean exit: what validation, calibration, benchmarks and tests replay.
 pub fn record_in_memory(image: &[u8], metadata: Metadata, max_instructions: u64) -> Result<Vec<u8>, RecordError> {
@@ -288,19 +293,7 @@ pub fn record_in_memory(image: &[u8], metadata: Metadata, max_instructions: u64)
 /// triple-faults, loops past the limits or meets an instruction the machine does not model still gives a
 /// valid trace, marked incomplete, whose footer says why.
 pub fn record_to_file(path: &Path, request: RecordRequest<'_>) -> Result<RecordSummary, RecordError> {
-    let temp = virtlab_traces::atomic::temp_path(path);
-    let result = (|| {
-        let file = File::create(&temp).map_err(WriteError::Io)?;
-        let (out, summary) = record(BufWriter::new(file), request)?;
-        let file = out.into_inner().map_err(|e| WriteError::Io(e.into_error()))?;
-        file.sync_all().map_err(WriteError::Io)?;
-        std::fs::rename(&temp, path).map_err(WriteError::Io)?;
-        Ok(summary)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    virtlab_traces::atomic::write_with(path, |out| Ok(record(out, request)?.1))
 }
 
 /// [`record_to_file`] into any seekable sink, which it returns with the summary.
