@@ -6,6 +6,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::machine::MACHINE;
+
 pub const QEMU: &str = "qemu-system-x86_64";
 /// SeaBIOS's last words before the guest runs; only what follows is the guest's. The firmware sometimes
 /// prints a third dot or ends the line (seen without a terminal on standard input); no guest starts its output
@@ -32,7 +34,7 @@ pub fn available() -> Result<(), String> {
     }
 }
 
-/// Boots `image` with `-kernel`, the exit device at 0xF4 and 128 MiB, for at most `timeout`.
+/// Boots `image` with `-kernel`, the exit device and the RAM of [`MACHINE`], for at most `timeout`.
 pub fn boot(image: &[u8], timeout: Duration) -> std::io::Result<QemuRun> {
     // Callers boot in parallel: each image gets its own file.
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -44,8 +46,10 @@ pub fn boot(image: &[u8], timeout: Duration) -> std::io::Result<QemuRun> {
         .arg(QEMU)
         .arg("-kernel")
         .arg(&path)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .args(["-nographic", "-no-reboot", "-m", "128"])
+        .arg("-device")
+        .arg(format!("isa-debug-exit,iobase={:#x},iosize=0x04", MACHINE.debug_exit_port))
+        .args(["-nographic", "-no-reboot", "-m"])
+        .arg(format!("{}M", MACHINE.ram_bytes >> 20))
         .output();
     std::fs::remove_file(&path).ok();
     let output = output?;

@@ -1,9 +1,19 @@
 //! The devices every machine that runs a virtlab image has: COM1, isa-debug-exit, the POST port,
 //! the 8259 PIC pair and the 8254 PIT. Time is instruction time (see [`INSTRUCTIONS_PER_PIT_TICK`]).
 
-pub const COM1_BASE: u16 = 0x3F8;
-pub const DEBUG_EXIT_PORT: u16 = 0xF4;
-pub const POST_PORT: u16 = 0x80;
+use virtlab_machine_facts::MACHINE;
+
+pub const COM1_BASE: u16 = MACHINE.serial_port;
+pub const DEBUG_EXIT_PORT: u16 = MACHINE.debug_exit_port;
+pub const POST_PORT: u16 = MACHINE.post_port;
+const COM1_LAST: u16 = *MACHINE.serial_ports().end();
+const PIC_MASTER_COMMAND: u16 = MACHINE.pic_master_ports.0;
+const PIC_MASTER_DATA: u16 = MACHINE.pic_master_ports.1;
+const PIC_SLAVE_COMMAND: u16 = MACHINE.pic_slave_ports.0;
+const PIC_SLAVE_DATA: u16 = MACHINE.pic_slave_ports.1;
+const PIT_CHANNEL0: u16 = MACHINE.pit_channel0_port;
+const PIT_CHANNEL2: u16 = MACHINE.pit_channel0_port + 2;
+const PIT_COMMAND: u16 = MACHINE.pit_command_port;
 
 /// The model CPU runs at a nominal 1 GHz of retired instructions; the PIT's 1.193182 MHz input
 /// clock then ticks once every 1e9 / 1.193182e6 = 838.1 instructions, rounded to 838.
@@ -384,12 +394,12 @@ impl Devices {
             return value;
         }
         match port {
-            0x20 => self.pic.master.read_command() as u32,
-            0x21 => self.pic.master.mask as u32,
-            0xA0 => self.pic.slave.read_command() as u32,
-            0xA1 => self.pic.slave.mask as u32,
-            0x40..=0x42 => self.pit.read_data((port - 0x40) as usize, now) as u32,
-            COM1_BASE..=0x3FF => self.serial.read(port - COM1_BASE) as u32,
+            PIC_MASTER_COMMAND => self.pic.master.read_command() as u32,
+            PIC_MASTER_DATA => self.pic.master.mask as u32,
+            PIC_SLAVE_COMMAND => self.pic.slave.read_command() as u32,
+            PIC_SLAVE_DATA => self.pic.slave.mask as u32,
+            PIT_CHANNEL0..=PIT_CHANNEL2 => self.pit.read_data((port - PIT_CHANNEL0) as usize, now) as u32,
+            COM1_BASE..=COM1_LAST => self.serial.read(port - COM1_BASE) as u32,
             DEBUG_EXIT_PORT => 0,
             _ => all_ones,
         }
@@ -408,14 +418,14 @@ impl Devices {
         }
         let byte = value as u8;
         match port {
-            0x20 => self.pic.master.write_command(byte),
-            0x21 => self.pic.master.write_data(byte),
-            0xA0 => self.pic.slave.write_command(byte),
-            0xA1 => self.pic.slave.write_data(byte),
-            0x40..=0x42 => self.pit.write_data((port - 0x40) as usize, byte, now),
-            0x43 => self.pit.write_command(byte, now),
+            PIC_MASTER_COMMAND => self.pic.master.write_command(byte),
+            PIC_MASTER_DATA => self.pic.master.write_data(byte),
+            PIC_SLAVE_COMMAND => self.pic.slave.write_command(byte),
+            PIC_SLAVE_DATA => self.pic.slave.write_data(byte),
+            PIT_CHANNEL0..=PIT_CHANNEL2 => self.pit.write_data((port - PIT_CHANNEL0) as usize, byte, now),
+            PIT_COMMAND => self.pit.write_command(byte, now),
             POST_PORT => self.post_code = byte,
-            COM1_BASE..=0x3FF => self.serial.write(port - COM1_BASE, byte),
+            COM1_BASE..=COM1_LAST => self.serial.write(port - COM1_BASE, byte),
             _ => {}
         }
     }

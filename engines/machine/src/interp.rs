@@ -22,7 +22,7 @@ pub struct MachineConfig {
 
 impl Default for MachineConfig {
     fn default() -> MachineConfig {
-        MachineConfig { ram_size: 128 << 20, command_line: String::new() }
+        MachineConfig { ram_size: virtlab_machine_facts::MACHINE.ram_bytes, command_line: String::new() }
     }
 }
 

@@ -7,8 +7,8 @@ use crate::interp::{Fault, Interp};
 use crate::observer::{AccessKind, ExecutionObserver, IoDirection, PageWalk, SideEvent};
 
 /// The one MMIO test region: reads return 0, writes are dropped, both are reported.
-pub const MMIO_TEST_BASE: u64 = 0xD000_0000;
-pub const MMIO_TEST_SIZE: u64 = 0x1000;
+pub const MMIO_TEST_BASE: u64 = virtlab_machine_facts::MACHINE.mmio_test_base;
+pub const MMIO_TEST_SIZE: u64 = virtlab_machine_facts::MACHINE.mmio_test_size;
 
 pub const PAGE_SIZE: u64 = 4096;
 const PAGE_MASK: u64 = PAGE_SIZE - 1;

@@ -87,7 +87,7 @@ impl Default for Options {
         Options {
             bt_lmsle: false,
             bt_adaptive_threshold: 4,
-            bt_in_tc_ports: vec![0x80],
+            bt_in_tc_ports: vec![crate::strategy::POST_PORT],
             paravirt_guest_bits: GuestBits::Auto,
             hw_tpr_shadow: true,
             hw_msr_bitmap: true,

@@ -14,9 +14,9 @@ use crate::classify::Op;
 use crate::metrics::{ExitReason, Hypercall};
 
 /// The POST port: an I/O delay with no device behind it.
-pub const POST_PORT: u16 = 0x80;
+pub const POST_PORT: u16 = virtlab_machine_facts::MACHINE.post_port;
 /// COM1's registers.
-pub const CONSOLE_PORTS: std::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
+pub const CONSOLE_PORTS: std::ops::RangeInclusive<u16> = virtlab_machine_facts::MACHINE.serial_ports();
 const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
