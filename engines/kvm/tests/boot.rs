@@ -85,6 +85,31 @@ fn a_guest_flooding_the_serial_port_is_stopped_with_its_rip() {
 }
 
 #[test]
+fn a_guest_writing_outside_ram_is_stopped_naming_the_address_on_both_machines() {
+    // xor eax, eax; mov [0xe0000000], eax; jmp $ — neither RAM nor the MMIO test region.
+    let image = flat_image(&[0x31, 0xc0, 0xa3, 0x00, 0x00, 0x00, 0xe0, 0xeb, 0xfe]);
+    let store = u64::from(LOAD) + CODE_OFFSET as u64 + 2;
+    let mut machine = Machine::from_multiboot(&image, MachineConfig::default()).unwrap();
+    match machine.run(&mut NullObserver, RunLimits::default()) {
+        Err(virtlab_machine::MachineError::UnbackedPhysicalAddress { address, rip, .. }) => {
+            assert_eq!((address, rip), (0xe000_0000, store))
+        }
+        other => panic!("expected an access outside RAM, got {other:?}"),
+    }
+    if !kvm_here() {
+        return;
+    }
+    match run(&image, &config(Duration::from_secs(20))) {
+        // KVM reports the access as MMIO to an address with no device; its RIP is the store's, or past it.
+        Err(KvmError::UnmappedMmio { gpa, rip }) => {
+            assert_eq!(gpa, 0xe000_0000);
+            assert!(rip == store || rip == store + 5, "{rip:#x}");
+        }
+        other => panic!("expected an unmapped access, got {other:?}"),
+    }
+}
+
+#[test]
 fn a_triple_fault_is_reported_with_its_rip() {
     // lidt [descriptor with limit 0]; mov ax, 0xfff8; mov ds, ax -> #GP (selector past the GDT limit), which
     // cannot be delivered -> #DF, which cannot either -> shutdown.

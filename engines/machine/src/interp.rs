@@ -389,7 +389,14 @@ impl<O: ExecutionObserver> Interp<'_, O> {
     fn handle_fault(&mut self, fault: Fault) -> Result<(), MachineError> {
         match fault {
             Fault::Exception { vector, error_code, address } => self.deliver_exception(vector, error_code, address),
-            Fault::Stop(error) => Err(*error),
+            Fault::Stop(mut error) => {
+                // Built while the instruction ran, when RIP already pointed past it; RIP is rewound to the
+                // instruction that made the access by now.
+                if let MachineError::UnbackedPhysicalAddress { rip, .. } = error.as_mut() {
+                    *rip = self.cpu.rip;
+                }
+                Err(*error)
+            }
         }
     }
 

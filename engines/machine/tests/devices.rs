@@ -78,7 +78,10 @@ fn unbacked_physical_address_is_an_error() {
         a.mov(rax, qword_ptr(rdi)).unwrap();
     });
     match result.unwrap_err() {
-        MachineError::UnbackedPhysicalAddress { address, .. } => assert_eq!(address, 0x3000_0000),
+        // The load after the 10-byte `mov rdi, imm64` is the instruction named.
+        MachineError::UnbackedPhysicalAddress { address, rip, .. } => {
+            assert_eq!((address, rip), (0x3000_0000, CODE + 10))
+        }
         other => panic!("unexpected {other}"),
     }
 }

@@ -114,3 +114,33 @@ fn a_triple_fault_ends_the_trace_with_its_chain() {
     assert_eq!(view.footer().totals.instructions, 2);
     assert_eq!(view.footer().totals.count(EventKind::DescriptorLoad), 1);
 }
+
+#[test]
+fn a_guest_writing_outside_ram_ends_a_valid_incomplete_trace_naming_the_address() {
+    // xor eax, eax; mov [0xe0000000], eax; jmp $ — neither RAM nor the MMIO test region.
+    let code = [0x31, 0xc0, 0xa3, 0x00, 0x00, 0x00, 0xe0, 0xeb, 0xfe];
+    let (trace, _) = record("outside-ram", &code, 1000);
+    check(Cursor::new(&trace)).unwrap();
+    let view = TraceView::open(&trace).unwrap();
+    assert_eq!(view.footer().ending.reason, EndReason::MachineError);
+    assert!(!view.footer().is_complete());
+    let store = u64::from(LOAD) + CODE_OFFSET as u64 + 2;
+    let detail = &view.footer().ending.detail;
+    assert!(detail.contains("0xe0000000") && detail.contains(&format!("RIP {store:#x}")), "{detail}");
+    assert_eq!(view.footer().totals.instructions, 1, "the XOR retired, the store did not");
+}
+
+#[test]
+fn a_guest_meeting_an_unmodelled_instruction_ends_a_valid_incomplete_trace_naming_it() {
+    // nop; fninit (x87, not modelled); jmp $
+    let code = [0x90, 0xdb, 0xe3, 0xeb, 0xfe];
+    let (trace, _) = record("unmodelled", &code, 1000);
+    check(Cursor::new(&trace)).unwrap();
+    let view = TraceView::open(&trace).unwrap();
+    assert_eq!(view.footer().ending.reason, EndReason::MachineError);
+    assert!(!view.footer().is_complete());
+    let fninit = u64::from(LOAD) + CODE_OFFSET as u64 + 1;
+    let detail = &view.footer().ending.detail;
+    assert!(detail.contains(&format!("fninit at {fninit:#x} (32-bit")), "{detail}");
+    assert_eq!(view.footer().totals.instructions, 1, "the NOP retired");
+}
