@@ -143,7 +143,8 @@ pub fn write_results(dir: &Path, results: &Results) -> Result<()> {
     columns.push(Column::new("key".into(), rows.iter().map(|r| r.key.as_str()).collect::<Vec<_>>()));
     columns.push(Column::new("value".into(), rows.iter().map(|r| r.value).collect::<Vec<f64>>()));
     let path = dir.join(RESULTS_PARQUET);
-    write(&path, &parquet_bytes(&path, columns, rows.len())?)?;
+    let results_parquet = parquet_bytes(&path, columns, rows.len())?;
+    write(&path, &results_parquet)?;
     write(&dir.join(RESULTS_CSV), crate::csv::results(rows).as_bytes())?;
 
     let sites = &results.sites;
@@ -155,14 +156,21 @@ pub fn write_results(dir: &Path, results: &Results) -> Result<()> {
     columns.push(Column::new("disassembly".into(), sites.iter().map(|s| s.disassembly.as_str()).collect::<Vec<_>>()));
     columns.push(Column::new("function".into(), sites.iter().map(|s| s.function.as_str()).collect::<Vec<_>>()));
     let path = dir.join(SITES_PARQUET);
-    write(&path, &parquet_bytes(&path, columns, sites.len())?)?;
+    let sites_parquet = parquet_bytes(&path, columns, sites.len())?;
+    write(&path, &sites_parquet)?;
 
+    let digests = [digest(&results_parquet), digest(&sites_parquet)];
     // `{:#}` is serde_json's pretty form of a value, which cannot fail to serialize.
-    let text = format!("{:#}\n", manifest_json(&results.manifest, rows.len(), sites.len()));
+    let text = format!("{:#}\n", manifest_json(&results.manifest, rows.len(), sites.len(), &digests));
     write(&manifest_path, text.as_bytes())
 }
 
-fn manifest_json(m: &Manifest, rows: usize, sites: usize) -> Value {
+/// A file's BLAKE3 digest in hex, as the manifest records it.
+fn digest(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+fn manifest_json(m: &Manifest, rows: usize, sites: usize, digests: &[String; 2]) -> Value {
     let s = &m.shard;
     json!({
         "format": FORMAT,
@@ -175,6 +183,7 @@ fn manifest_json(m: &Manifest, rows: usize, sites: usize) -> Value {
         "profiles": m.profiles,
         "options": m.options,
         "rows": { RESULTS_PARQUET: rows, SITES_PARQUET: sites },
+        "blake3": { RESULTS_PARQUET: digests[0], SITES_PARQUET: digests[1] },
     })
 }
 
@@ -190,9 +199,9 @@ pub fn read_results(dir: &Path) -> Result<Results> {
         ),
         _ => Error::Read { path: manifest_path.clone(), source },
     })?;
-    let (manifest, counts) = parse_manifest(&manifest_path, &text)?;
+    let (manifest, counts, digests) = parse_manifest(&manifest_path, &text)?;
     let results_path = dir.join(RESULTS_PARQUET);
-    let frame = read_parquet(&results_path, counts.0)?;
+    let frame = read_parquet(&results_path, counts.0, digests.0.as_deref())?;
     let jobs = read_jobs(&results_path, &frame)?;
     let family = strings(&results_path, &frame, "family")?;
     let key = strings(&results_path, &frame, "key")?;
@@ -201,7 +210,7 @@ pub fn read_results(dir: &Path) -> Result<Results> {
         .map(|i| Row { job: jobs[i].clone(), family: family[i].clone(), key: key[i].clone(), value: value[i] })
         .collect();
     let sites_path = dir.join(SITES_PARQUET);
-    let frame = read_parquet(&sites_path, counts.1)?;
+    let frame = read_parquet(&sites_path, counts.1, digests.1.as_deref())?;
     let jobs = read_jobs(&sites_path, &frame)?;
     let address = numbers_u64(&sites_path, &frame, "address")?;
     let kind = strings(&sites_path, &frame, "kind")?;
@@ -248,7 +257,12 @@ fn text_list(path: &Path, object: &Value, key: &str) -> Result<Vec<String>> {
 }
 
 /// The manifest and the row counts it promises for (results, sites).
-fn parse_manifest(path: &Path, text: &str) -> Result<(Manifest, (u64, u64))> {
+/// The BLAKE3 digests manifest.json gives results.parquet and sites.parquet (absent from results written before
+/// the manifest recorded them).
+type Digests = (Option<String>, Option<String>);
+
+/// The manifest, the row counts it gives each Parquet file, and their digests.
+fn parse_manifest(path: &Path, text: &str) -> Result<(Manifest, (u64, u64), Digests)> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         Error::invalid(path, format!("not JSON ({e})"), "the manifest `virtlab sweep` writes (a JSON object)")
     })?;
@@ -291,19 +305,43 @@ fn parse_manifest(path: &Path, text: &str) -> Result<(Manifest, (u64, u64))> {
         unsigned(path, &value, &format!("/rows/{RESULTS_PARQUET}"))?,
         unsigned(path, &value, &format!("/rows/{SITES_PARQUET}"))?,
     );
-    Ok((manifest, counts))
+    let digest_of = |file: &str| -> Result<Option<String>> {
+        match value.pointer(&format!("/blake3/{file}")) {
+            None => Ok(None),
+            Some(Value::String(hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Ok(Some(hex.to_ascii_lowercase()))
+            }
+            Some(_) => Err(Error::invalid(
+                path,
+                format!("`blake3.{file}` is not a BLAKE3 digest"),
+                "64 hexadecimal digits, as `virtlab sweep` writes",
+            )),
+        }
+    };
+    Ok((manifest, counts, (digest_of(RESULTS_PARQUET)?, digest_of(SITES_PARQUET)?)))
 }
 
-fn read_parquet(path: &Path, expected_rows: u64) -> Result<DataFrame> {
-    let file = std::fs::File::open(path).map_err(|source| match source.kind() {
+fn read_parquet(path: &Path, expected_rows: u64, expected_digest: Option<&str>) -> Result<DataFrame> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => {
             Error::invalid(path, "missing", "the file `virtlab sweep` writes beside manifest.json")
         }
         _ => Error::Read { path: path.to_path_buf(), source },
     })?;
+    if let Some(expected) = expected_digest {
+        let found = digest(&bytes);
+        if found != expected {
+            return Err(Error::invalid(
+                path,
+                format!("its BLAKE3 digest is {found}, where manifest.json says {expected}"),
+                "the file `virtlab sweep` wrote: it was changed or damaged since (run the sweep again)",
+            ));
+        }
+    }
     // Polars' Parquet decoder asserts on some damaged files (a dictionary page whose length disagrees with its
     // header, for one) instead of returning an error: a damaged results file must be an error naming it.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ParquetReader::new(file).finish()));
+    let reader = ParquetReader::new(std::io::Cursor::new(bytes));
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.finish()));
     let Ok(decoded) = decoded else {
         return Err(Error::invalid(
             path,

@@ -37,7 +37,8 @@ use super::verdicts::Verdicts;
 ///   sites.parquet    per engine: guest address, kind (exit, callout, hypercall, holes,
 ///                    detectable), reason, count, the instruction's disassembly, and the
 ///                    guest function holding it (`name+0x1c`, when the trace names them)
-///   manifest.json    schema version, traces, engines, profiles, options, shard, row counts
+///   manifest.json    schema version, traces, engines, profiles, options, shard, row counts,
+///                    and each Parquet file's BLAKE3 digest (a changed file is refused by it)
 /// The files are byte-identical for the same traces and command line, on any thread count.
 ///
 /// Sharding: `--shard I/N` runs the I-th of N contiguous slices of the job list (jobs are
