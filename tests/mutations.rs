@@ -332,7 +332,8 @@ fn mutated_budget_files_parse_or_name_the_file() {
     for number in 0..mutations() {
         let (text, what) = damage_toml(&mut rng, original);
         let outcome = catch_unwind(AssertUnwindSafe(|| match Budgets::parse(&text, path, &vocabulary) {
-            Ok(budgets) => assert_eq!(budgets.profile, "p4-2006"),
+            // A damaged profile name parses: the profile is looked up when the gate runs, naming it.
+            Ok(_) => {}
             Err(error) => assert!(error.to_string().starts_with("mutated.toml"), "{error}"),
         }));
         assert!(outcome.is_ok(), "budget mutation {number} ({what}): the parser panicked or named no file");
