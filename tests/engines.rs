@@ -129,7 +129,7 @@ fn translations_match_the_bt_table(trace: &PreparedTrace, context: &str) {
     use virtlab_engines::strategy::{Mechanism, Mode, Subject};
     use virtlab_engines::translate::{translate, uses_gs_register, SiteKind, TranslateOptions};
 
-    let table = engine::by_name("bt").unwrap().table(&lmsle());
+    let table = engine::by_name("bt").unwrap().table(&lmsle(), trace.width());
     let options = TranslateOptions { in_tc_ports: &lmsle().bt_in_tc_ports, guilty: &[] };
     let mut checked = 0;
     for index in 0..trace.facts.len() {

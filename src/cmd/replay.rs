@@ -225,6 +225,7 @@ pub fn metrics_json(engine: &str, profile: &Profile, metadata: &Metadata, m: &Me
     let t = &m.translation;
     let s = &m.shadow;
     let k = &m.mechanism;
+    let p = &m.protection;
     json!({
         "engine": engine,
         "profile": profile.name,
@@ -257,6 +258,11 @@ pub fn metrics_json(engine: &str, profile: &Profile, metadata: &Metadata, m: &Me
             "vmcs_reads": k.vmcs_reads, "vmcs_writes": k.vmcs_writes,
             "guest_walk_references": k.guest_walk_references, "walk_references": k.walk_references,
             "tlb_fills": k.tlb_fills, "tlb_flushes": k.tlb_flushes, "tlb_refills": k.tlb_refills,
+        },
+        "protection": {
+            "kernel_ring": p.kernel_ring, "monitor_base": p.monitor_base.map(|base| format!("{base:#x}")),
+            "shadow_descriptor_loads": p.shadow_descriptor_loads, "monitor_area_touches": p.monitor_area_touches,
+            "page_table_switches": p.page_table_switches, "fast_system_calls": p.fast_system_calls,
         },
         "holes": findings(symbols, &m.holes()),
         "detectable": findings(symbols, &m.detectable_events()),

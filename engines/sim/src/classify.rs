@@ -39,6 +39,10 @@ pub enum Op {
     ReadCodeOrStackSelector,
     /// Far CALL, JMP or RET: may go through a gate, whose privilege checks a deprivileged kernel changes.
     FarTransfer,
+    /// MOV or POP to a data or stack segment register, LDS/LES/LFS/LGS/LSS: checks the descriptor's privilege
+    /// against the CPL and loads its limit, so a deprivileged kernel needs the monitor's copies of its
+    /// descriptors (privilege raised, limit truncated below the monitor).
+    SegmentLoad,
     Rdmsr,
     Wrmsr,
     /// IN or INS.
@@ -124,6 +128,7 @@ impl Op {
                 | Op::Verw
                 | Op::ReadCodeOrStackSelector
                 | Op::FarTransfer
+                | Op::SegmentLoad
         )
     }
 
@@ -192,6 +197,7 @@ impl Op {
             Op::Verw => "verw",
             Op::ReadCodeOrStackSelector => "read_cs_ss",
             Op::FarTransfer => "far_transfer",
+            Op::SegmentLoad => "segment_load",
             Op::Rdmsr => "rdmsr",
             Op::Wrmsr => "wrmsr",
             Op::PortIn => "in",
@@ -242,6 +248,12 @@ pub fn classify(instruction: &Instruction) -> Op {
         {
             Op::MovFromCr(control_register(instruction.op1_register()))
         }
+        Mnemonic::Mov | Mnemonic::Pop
+            if instruction.op0_kind() == OpKind::Register && instruction.op0_register().is_segment_register() =>
+        {
+            Op::SegmentLoad
+        }
+        Mnemonic::Lds | Mnemonic::Les | Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss => Op::SegmentLoad,
         Mnemonic::Mov if instruction.op_count() == 2 && is_code_or_stack_selector_read(instruction) => {
             Op::ReadCodeOrStackSelector
         }
@@ -524,6 +536,10 @@ mod tests {
         assert_eq!(op_of(64, &[0x0f, 0x01, 0xf8]), Op::Swapgs);
         assert_eq!(op_of(64, &[0x48, 0x89, 0xd8]), Op::Innocuous); // mov rax, rbx
         assert_eq!(op_of(64, &[0xc3]), Op::Innocuous); // ret
+        assert_eq!(op_of(32, &[0x8e, 0xd8]), Op::SegmentLoad); // mov ds, eax
+        assert_eq!(op_of(32, &[0x1f]), Op::SegmentLoad); // pop ds
+        assert_eq!(op_of(32, &[0x0f, 0xb2, 0x00]), Op::SegmentLoad); // lss eax, [eax]
+        assert_eq!(op_of(32, &[0x8c, 0xd8]), Op::Innocuous, "mov eax, ds reads a data selector: no privilege shows");
 
         assert_eq!(Op::Popf.class(), Class::SensitiveUnprivileged);
         assert_eq!(Op::Cli.class(), Class::Privileged);

@@ -4,6 +4,8 @@ use virtlab_traces::TraceError;
 
 use crate::metrics::Metrics;
 use crate::profile::Profile;
+use crate::protection::{GuestWidth, Protection};
+use crate::strategy::Table;
 use crate::trace::PreparedTrace;
 
 /// A virtualization strategy replayed on a recorded execution. Object-safe, `Send + Sync`: `virtlab replay`
@@ -13,9 +15,13 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// One line on the strategy, for `--help` and reports.
     fn summary(&self) -> &'static str;
-    /// What the engine does with each instruction class and event under `options`: the table its replay derives
-    /// from.
-    fn table(&self, options: &Options) -> crate::strategy::Table;
+    /// What the engine does with each instruction class and event under `options`, for a guest kernel of the
+    /// given width: the table its replay derives from.
+    fn table(&self, options: &Options, width: GuestWidth) -> Table;
+    /// Where the engine runs a guest kernel of the given width and how its monitor guards itself.
+    fn protection(&self, _options: &Options, _width: GuestWidth) -> Protection {
+        Protection::SEPARATE
+    }
     /// Begin replaying `trace` with `profile`'s costs. An engine that cannot model this trace with these options
     /// returns [`EngineError::Unsupported`] with the reason.
     fn start<'t>(
@@ -181,19 +187,18 @@ pub fn all() -> Vec<Box<dyn Engine>> {
     ]
 }
 
-/// Every engine's strategy table under `options`, titled by engine, in the order of [`all`]; a paravirtualized
-/// guest's table depends on its width, so `paravirt` gives two, the 64-bit one first (unless `options` fixes
-/// the width).
-pub fn tables(options: &Options) -> Vec<(String, crate::strategy::Table)> {
+/// Every engine's strategy table under `options`, titled by engine, in the order of [`all`]; an engine whose
+/// table depends on the guest's width (where it runs the kernel, what guards its monitor) gives two, titled
+/// `name (x86-64)` and `name (x86-32)`.
+pub fn tables(options: &Options) -> Vec<(String, Table)> {
     let mut tables = Vec::new();
     for engine in all() {
-        if engine.name() == "paravirt" && options.paravirt_guest_bits == GuestBits::Auto {
-            for (bits, title) in [(GuestBits::Bits64, "paravirt (64-bit)"), (GuestBits::Bits32, "paravirt (32-bit)")] {
-                let fixed = Options { paravirt_guest_bits: bits, ..options.clone() };
-                tables.push((title.to_string(), engine.table(&fixed)));
-            }
+        let [wide, narrow] = GuestWidth::ALL.map(|width| engine.table(options, width));
+        if wide == narrow {
+            tables.push((engine.name().to_string(), wide));
         } else {
-            tables.push((engine.name().to_string(), engine.table(options)));
+            tables.push((format!("{} ({})", engine.name(), GuestWidth::Bits64.arch()), wide));
+            tables.push((format!("{} ({})", engine.name(), GuestWidth::Bits32.arch()), narrow));
         }
     }
     tables

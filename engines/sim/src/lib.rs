@@ -16,6 +16,7 @@ pub mod metrics;
 mod plan;
 pub mod primitive;
 pub mod profile;
+pub mod protection;
 mod replay;
 pub mod shadow;
 pub mod strategy;
@@ -26,9 +27,12 @@ pub mod translate;
 pub use engine::{Engine, EngineError, GuestBits, OptionError, Options, Run, OPTION_KEYS};
 pub use engines::bt::NEEDS_LMSLE;
 pub use engines::paravirt::MAX_BATCH;
-pub use metrics::{CycleCause, ExitReason, Finding, Hypercall, MechanismStats, Metrics, Site, SiteCause};
+pub use metrics::{
+    CycleCause, ExitReason, Finding, Hypercall, MechanismStats, Metrics, ProtectionStats, Site, SiteCause,
+};
 pub use primitive::Primitive;
 pub use profile::{Profile, ProfileError, Provenance};
+pub use protection::{GuestWidth, Guard, KernelPlacement, Protection};
 pub use trace::PreparedTrace;
 
 use std::sync::Mutex;

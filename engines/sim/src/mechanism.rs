@@ -10,6 +10,7 @@ use crate::primitive::Primitive as P;
 use crate::replay::{KernelCode, Replay};
 use crate::shadow::{paging_bits_changed, ShadowMmu, ShadowPolicy, Touch};
 use crate::strategy::{Action, Disposition, Handling, Mechanism, TraceHandling};
+use crate::protection::Protection;
 use crate::tlb::Refills;
 use virtlab_traces::fasthash::FastSet;
 
@@ -29,6 +30,7 @@ pub(crate) struct Monitor {
     /// Whether VM transitions keep the guest's translations (VPID).
     vpid: bool,
     user_space_devices: bool,
+    protection: Protection,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +50,8 @@ pub(crate) struct MonitorParts {
     /// The engine's mechanisms flush the TLB (VM transitions without VPID, paravirt page-table switches).
     pub flushes: bool,
     pub user_space_devices: bool,
+    /// Where the guest kernel runs and what guards the monitor.
+    pub protection: Protection,
 }
 
 impl Monitor {
@@ -65,7 +69,12 @@ impl Monitor {
             refills: parts.flushes.then(|| Refills::new(profile.count(P::TlbEntries))),
             vpid,
             user_space_devices: parts.user_space_devices,
+            protection: parts.protection,
         }
+    }
+
+    pub fn protection(&self) -> Protection {
+        self.protection
     }
 
     /// A block executed: the refill of its code page after a flush the mechanisms added.
@@ -110,7 +119,7 @@ impl Monitor {
             refills.native_flush();
         }
         match disposition.mechanism {
-            Mechanism::Native | Mechanism::GuestMode => self.native(r, event),
+            Mechanism::Native | Mechanism::GuestMode | Mechanism::ShadowDescriptor => self.native(r, event),
             Mechanism::Detectable(kind) => {
                 self.native(r, event);
                 let site = r.site(at);
@@ -224,6 +233,7 @@ impl Monitor {
                 }
             }
             Action::PageTableSwitch => {
+                r.metrics.protection.page_table_switches += 1;
                 r.pay(CycleCause::PageTableSwitches, P::MovToCr, 1);
                 if let Some(refills) = self.refills.as_mut() {
                     refills.flush();
@@ -234,6 +244,17 @@ impl Monitor {
                 let site = r.site(at);
                 hypercall(r, Hypercall::StackSwitch, site, self.pv_bits64)
             }
+            Action::GuardCheck => {
+                if let (Some(base), Event::PageTouch { page, .. }) = (self.protection.monitor_base(), event) {
+                    if *page >= base {
+                        r.metrics.protection.monitor_area_touches += 1;
+                        let site = r.site(at);
+                        r.metrics.detectable("access_beyond_truncated_segment", site, 1);
+                        trap_emulate(r, ExitReason::ExceptionNmi, at);
+                    }
+                }
+            }
+            Action::FastSystemCall => r.metrics.protection.fast_system_calls += 1,
         }
     }
 

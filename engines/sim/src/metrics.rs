@@ -328,6 +328,24 @@ pub struct MechanismStats {
     pub tlb_refills: u64,
 }
 
+/// Where the guest kernel ran and what the monitor's self-protection cost (`crate::protection`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProtectionStats {
+    /// The ring the guest kernel ran in; `None` when the monitor interpreted it.
+    pub kernel_ring: Option<u8>,
+    /// The lowest address of the monitor's area when segment limits guard it.
+    pub monitor_base: Option<u64>,
+    /// Segment-register loads that went through the monitor's copies of the guest's descriptors.
+    pub shadow_descriptor_loads: u64,
+    /// First touches (one per page per TLB epoch, what the trace records) of pages in the monitor's area: accesses
+    /// beyond a truncated segment limit, each a #GP the monitor emulates.
+    pub monitor_area_touches: u64,
+    /// Switches between the guest kernel's and guest user's page tables (a ring-3 kernel).
+    pub page_table_switches: u64,
+    /// System calls that went through the fast trap gate without entering the monitor.
+    pub fast_system_calls: u64,
+}
+
 /// A place where the guest would see something a native machine would not show it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Finding {
@@ -380,6 +398,7 @@ pub struct Metrics {
     pub page_table_updates_batched: u64,
     pub shadow: ShadowStats,
     pub mechanism: MechanismStats,
+    pub protection: ProtectionStats,
     pub millicycles: [u64; CycleCause::COUNT],
     /// The same millicycles, by the profile primitive that priced them.
     pub by_primitive: [u64; Primitive::COUNT],
@@ -400,6 +419,7 @@ impl Default for Metrics {
             page_table_updates_batched: 0,
             shadow: ShadowStats::default(),
             mechanism: MechanismStats::default(),
+            protection: ProtectionStats::default(),
             millicycles: [0; CycleCause::COUNT],
             by_primitive: [0; Primitive::COUNT],
             holes: BTreeMap::new(),

@@ -21,6 +21,8 @@ pub(crate) enum Effect {
     Trap(crate::metrics::ExitReason),
     Hole(&'static str),
     Detectable(&'static str),
+    /// A segment-register load through the monitor's copy of the descriptor.
+    ShadowDescriptorLoad,
 }
 
 /// One operation's share of a block plan.
@@ -77,6 +79,7 @@ fn op_plan(op: Op, mechanism: Mechanism, costs: &Costs) -> (Vec<Charge>, Effect)
     let native = || native_op_cost(op, costs).into_iter().collect::<Vec<_>>();
     match mechanism {
         Mechanism::Native | Mechanism::GuestMode => (native(), Effect::Silent),
+        Mechanism::ShadowDescriptor => (native(), Effect::ShadowDescriptorLoad),
         // A store to memory shared with the hypervisor: a plain instruction, already counted.
         Mechanism::SharedMemory => (Vec::new(), Effect::Silent),
         Mechanism::Detectable(kind) => (native(), Effect::Detectable(kind)),
@@ -144,7 +147,7 @@ impl BlockPlan {
                 Effect::Trap(_) => Effect::Trap(exit_reason_of(op)),
                 Effect::Hole(_) => Effect::Hole(kernel_hole(op)),
                 Effect::Detectable(kind) => Effect::Detectable(user_detectable(op).unwrap_or(kind)),
-                Effect::Silent => Effect::Silent,
+                other => other,
             };
             for &(cause, primitive, cost) in &costs {
                 plan.add(cause, primitive, cost);
@@ -216,6 +219,7 @@ fn record(r: &mut Replay, block: usize, planned: &Planned, count: u64) {
         }
         Effect::Hole(kind) => r.metrics.hole(kind, address, count),
         Effect::Detectable(kind) => r.metrics.detectable(kind, address, count),
+        Effect::ShadowDescriptorLoad => r.metrics.protection.shadow_descriptor_loads += count,
     }
 }
 

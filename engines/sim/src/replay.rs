@@ -158,7 +158,11 @@ impl<'t, 'a> Session<'t, 'a> {
         let initial = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::Disabled, cr3: 0 };
         let costs = Costs::new(profile);
         let plans = Plans::build(trace, &table, &costs);
-        let replay = Replay { trace, metrics: Metrics::default(), context: initial, costs, current: 0, retired: 0 };
+        let mut metrics = Metrics::default();
+        let protection = monitor.protection();
+        metrics.protection.kernel_ring = protection.kernel_ring();
+        metrics.protection.monitor_base = protection.monitor_base();
+        let replay = Replay { trace, metrics, context: initial, costs, current: 0, retired: 0 };
         Session { replay, table, plans, monitor, kernel_code, scratch: DecodeScratch::default() }
     }
 }

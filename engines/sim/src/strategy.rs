@@ -15,6 +15,9 @@ use crate::metrics::{ExitReason, Hypercall};
 
 /// The POST port: an I/O delay with no device behind it.
 pub const POST_PORT: u16 = virtlab_machine_facts::MACHINE.post_port;
+/// The vector of the system-call gate, as Linux and the lab's 32-bit kernel use it (a paravirtualized kernel
+/// registers it with Xen as its fast trap).
+pub const SYSTEM_CALL_VECTOR: u8 = 0x80;
 /// COM1's registers.
 pub const CONSOLE_PORTS: std::ops::RangeInclusive<u16> = virtlab_machine_facts::MACHINE.serial_ports();
 const MSR_FS_BASE: u32 = 0xc000_0100;
@@ -73,6 +76,7 @@ subjects! {
     SegmentCheck => "LAR, LSL, VERR, VERW",
     SelectorRead => "MOV from CS/SS, PUSH CS/SS",
     FarTransfer => "far CALL, JMP, RET",
+    SegmentLoad => "MOV/POP to a segment register, LDS/LES/LFS/LGS/LSS",
     ControlRead => "MOV from CR0, CR2, CR4",
     Cr3Read => "MOV from CR3",
     Cr8Read => "MOV from CR8",
@@ -84,6 +88,7 @@ subjects! {
     OtherPrivileged => "other privileged instructions",
     Syscall => "SYSCALL",
     SoftwareInterrupt => "INT n",
+    SystemCallGate => "INT 0x80 (the system-call gate)",
     Sysret => "SYSRET",
     Iret => "IRET",
     PageFault => "page fault (true, the guest's)",
@@ -131,6 +136,7 @@ impl Subject {
             Op::Lar | Op::Lsl | Op::Verr | Op::Verw => Subject::SegmentCheck,
             Op::ReadCodeOrStackSelector => Subject::SelectorRead,
             Op::FarTransfer => Subject::FarTransfer,
+            Op::SegmentLoad => Subject::SegmentLoad,
             Op::MovFromCr(8) => Subject::Cr8Read,
             Op::MovFromCr(3) => Subject::Cr3Read,
             Op::MovFromCr(_) => Subject::ControlRead,
@@ -190,6 +196,7 @@ impl Subject {
                 _ => return None,
             },
             Event::Syscall { .. } => Subject::Syscall,
+            Event::SoftwareInterrupt { vector: SYSTEM_CALL_VECTOR, .. } => Subject::SystemCallGate,
             Event::SoftwareInterrupt { .. } => Subject::SoftwareInterrupt,
             Event::Sysret { .. } => Subject::Sysret,
             Event::Iret { .. } => Subject::Iret,
@@ -316,6 +323,9 @@ pub enum Mechanism {
     VmExit(ExitReason, Handling),
     /// Runs in guest mode without an exit.
     GuestMode,
+    /// Runs directly against the monitor's copy of the guest's descriptor (its privilege raised to the ring the
+    /// kernel runs in, its limit truncated below the monitor), kept in the monitor's GDT: counted.
+    ShadowDescriptor,
 }
 
 /// What the binary translator emits for a kernel instruction (its rules are `translate.rs`'s module comment).
@@ -372,6 +382,11 @@ pub enum Action {
     ClassifyFault,
     /// A true page fault, counted (`shadow.true_faults`).
     TrueFault,
+    /// Segment limits guard the monitor: a touch of a page in its area is an access beyond a truncated limit,
+    /// a #GP the monitor takes and emulates (counted, with the guest address).
+    GuardCheck,
+    /// Paravirt x86-32: the system call went through the fast trap gate straight into the ring-1 kernel (counted).
+    FastSystemCall,
 }
 
 /// One cell of the table.
@@ -392,7 +407,7 @@ impl Disposition {
 }
 
 /// One engine's whole table: a disposition for every subject in every mode.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     cells: Vec<[Disposition; 2]>,
 }
@@ -506,6 +521,7 @@ impl Mechanism {
             Mechanism::Elided => "elided",
             Mechanism::VmExit(..) => "vm_exit",
             Mechanism::GuestMode => "guest_mode",
+            Mechanism::ShadowDescriptor => "shadow_descriptor",
         }
     }
 
@@ -559,6 +575,7 @@ pub fn describe(disposition: &Disposition) -> String {
         Mechanism::Elided => "nothing (a paravirtualized kernel does no I/O delay)".to_string(),
         Mechanism::VmExit(reason, handling) => format!("exit [{}] + {}", reason.name(), handling_name(handling)),
         Mechanism::GuestMode => "no exit".to_string(),
+        Mechanism::ShadowDescriptor => "direct, through the monitor's copy of the descriptor".to_string(),
     };
     for action in disposition.actions {
         text += &format!(" + {}", action_name(*action));
@@ -598,5 +615,7 @@ pub fn action_name(action: Action) -> &'static str {
         Action::StackSwitch => "`stack_switch`",
         Action::ClassifyFault => "guest walk to classify the fault",
         Action::TrueFault => "counted as a true fault",
+        Action::GuardCheck => "a touch of the monitor's area faults (#GP beyond the truncated limit)",
+        Action::FastSystemCall => "fast trap gate into the ring-1 kernel, Xen not entered",
     }
 }

@@ -24,4 +24,12 @@ impl<'a> PreparedTrace<'a> {
     pub fn has_64_bit_code(&self) -> bool {
         self.facts.iter().any(|f| f.mode == CodeMode::Bits64)
     }
+
+    /// The guest kernel's width: 64-bit when the guest ran any 64-bit code.
+    pub fn width(&self) -> crate::protection::GuestWidth {
+        match self.has_64_bit_code() {
+            true => crate::protection::GuestWidth::Bits64,
+            false => crate::protection::GuestWidth::Bits32,
+        }
+    }
 }

@@ -46,7 +46,9 @@
 //!   re-targets it when the guest address is within ±2 GiB of the TC or below 4 GiB (one instruction); an address
 //!   in the top 2 GiB (a 64-bit kernel image) becomes an absolute `disp32` (one instruction); any other address is
 //!   loaded into a free register saved in REWRITE_SPILL (four instructions).
-//! - **IDENT**: everything else.
+//! - **IDENT**: everything else, segment-register loads included (the monitor's GDT holds copies of the guest's
+//!   descriptors with their privilege raised and their limits truncated below the monitor, which the hardware
+//!   loads).
 //!
 //! Control transfers and callouts that leave the CCF must be the block's last instruction (the recorder ends a
 //! block after each). A block that ends otherwise, after a sensitive instruction or at a page boundary, gets a
@@ -351,7 +353,8 @@ fn plan(instruction: &Instruction, forced: bool, in_tc_ports: &[u16]) -> Plan {
         return Plan::Callout { leaves };
     }
     match (op, flow) {
-        (Op::Innocuous, FlowControl::Next) => Plan::Copy,
+        // The monitor's GDT holds truncated copies of the guest's descriptors: the hardware does the rest.
+        (Op::Innocuous | Op::SegmentLoad, FlowControl::Next) => Plan::Copy,
         (Op::Innocuous, FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch) => Plan::Direct,
         (Op::Innocuous, FlowControl::Call) => Plan::DirectCall,
         (Op::Innocuous, FlowControl::IndirectBranch | FlowControl::IndirectCall | FlowControl::Return) => {

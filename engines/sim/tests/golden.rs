@@ -286,9 +286,13 @@ fn trap_and_emulate_traps_privileged_instructions_and_falls_into_the_holes() {
     // U1: sgdt 1. CR3: 1110 + shadow switch 40 + protecting the new root's table 3 = 1153. IN: 1110 + device 30.
     // SYSRET: 1110. Touch: TLB fill 4 + trap 1000 + guest walk 4 × 2 + fill 200 + protecting 3 tables 9 = 1221.
     // CPUID natively 7. SYSCALL: trap 1000 + reflect 20. K2 × 5: write 1110 + shadow update 16, INVLPG 1110 +
-    // invalidate 8, HLT 1110 = 3354 each.
-    // 25 + 2224 + 1 + 1153 + 1140 + 1110 + 1221 + 7 + 1020 + 16770 = 24671.
-    assert_eq!(m.cycles(), 24_671);
+    // invalidate 8, HLT 1110 = 3354 each. A 64-bit kernel runs in ring 3 beside user code: the monitor switches
+    // page tables on the way to user mode and back (a CR3 load 5 each, which flushes the TLB: U1's and then K2's
+    // code page are refilled, 4 references each).
+    // 25 + 2224 + 1 + 1153 + 1140 + 1110 + 1221 + 7 + 1020 + 16770 + 2 × (5 + 4) = 24689.
+    assert_eq!(m.cycles(), 24_689);
+    assert_eq!((m.protection.kernel_ring, m.protection.page_table_switches), (Some(3), 2));
+    assert_eq!(m.protection.monitor_base, None, "long mode ignores segment limits: paging guards the monitor");
     // 22 traps: cli, sti, mov cr3, in, sysret, the touch, the SYSCALL and 3 in each K2.
     assert_eq!(m.cycles_by(Primitive::Trap), 22 * 1000);
     // Five exits each at 0x100100, 0x100103 and 0x100106: ties go by address.
@@ -344,13 +348,16 @@ fn paravirt_turns_privileged_operations_into_hypercalls_and_batches_page_table_u
     let mut bits32 = Options::default();
     bits32.set("paravirt.guest_bits", "32").unwrap();
     let m32 = replay("paravirt", &bits32).unwrap();
-    // A 32-bit PV kernel: the fast system-call handler and a native return; no page-table switches; its
-    // hypercalls are traps (exception 20 + Xen 300 + IRET 10 = 330).
-    assert_eq!(m32.exits_total(), 0);
+    // A 32-bit PV kernel in ring 1: a native return; no page-table switches; its hypercalls are traps (exception
+    // 20 + Xen 300 + IRET 10 = 330). Only INT 0x80 has the fast trap gate: SYSCALL enters ring 0, so Xen bounces it
+    // (SYSCALL 10 + Xen 300 + bounce frame 20 + the return 10 = 340).
+    assert_eq!(exits(&m32), [("system_call", 1)]);
+    assert_eq!((m32.protection.fast_system_calls, m32.protection.page_table_switches), (0, 0));
+    assert_eq!((m32.protection.kernel_ring, m32.protection.monitor_base), (Some(1), Some(0xfc00_0000)));
     assert_eq!(m32.hypercalls_by(Hypercall::Iret), 0);
     assert_eq!(m32.mechanism.tlb_flushes, 0);
-    // 25 + 2 + CR3 660 + native SYSRET 10 + touch 4 + CPUID 7 + native SYSCALL 10 + 5 × (330 + 341 + 330) = 5723.
-    assert_eq!(m32.cycles(), 5_723);
+    // 25 + 2 + CR3 660 + native SYSRET 10 + touch 4 + CPUID 7 + bounced SYSCALL 340 + 5 × (330 + 341 + 330) = 6053.
+    assert_eq!(m32.cycles(), 6_053);
 }
 
 #[test]

@@ -12,9 +12,11 @@
 //!
 //! The monitor protects itself with segment limits; AMD64 long mode ignores them, so a 64-bit guest is refused
 //! unless the host has long-mode segment limits (`--set bt.lmsle=true`, as on the later Opteron/Athlon 64
-//! revisions VMware required) — shared refs §8.
+//! revisions VMware required) — shared refs §8. The monitor sits in the top 4 MiB; the guest's segments are
+//! truncated below it, so the guest's segment loads go through the monitor's copies of its descriptors (counted)
+//! and a guest touch of the monitor's area is a fault the monitor emulates (counted, with its address).
 
-use super::{d, monitor_tables_visible_to_user, shadow_paging};
+use super::{d, monitor_tables_visible_to_user, protect, shadow_paging};
 use crate::classify::Op;
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::mechanism::{Monitor, MonitorParts};
@@ -22,6 +24,7 @@ use crate::metrics::{CycleCause, ExitReason as R};
 use crate::plan::{native_op_cost, Charge};
 use crate::primitive::Primitive as P;
 use crate::profile::Profile;
+use crate::protection::{GuestWidth, Protection, VMWARE_MONITOR_BYTES};
 use crate::replay::{Costs, KernelCode, Replay, Session};
 use crate::strategy::{Action, Disposition, Emitted, Mechanism, Mode, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
@@ -46,7 +49,8 @@ required long-mode segment limits (LMSLE, later AMD Opteron/Athlon 64 revisions)
 /// of every catalog trace and checks each instruction's site against this.
 fn emitted(subject: Subject) -> Emitted {
     match subject {
-        Subject::Instructions => Emitted::Ident,
+        // A segment load is copied: the hardware resolves it against the monitor's truncated copies.
+        Subject::Instructions | Subject::SegmentLoad => Emitted::Ident,
         Subject::InterruptFlag
         | Subject::FlagsImage
         | Subject::DescriptorRead
@@ -61,7 +65,13 @@ fn emitted(subject: Subject) -> Emitted {
     }
 }
 
-pub(crate) fn table(_options: &Options) -> Table {
+/// Where the translated kernel runs: ring 1 behind segment limits (long-mode ones for a 64-bit guest, which
+/// [`BinaryTranslation::start`] refuses without them).
+fn protection(width: GuestWidth) -> Protection {
+    Protection::deprivileged(width, VMWARE_MONITOR_BYTES, true)
+}
+
+pub(crate) fn table(_options: &Options, width: GuestWidth) -> Table {
     let mut table = Table::filled(d(Mechanism::Native));
     for &subject in Subject::ALL {
         table.set_in(subject, Mode::Kernel, d(Mechanism::Translated(emitted(subject))));
@@ -70,8 +80,10 @@ pub(crate) fn table(_options: &Options) -> Table {
     monitor_tables_visible_to_user(&mut table);
     table.set_in(Subject::TimeStamp, Mode::User, d(Mechanism::Detectable("rdtsc_shows_monitor_time")));
     table.set_in(Subject::Syscall, Mode::User, d(Mechanism::Reflect(R::SystemCall)));
-    table.set_in(Subject::SoftwareInterrupt, Mode::User, d(Mechanism::Reflect(R::SystemCall)));
-    table.set_in(Subject::SoftwareInterrupt, Mode::Kernel, d(Mechanism::TranslatedTransfer));
+    for subject in [Subject::SoftwareInterrupt, Subject::SystemCallGate] {
+        table.set_in(subject, Mode::User, d(Mechanism::Reflect(R::SystemCall)));
+        table.set_in(subject, Mode::Kernel, d(Mechanism::TranslatedTransfer));
+    }
     table.set_in(Subject::Cpuid, Mode::User, d(Mechanism::Detectable("cpuid_reports_host")));
     let translated = |actions| Disposition::with(Mechanism::Translated(Emitted::Callout), actions);
     table.set_in(Subject::Cr3Write, Mode::Kernel, translated(&[Action::ShadowSwitch]));
@@ -89,6 +101,9 @@ pub(crate) fn table(_options: &Options) -> Table {
     for subject in [Subject::EnterKernel, Subject::ReturnToUser] {
         table.set(subject, d(Mechanism::Native));
     }
+    protect(&mut table, protection(width));
+    // Kernel code's segment loads are counted by the CCFs that copy them.
+    table.set_in(Subject::SegmentLoad, Mode::Kernel, d(Mechanism::Translated(Emitted::Ident)));
     table
 }
 
@@ -101,8 +116,12 @@ impl Engine for BinaryTranslation {
         "VMware-style binary translation of kernel code (iced-x86), direct user code, shadow paging"
     }
 
-    fn table(&self, options: &Options) -> Table {
-        table(options)
+    fn table(&self, options: &Options, width: GuestWidth) -> Table {
+        table(options, width)
+    }
+
+    fn protection(&self, _options: &Options, width: GuestWidth) -> Protection {
+        protection(width)
     }
 
     fn start<'t>(
@@ -125,8 +144,10 @@ impl Engine for BinaryTranslation {
             guilt: FastMap::default(),
             error: None,
         };
-        let monitor = Monitor::new(MonitorParts { shadow: true, ..MonitorParts::default() }, profile);
-        Ok(Box::new(Session::new(trace, profile, table(options), monitor, Some(Box::new(cache)))))
+        let width = trace.width();
+        let protection = protection(width);
+        let monitor = Monitor::new(MonitorParts { shadow: true, protection, ..MonitorParts::default() }, profile);
+        Ok(Box::new(Session::new(trace, profile, table(options, width), monitor, Some(Box::new(cache)))))
     }
 }
 
@@ -139,6 +160,8 @@ struct Ccf {
     /// In-TC sequences and helper calls a full execution runs, and its callouts with their reasons.
     in_tc: u64,
     helper_calls: u64,
+    /// Segment-register loads, resolved by the hardware against the monitor's copies of the descriptors.
+    segment_loads: Vec<u32>,
     callouts: Vec<(u32, R)>,
     /// Whether the CCF ends in continuation stubs (a direct branch or a fall-through) that can be chained; a CCF
     /// that ends in an indirect lookup or a callout that leaves has none.
@@ -250,12 +273,14 @@ impl TranslationCache {
             }
         }
         let chainable = translation.chain_slots > 0;
+        let segment_loads = facts.ops.iter().filter(|(_, op)| *op == Op::SegmentLoad).map(|&(i, _)| i).collect();
         Ccf {
             costs,
             per_instruction,
             indirect_exit,
             in_tc,
             helper_calls,
+            segment_loads,
             callouts,
             chainable,
             chained: Vec::new(),
@@ -284,6 +309,7 @@ impl TranslationCache {
         let stats = &mut r.metrics.translation;
         stats.in_tc_emulations += ccf.in_tc * count;
         stats.helper_calls += ccf.helper_calls * count;
+        r.metrics.protection.shadow_descriptor_loads += ccf.segment_loads.len() as u64 * count;
         if ccf.indirect_exit {
             stats.indirect_lookups += count;
         }
@@ -334,6 +360,8 @@ impl KernelCode for TranslationCache {
             for &(_, (cause, primitive, cost)) in ccf.per_instruction.iter().filter(|(i, _)| *i < executed) {
                 r.metrics.charge(cause, primitive, cost);
             }
+            r.metrics.protection.shadow_descriptor_loads +=
+                ccf.segment_loads.iter().filter(|&&i| i < executed).count() as u64;
             for &(index, reason) in ccf.callouts.iter().filter(|(i, _)| *i < executed) {
                 let address = r.site(index);
                 r.metrics.callout(reason, address);

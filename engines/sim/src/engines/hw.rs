@@ -15,6 +15,7 @@ use crate::engine::{Engine, EngineError, Options, Run};
 use crate::mechanism::{Monitor, MonitorParts};
 use crate::metrics::ExitReason as R;
 use crate::profile::Profile;
+use crate::protection::GuestWidth;
 use crate::replay::Session;
 use crate::strategy::{Action, Disposition, Handling, Mechanism, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
@@ -135,7 +136,7 @@ impl Engine for HardwareAssist {
         }
     }
 
-    fn table(&self, options: &Options) -> Table {
+    fn table(&self, options: &Options, _width: GuestWidth) -> Table {
         table(options, self.nested_paging)
     }
 

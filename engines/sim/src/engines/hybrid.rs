@@ -9,6 +9,7 @@ use crate::engine::{Engine, EngineError, Options, Run};
 use crate::mechanism::{Monitor, MonitorParts};
 use crate::metrics::ExitReason as R;
 use crate::profile::Profile;
+use crate::protection::{Guard, GuestWidth, KernelPlacement, Protection};
 use crate::replay::Session;
 use crate::strategy::{Action, Disposition, Mechanism, Mode, Subject, Table, TraceHandling};
 use crate::trace::PreparedTrace;
@@ -27,7 +28,7 @@ pub(crate) fn table(_options: &Options) -> Table {
     }
     monitor_tables_visible_to_user(&mut table);
     // Leaving direct execution: the monitor takes over and interprets the kernel from its entry point.
-    for subject in [Subject::Syscall, Subject::SoftwareInterrupt] {
+    for subject in [Subject::Syscall, Subject::SoftwareInterrupt, Subject::SystemCallGate] {
         table.set_in(subject, Mode::User, d(Mechanism::Reflect(R::SystemCall)));
         kernel(&mut table, subject, d(Mechanism::InterpretedTransfer));
     }
@@ -95,8 +96,14 @@ impl Engine for Hybrid {
         "Popek & Goldberg's hybrid VMM: kernel interpreted, user direct, shadow paging (KVM's PVM)"
     }
 
-    fn table(&self, options: &Options) -> Table {
+    fn table(&self, options: &Options, _width: GuestWidth) -> Table {
         table(options)
+    }
+
+    /// The kernel never runs on the processor, so user code, in ring 3, is all the monitor guards itself from:
+    /// supervisor pages suffice on either width.
+    fn protection(&self, _options: &Options, _width: GuestWidth) -> Protection {
+        Protection { kernel: KernelPlacement::Interpreted, guard: Guard::SupervisorPages }
     }
 
     fn start<'t>(
@@ -105,7 +112,8 @@ impl Engine for Hybrid {
         profile: &Profile,
         options: &Options,
     ) -> Result<Box<dyn Run + 't>, EngineError> {
-        let monitor = Monitor::new(MonitorParts { shadow: true, ..MonitorParts::default() }, profile);
+        let protection = self.protection(options, trace.width());
+        let monitor = Monitor::new(MonitorParts { shadow: true, protection, ..MonitorParts::default() }, profile);
         Ok(Box::new(Session::new(trace, profile, table(options), monitor, None)))
     }
 }

@@ -11,6 +11,7 @@ pub mod trap_emulate;
 
 use crate::classify::Op;
 use crate::metrics::ExitReason;
+use crate::protection::{KernelPlacement, Protection};
 use crate::strategy::{Action, Disposition, Mechanism, Mode, Subject, Table, TraceHandling};
 
 /// The exit reason hardware and software monitors give a trapping instruction.
@@ -42,6 +43,7 @@ pub(crate) fn exit_reason_of(op: Op) -> ExitReason {
         | Op::Verw
         | Op::ReadCodeOrStackSelector
         | Op::FarTransfer
+        | Op::SegmentLoad
         | Op::OtherPrivileged => ExitReason::PrivilegedInstruction,
     }
 }
@@ -86,6 +88,24 @@ fn monitor_tables_visible_to_user(table: &mut Table) {
     let detectable = d(Mechanism::Detectable("reveals the monitor's descriptor tables"));
     table.set_in(Subject::DescriptorRead, Mode::User, detectable);
     table.set_in(Subject::SegmentCheck, Mode::User, detectable);
+}
+
+/// The rows a monitor's self-protection adds: a deprivileged kernel loads its segment registers through the
+/// monitor's copies of its descriptors (and so does user code when the monitor truncates segments), and under
+/// segment limits a touch of the monitor's area faults. Call after the page-touch rows are set.
+fn protect(table: &mut Table, protection: Protection) {
+    let shadow = d(Mechanism::ShadowDescriptor);
+    if matches!(protection.kernel, KernelPlacement::Ring(ring) if ring > 0) {
+        table.set_in(Subject::SegmentLoad, Mode::Kernel, shadow);
+    }
+    if protection.truncates_segments() {
+        table.set_in(Subject::SegmentLoad, Mode::User, shadow);
+        for mode in Mode::ALL {
+            let touch = table.get(Subject::PageTouch, mode);
+            debug_assert!(touch.actions.is_empty(), "a page touch's actions would be replaced");
+            table.set_in(Subject::PageTouch, mode, Disposition::with(touch.mechanism, &[Action::GuardCheck]));
+        }
+    }
 }
 
 /// What a software monitor (trap-and-emulate, BT, the hybrid monitor for user code) does with the guest's

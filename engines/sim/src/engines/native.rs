@@ -4,6 +4,7 @@
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::mechanism::{Monitor, MonitorParts};
 use crate::profile::Profile;
+use crate::protection::GuestWidth;
 use crate::replay::Session;
 use crate::strategy::{Disposition, Mechanism, Table};
 use crate::trace::PreparedTrace;
@@ -24,7 +25,7 @@ impl Engine for Native {
         "the bare processor: every instruction direct, no monitor"
     }
 
-    fn table(&self, options: &Options) -> Table {
+    fn table(&self, options: &Options, _width: GuestWidth) -> Table {
         table(options)
     }
 

@@ -8,13 +8,16 @@
 //! segment limits, and its system calls reach it through the fast trap gate without entering Xen; on x86-64
 //! (no segment limits, two paging privilege levels) kernel and user both run in ring 3 with two page tables, so
 //! every system call enters Xen, which switches to the kernel's page tables, and every return is a
-//! `HYPERVISOR_iret` that switches back — each switch a CR3 load and the TLB refills after it.
+//! `HYPERVISOR_iret` that switches back — each switch a CR3 load and the TLB refills after it. On x86-32 only
+//! `INT 0x80` takes the fast trap (Xen registers it from the guest's trap table); SYSENTER always enters ring 0,
+//! so Xen bounces it, and the kernel returns to user mode with a plain ring-1 IRET.
 
-use super::d;
+use super::{d, protect};
 use crate::engine::{Engine, EngineError, GuestBits, Options, Run};
 use crate::mechanism::{Monitor, MonitorParts};
 use crate::metrics::{ExitReason as R, Hypercall as H};
 use crate::profile::Profile;
+use crate::protection::{GuestWidth, Protection, XEN_MONITOR_BYTES};
 use crate::replay::Session;
 use crate::strategy::{Action, Disposition, Mechanism, Mode, Subject, Table};
 use crate::trace::PreparedTrace;
@@ -23,16 +26,23 @@ pub use crate::mechanism::MAX_BATCH;
 
 pub struct Paravirt;
 
-fn bits64(options: &Options, trace: Option<&PreparedTrace>) -> bool {
+/// The paravirtualized kernel's width: the trace's unless `paravirt.guest_bits` fixes it.
+fn width_of(options: &Options, trace_width: GuestWidth) -> GuestWidth {
     match options.paravirt_guest_bits {
-        GuestBits::Bits64 => true,
-        GuestBits::Bits32 => false,
-        GuestBits::Auto => trace.is_none_or(|t| t.has_64_bit_code()),
+        GuestBits::Bits64 => GuestWidth::Bits64,
+        GuestBits::Bits32 => GuestWidth::Bits32,
+        GuestBits::Auto => trace_width,
     }
 }
 
+/// Xen's guest kernel: ring 1 under a Xen in the top 64 MiB on x86-32; ring 3 with two page tables on x86-64.
+fn protection(width: GuestWidth) -> Protection {
+    Protection::deprivileged(width, XEN_MONITOR_BYTES, false)
+}
+
 /// The table for a guest of the given width.
-pub(crate) fn table_for(bits64: bool) -> Table {
+pub(crate) fn table_for(width: GuestWidth) -> Table {
+    let bits64 = width == GuestWidth::Bits64;
     let mut table = Table::filled(d(Mechanism::Native));
     let hypercall = |kind| d(Mechanism::Hypercall(kind));
     let trap = |reason| d(Mechanism::Trap(reason));
@@ -58,6 +68,7 @@ pub(crate) fn table_for(bits64: bool) -> Table {
     if bits64 {
         table.set(Subject::Syscall, d(Mechanism::Bounce(R::SystemCall)));
         table.set(Subject::SoftwareInterrupt, d(Mechanism::Bounce(R::SystemCall)));
+        table.set(Subject::SystemCallGate, d(Mechanism::Bounce(R::SystemCall)));
         table.set(Subject::Sysret, hypercall(H::Iret));
         table.set(Subject::Iret, hypercall(H::Iret));
         table.set(Subject::EnterKernel, Disposition::with(Mechanism::Native, &[Action::PageTableSwitch]));
@@ -67,6 +78,9 @@ pub(crate) fn table_for(bits64: bool) -> Table {
         );
     } else {
         // The fast system-call handler: the processor enters the ring-1 kernel directly, and returns natively.
+        table.set(Subject::SystemCallGate, Disposition::with(Mechanism::Native, &[Action::FastSystemCall]));
+        table.set(Subject::Syscall, d(Mechanism::Bounce(R::SystemCall)));
+        table.set(Subject::SoftwareInterrupt, d(Mechanism::Bounce(R::SystemCall)));
         table.set(Subject::ReturnToUser, Disposition::with(Mechanism::Native, &[Action::FlushBatch]));
     }
     // CR2 is readable in ring 0 only: every fault goes through Xen.
@@ -104,6 +118,7 @@ pub(crate) fn table_for(bits64: bool) -> Table {
     table.set(Subject::TrLoad, hypercall(H::StackSwitch));
     table.set(Subject::Hlt, hypercall(H::SchedOp));
     table.set(Subject::PageTableWrite, d(Mechanism::Queued));
+    protect(&mut table, protection(width));
     table
 }
 
@@ -116,8 +131,12 @@ impl Engine for Paravirt {
         "Xen-style paravirtualization: hypercalls, batched page-table updates, event channels"
     }
 
-    fn table(&self, options: &Options) -> Table {
-        table_for(bits64(options, None))
+    fn table(&self, options: &Options, width: GuestWidth) -> Table {
+        table_for(width_of(options, width))
+    }
+
+    fn protection(&self, options: &Options, width: GuestWidth) -> Protection {
+        protection(width_of(options, width))
     }
 
     fn start<'t>(
@@ -126,9 +145,12 @@ impl Engine for Paravirt {
         profile: &Profile,
         options: &Options,
     ) -> Result<Box<dyn Run + 't>, EngineError> {
-        let bits64 = bits64(options, Some(trace));
-        let parts = MonitorParts { batch: true, pv_bits64: bits64, flushes: bits64, ..MonitorParts::default() };
+        let width = width_of(options, trace.width());
+        let bits64 = width == GuestWidth::Bits64;
+        let protection = protection(width);
+        let parts =
+            MonitorParts { batch: true, pv_bits64: bits64, flushes: bits64, protection, ..MonitorParts::default() };
         let monitor = Monitor::new(parts, profile);
-        Ok(Box::new(Session::new(trace, profile, table_for(bits64), monitor, None)))
+        Ok(Box::new(Session::new(trace, profile, table_for(width), monitor, None)))
     }
 }
