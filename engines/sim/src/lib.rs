@@ -32,7 +32,7 @@ pub use metrics::{
 };
 pub use primitive::Primitive;
 pub use profile::{Profile, ProfileError, Provenance};
-pub use protection::{GuestWidth, Guard, KernelPlacement, Protection};
+pub use protection::{Guard, GuestWidth, KernelPlacement, Protection};
 pub use trace::PreparedTrace;
 
 use std::sync::Mutex;

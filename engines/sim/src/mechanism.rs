@@ -7,10 +7,10 @@ use crate::classify::StringWork;
 use crate::engines::hw::vmcs_accesses;
 use crate::metrics::{CycleCause, ExitReason, Hypercall};
 use crate::primitive::Primitive as P;
+use crate::protection::Protection;
 use crate::replay::{KernelCode, Replay};
 use crate::shadow::{paging_bits_changed, ShadowMmu, ShadowPolicy, Touch};
 use crate::strategy::{Action, Disposition, Handling, Mechanism, TraceHandling};
-use crate::protection::Protection;
 use crate::tlb::Refills;
 use virtlab_traces::fasthash::FastSet;
 

@@ -94,7 +94,8 @@ impl Engine for TrapEmulate {
         let width = trace.width();
         let protection = protection(width);
         let flushes = protection.guard == Guard::TwoPageTables;
-        let monitor = Monitor::new(MonitorParts { shadow: true, flushes, protection, ..MonitorParts::default() }, profile);
+        let monitor =
+            Monitor::new(MonitorParts { shadow: true, flushes, protection, ..MonitorParts::default() }, profile);
         Ok(Box::new(Session::new(trace, profile, table(options, width), monitor, None)))
     }
 }

@@ -1,0 +1,114 @@
+//! Where each strategy runs the guest kernel, by the guest's width, on recorded traces: the 32-bit tour (rings 0,
+//! 1 and 3, INT 0x80, SYSENTER, segment loads) and a 64-bit catalog workload. The engines' protection counts are
+//! checked against the trace's own events, walked here without the engines' machinery.
+
+mod common;
+
+use common::record_workload;
+use virtlab_engines::classify::Op;
+use virtlab_engines::{engine, ExitReason, Metrics, Options, PreparedTrace, Profile};
+use virtlab_traces::{Event, Metadata, TraceView};
+
+fn record_tour() -> Vec<u8> {
+    let image = virtlab_workloads::tour32::protected_mode_tour();
+    let metadata = Metadata { workload: "tour32".into(), recorder: "tests".into(), ..Metadata::default() };
+    virtlab_record::record_in_memory(&image.bytes, metadata, 10_000_000).unwrap()
+}
+
+fn replay(trace: &PreparedTrace, name: &str) -> Metrics {
+    let profile = Profile::load("p4-2006").unwrap();
+    engine::by_name(name).unwrap().replay(trace, &profile, &Options::default()).unwrap()
+}
+
+/// What the trace itself says, counted event by event.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counted {
+    /// Segment-register loads retired at CPL 0–2 and at CPL 3 (by the context the block started in).
+    segment_loads: [u64; 2],
+    /// INT 0x80 executed at CPL 3.
+    user_int80: u64,
+    /// SYSENTER/SYSCALL events.
+    fast_entries: u64,
+    /// INT n with another vector than 0x80, in any mode.
+    other_software_interrupts: u64,
+    /// Switches between CPL 3 and a kernel ring.
+    mode_switches: u64,
+}
+
+fn count(trace: &PreparedTrace) -> Counted {
+    let mut counted = Counted::default();
+    let mut user = false;
+    let ran = |block: usize, executed: u32, user: bool, counted: &mut Counted| {
+        let facts = &trace.facts[block];
+        let loads = facts.ops.iter().filter(|&&(i, op)| op == Op::SegmentLoad && i < executed).count() as u64;
+        counted.segment_loads[usize::from(user)] += loads;
+    };
+    for event in trace.view.events() {
+        match event.unwrap() {
+            Event::Block(id) => ran(id.index(), trace.facts[id.index()].instructions, user, &mut counted),
+            Event::PartialBlock { block, executed } => ran(block.index(), executed, user, &mut counted),
+            Event::SoftwareInterrupt { vector: 0x80, .. } if user => counted.user_int80 += 1,
+            Event::SoftwareInterrupt { vector, .. } if vector != 0x80 => counted.other_software_interrupts += 1,
+            Event::Syscall { .. } => counted.fast_entries += 1,
+            Event::Context { context, .. } => {
+                if context.is_user() != user {
+                    counted.mode_switches += 1;
+                }
+                user = context.is_user();
+            }
+            _ => {}
+        }
+    }
+    counted
+}
+
+#[test]
+fn a_32_bit_kernel_runs_in_ring_1_behind_segment_limits() {
+    let bytes = record_tour();
+    let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
+    assert!(!trace.has_64_bit_code());
+    let counted = count(&trace);
+    assert!(counted.segment_loads[0] > 0 && counted.user_int80 > 0 && counted.fast_entries > 0, "{counted:?}");
+
+    // VMware's translator runs a 32-bit guest without long-mode segment limits: its monitor sits in the top 4 MiB.
+    let bt = replay(&trace, "bt");
+    assert_eq!((bt.protection.kernel_ring, bt.protection.monitor_base), (Some(1), Some(0xffc0_0000)));
+    assert_eq!(bt.protection.shadow_descriptor_loads, counted.segment_loads[0] + counted.segment_loads[1]);
+    assert_eq!((bt.protection.page_table_switches, bt.protection.monitor_area_touches), (0, 0));
+
+    // The classic monitor: ring 1 too, and U/S paging still separates ring 1 from ring 3, so no page-table switch.
+    let trap = replay(&trace, "trap-emulate");
+    assert_eq!((trap.protection.kernel_ring, trap.protection.page_table_switches), (Some(1), 0));
+    assert_eq!(trap.protection.shadow_descriptor_loads, counted.segment_loads[0] + counted.segment_loads[1]);
+
+    // Xen on x86-32: INT 0x80 from user mode through the fast trap gate, SYSENTER through Xen.
+    let pv = replay(&trace, "paravirt");
+    assert_eq!((pv.protection.kernel_ring, pv.protection.monitor_base), (Some(1), Some(0xfc00_0000)));
+    assert_eq!(pv.protection.fast_system_calls, counted.user_int80);
+    assert_eq!(pv.protection.page_table_switches, 0);
+    assert_eq!(pv.exits_by(ExitReason::SystemCall), counted.fast_entries + counted.other_software_interrupts);
+
+    // Hardware assist runs the kernel in ring 0 of guest mode; the monitor is not in the guest's address space.
+    let hw = replay(&trace, "hw-ept");
+    assert_eq!(
+        (hw.protection.kernel_ring, hw.protection.monitor_base, hw.protection.shadow_descriptor_loads),
+        (Some(0), None, 0)
+    );
+}
+
+#[test]
+fn a_64_bit_kernel_shares_ring_3_with_user_code_and_switches_page_tables() {
+    let bytes = record_workload("syscall", &[("iterations", "50")]);
+    let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
+    let counted = count(&trace);
+    assert!(counted.mode_switches >= 100, "{counted:?}");
+    for name in ["trap-emulate", "paravirt"] {
+        let m = replay(&trace, name);
+        assert_eq!((m.protection.kernel_ring, m.protection.monitor_base), (Some(3), None), "{name}");
+        assert_eq!(m.protection.page_table_switches, counted.mode_switches, "{name}");
+        assert_eq!(m.protection.fast_system_calls, 0, "{name}: no fast trap gate on x86-64");
+    }
+    // The hybrid monitor interprets the kernel: nothing to switch.
+    let hybrid = replay(&trace, "hybrid");
+    assert_eq!((hybrid.protection.kernel_ring, hybrid.protection.page_table_switches), (None, 0));
+}
