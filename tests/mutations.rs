@@ -17,6 +17,7 @@ use virtlab_engines::{engine, ExitReason, Hypercall, Options, PreparedTrace, Pro
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
 use virtlab_reports::gate::{Budgets, Vocabulary};
 use virtlab_traces::format::{ChunkHeader, ChunkKind, Codec, CHUNK_HEADER_LEN, PREAMBLE_LEN};
+use virtlab_traces::synth::SplitMix64;
 use virtlab_traces::{check, Metadata, TraceView};
 
 /// Mutations per seed unless `VIRTLAB_MUTATIONS` says otherwise.
@@ -26,24 +27,16 @@ fn mutations() -> u64 {
     std::env::var("VIRTLAB_MUTATIONS").ok().and_then(|n| n.parse().ok()).unwrap_or(DEFAULT_MUTATIONS)
 }
 
-/// SplitMix64: a tiny deterministic generator, so a failing case is a seed and a number.
-struct Rng(u64);
+/// The mutations' random choices: SplitMix64 (`virtlab_traces::synth`), so a failing case is a seed and a number.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next()
     }
 
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
+        self.0.below(n as u64) as usize
     }
 
     /// Bytes that tend to sit on a boundary of some field.
@@ -206,7 +199,7 @@ fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
         let (preamble, chunks) = split(&trace);
         // The harness itself round-trips: every chunk rewritten stored is still a valid trace.
         assert_eq!(read_every_way(&join(&preamble, &chunks)), Ok(()), "{workload}: re-stored trace rejected");
-        let mut rng = Rng(0x5EED_0000 + seed_index as u64);
+        let mut rng = Rng(SplitMix64(0x5EED_0000 + seed_index as u64));
         for number in 0..count {
             let mut damaged = chunks.clone();
             let mut what = mutate(&mut rng, &mut damaged);
@@ -243,7 +236,7 @@ fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
 #[test]
 fn mutated_guest_images_load_or_are_refused_and_run_within_their_budget() {
     let image = virtlab_workloads::build("cpuid", &[("iterations".into(), "2".into())]).unwrap().bytes;
-    let mut rng = Rng(0x1A6E);
+    let mut rng = Rng(SplitMix64(0x1A6E));
     // A run costs a boot; half as many images as traces keep the test to seconds.
     for number in 0..mutations().div_ceil(2) {
         let mut damaged = image.clone();
@@ -299,7 +292,7 @@ fn damage_toml(rng: &mut Rng, text: &str) -> (String, String) {
 
 #[test]
 fn mutated_profiles_parse_or_name_what_is_wrong() {
-    let mut rng = Rng(0x9F0F);
+    let mut rng = Rng(SplitMix64(0x9F0F));
     for (name, text) in BUILT_IN {
         for number in 0..mutations() {
             let (text, what) = damage_toml(&mut rng, text);
@@ -328,7 +321,7 @@ fn mutated_budget_files_parse_or_name_the_file() {
     let path = std::path::Path::new("mutated.toml");
     let original = include_str!("../budgets/catalog.toml");
     assert!(Budgets::parse(original, path, &vocabulary).is_ok(), "the catalog's budgets parse unmutated");
-    let mut rng = Rng(0xB0D6);
+    let mut rng = Rng(SplitMix64(0xB0D6));
     for number in 0..mutations() {
         let (text, what) = damage_toml(&mut rng, original);
         let outcome = catch_unwind(AssertUnwindSafe(|| match Budgets::parse(&text, path, &vocabulary) {
@@ -365,7 +358,7 @@ fn mutated_results_directories_read_or_name_the_damaged_file() {
     let contents: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(original.join(f)).unwrap()).collect();
     let damaged = dir.join("damaged");
     std::fs::create_dir_all(&damaged).unwrap();
-    let mut rng = Rng(0x5E5F);
+    let mut rng = Rng(SplitMix64(0x5E5F));
     let (mut read, mut refused) = (0u64, 0u64);
     for number in 0..mutations() {
         let which = rng.below(files.len());

@@ -16,11 +16,13 @@ use crate::model::{
 };
 use crate::writer::TraceWriter;
 
-/// splitmix64: tiny, fast, and the same sequence everywhere.
-struct Rng(u64);
+/// SplitMix64: a tiny deterministic generator, the same sequence everywhere, so a failing case is a seed and a
+/// number (the synthetic traces here, the mutation tests' damage).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
+impl SplitMix64 {
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -28,7 +30,11 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    /// A number in `0..n`; 0, drawing nothing, when `n` is 0.
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            return 0;
+        }
         self.next() % n
     }
 
@@ -104,7 +110,7 @@ struct Process {
 
 struct Generator<'w, W: Write + Seek> {
     writer: &'w mut TraceWriter<W>,
-    rng: Rng,
+    rng: SplitMix64,
     hasher: EventHasher,
     events: u64,
     instructions: u64,
@@ -168,7 +174,7 @@ pub fn write_trace<W: Write + Seek>(out: W, config: &SynthConfig) -> Result<(W, 
     let mut writer = TraceWriter::new(out, metadata, boot, &[])?;
     let mut generator = Generator {
         writer: &mut writer,
-        rng: Rng(config.seed),
+        rng: SplitMix64(config.seed),
         hasher: EventHasher::default(),
         events: 0,
         instructions: 0,
