@@ -80,6 +80,11 @@ fn a_32_bit_kernel_runs_in_ring_1_behind_segment_limits() {
     let trap = replay(&trace, "trap-emulate");
     assert_eq!((trap.protection.kernel_ring, trap.protection.page_table_switches), (Some(1), 0));
     assert_eq!(trap.protection.shadow_descriptor_loads, counted.segment_loads[0] + counted.segment_loads[1]);
+    let selector_holes: Vec<_> = trap.holes().into_iter().filter(|h| h.kind.starts_with("selector_")).collect();
+    assert!(
+        !selector_holes.is_empty() && selector_holes.iter().all(|h| h.kind == "selector_shows_rpl_1"),
+        "{selector_holes:?}"
+    );
 
     // Xen on x86-32: INT 0x80 from user mode through the fast trap gate, SYSENTER through Xen.
     let pv = replay(&trace, "paravirt");

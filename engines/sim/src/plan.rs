@@ -145,7 +145,7 @@ impl BlockPlan {
             // A subject groups instructions; each keeps its own exit reason, hole and finding.
             let effect = match effect {
                 Effect::Trap(_) => Effect::Trap(exit_reason_of(op)),
-                Effect::Hole(_) => Effect::Hole(kernel_hole(op)),
+                Effect::Hole(kind) => Effect::Hole(kernel_hole(op).unwrap_or(kind)),
                 Effect::Detectable(kind) => Effect::Detectable(user_detectable(op).unwrap_or(kind)),
                 other => other,
             };

@@ -48,9 +48,10 @@ pub(crate) fn exit_reason_of(op: Op) -> ExitReason {
     }
 }
 
-/// The hole a deprivileged kernel falls into when it runs a sensitive-unprivileged instruction directly.
-pub(crate) fn kernel_hole(op: Op) -> &'static str {
-    match op {
+/// The hole a deprivileged kernel falls into when it runs a sensitive-unprivileged instruction directly; `None`
+/// where it depends on the ring the kernel runs in, which the table's row names ([`selector_hole`]).
+pub(crate) fn kernel_hole(op: Op) -> Option<&'static str> {
+    Some(match op {
         Op::Popf => "popf_ignores_if",
         Op::Pushf => "pushf_reveals_real_if",
         Op::Sgdt => "sgdt_reveals_monitor_gdt",
@@ -59,8 +60,18 @@ pub(crate) fn kernel_hole(op: Op) -> &'static str {
         Op::Str => "str_reveals_monitor_tr",
         Op::Smsw => "smsw_reveals_monitor_cr0",
         Op::Lar | Op::Lsl | Op::Verr | Op::Verw => "segment_check_sees_deprivileged_dpl",
-        Op::ReadCodeOrStackSelector => "selector_reveals_deprivileged_cpl",
+        Op::ReadCodeOrStackSelector => return None,
         _ => "far_transfer_sees_deprivileged_cpl",
+    })
+}
+
+/// MOV from CS or SS, PUSH CS or SS in a deprivileged kernel: the selector's RPL is the ring the kernel really
+/// runs in.
+pub(crate) fn selector_hole(protection: Protection) -> &'static str {
+    match protection.kernel {
+        KernelPlacement::Ring(1) => "selector_shows_rpl_1",
+        KernelPlacement::Ring(2) => "selector_shows_rpl_2",
+        _ => "selector_shows_rpl_3",
     }
 }
 

@@ -9,7 +9,7 @@
 //! kernel in ring 3 (long mode ignores the limits), with two page tables switched on every kernel entry and
 //! return.
 
-use super::{d, monitor_tables_visible_to_user, protect, shadow_paging, trapping_privileged_events};
+use super::{d, monitor_tables_visible_to_user, protect, selector_hole, shadow_paging, trapping_privileged_events};
 use crate::engine::{Engine, EngineError, Options, Run};
 use crate::mechanism::{Monitor, MonitorParts};
 use crate::metrics::ExitReason as R;
@@ -36,7 +36,7 @@ pub(crate) fn table(_options: &Options, width: GuestWidth) -> Table {
         (Subject::FlagsImage, hole),
         (Subject::DescriptorRead, hole),
         (Subject::SegmentCheck, hole),
-        (Subject::SelectorRead, hole),
+        (Subject::SelectorRead, d(Mechanism::Hole(selector_hole(protection(width))))),
         (Subject::FarTransfer, hole),
         (Subject::ControlRead, trap(R::CrAccess)),
         (Subject::Cr3Read, trap(R::CrAccess)),
