@@ -16,7 +16,14 @@ const EXITS: &str = "exits";
 const TRANSLATIONS: &str = "translations";
 const HYPERCALLS: &str = "hypercalls";
 const SHADOW: &str = "shadow";
+/// Where each engine ran the guest kernel and what its self-protection did (`Metrics::protection`).
+const PROTECTION: &str = "protection";
 const SHOWN_ELSEWHERE: [&str; 6] = [TOTALS, CAUSES, EXITS, TRANSLATIONS, HYPERCALLS, SHADOW];
+
+/// A trace's parameters (`k=v,k=v`) without `arch`, to pair the two widths of one workload.
+fn strip_arch(parameters: &str) -> String {
+    parameters.split(',').filter(|p| !p.starts_with("arch=")).collect::<Vec<_>>().join(",")
+}
 const NATIVE: &str = "native";
 /// Sites listed per engine and workload.
 const TOP_SITES: usize = 5;
@@ -119,6 +126,7 @@ pub fn build(index: &Index<'_>, validation: Option<&Value>, timestamp: String) -
         "The hypercalls the paravirtualized kernel makes, by kind (Xen's names), on each workload (`paravirt`).",
     ));
     sections.push(builder.shadow());
+    sections.push(builder.story());
     sections.push(builder.other_families());
     sections.push(validation_section(validation));
     Report { document: Document { title: "virtlab report".into(), timestamp, sections }, charts: builder.charts }
@@ -510,6 +518,73 @@ impl Builder<'_, '_> {
         section("shadow", "Shadow paging", 2, vec![paragraph(intro), Block::Table(table)])
     }
 
+    /// Each workload recorded for both widths, engine by engine: what changed when x86 went to 64 bits.
+    fn story(&self) -> Section {
+        let index = self.index;
+        let mut blocks = vec![paragraph(
+            "The same workload built for x86-64 and for x86-32, engine by engine (`virtlab story` prints this for \
+             one workload): cycles relative to native on each width, the ring the strategy runs the guest kernel \
+             in (— when interpreted), and what the monitor's self-protection did per run — page-table switches (a \
+             kernel in ring 3 beside user code, because long mode ignores segment limits) and system calls taken \
+             through the fast trap gate without entering the monitor. A binary translator refuses the 64-bit guest \
+             unless the host has long-mode segment limits (`bt.lmsle`).",
+        )];
+        let pairs = self.width_pairs();
+        if pairs.is_empty() {
+            blocks.push(paragraph("No workload in these results was recorded for both x86-64 and x86-32."));
+        }
+        for (wide, narrow) in pairs {
+            let mut header = vec!["engine".to_string()];
+            for arch in ["x86-64", "x86-32"] {
+                for column in ["× native", "kernel ring", "page-table switches", "fast system calls"] {
+                    header.push(format!("{arch} {column}"));
+                }
+            }
+            let label = strip_arch(&index.traces[wide].parameters);
+            let caption = format!("{} ({label}), profile {}", index.traces[wide].workload, self.first_profile());
+            let mut table = Table::new(caption, header);
+            for (e, engine) in index.engines.iter().enumerate() {
+                let mut row = vec![engine.clone()];
+                for t in [wide, narrow] {
+                    let refused = index.job(t, 0, e).and_then(|j| j.refusal).is_some();
+                    let number = |key: &str| index.value(t, 0, e, PROTECTION, key);
+                    row.push(match self.relative(t, 0, e) {
+                        Some(r) => ratio(r),
+                        None if refused => "refused".into(),
+                        None => "—".into(),
+                    });
+                    for key in ["kernel_ring", "page_table_switches", "fast_system_calls"] {
+                        row.push(if refused {
+                            "".into()
+                        } else {
+                            number(key).map_or("—".into(), |v| format!("{v}"))
+                        });
+                    }
+                }
+                table.rows.push(row);
+            }
+            blocks.push(Block::Table(table));
+        }
+        section("story", "x86-64 against x86-32", 2, blocks)
+    }
+
+    /// Pairs of traces (x86-64, x86-32) of one workload with the same parameters but `arch`.
+    fn width_pairs(&self) -> Vec<(usize, usize)> {
+        let traces = &self.index.traces;
+        let mut pairs = Vec::new();
+        for (wide, w) in traces.iter().enumerate().filter(|(_, t)| t.architecture == "x86-64") {
+            let narrow = traces.iter().position(|n| {
+                n.architecture == "x86-32"
+                    && n.workload == w.workload
+                    && strip_arch(&n.parameters) == strip_arch(&w.parameters)
+            });
+            if let Some(narrow) = narrow {
+                pairs.push((wide, narrow));
+            }
+        }
+        pairs
+    }
+
     fn other_families(&self) -> Section {
         let index = self.index;
         let mut blocks = vec![paragraph(
@@ -662,5 +737,65 @@ mod tests {
         assert_eq!(table.highlighted, [1]);
         let Block::Paragraph(facts) = &section.blocks[1] else { panic!("a paragraph") };
         assert_eq!(facts, "study: adams-agesen; profile: p4-2006; iterations: 1000, 2000");
+    }
+
+    /// `syscall` on both widths: trap-emulate with a ring-3 kernel switching page tables on x86-64 and a ring-1
+    /// kernel on x86-32; bt refuses x86-64; `cpuid` on x86-64 only has no pair.
+    #[test]
+    fn the_story_pairs_the_two_widths_of_a_workload() {
+        use crate::table::{Job, Manifest, Results, Row, Shard, REFUSED};
+        let traces = [("syscall", "iterations=10", "x86-64"), ("syscall", "iterations=10,arch=x86-32", "x86-32")];
+        let traces = traces.iter().copied().chain([("cpuid", "iterations=10", "x86-64")]);
+        let mut rows = Vec::new();
+        for (t, (workload, parameters, architecture)) in traces.enumerate() {
+            for engine in ["native", "trap-emulate", "bt"] {
+                let job = Job {
+                    trace: format!("traces/{t}.vlt"),
+                    workload: workload.into(),
+                    parameters: parameters.into(),
+                    architecture: architecture.into(),
+                    engine: engine.into(),
+                    profile: "p4-2006".into(),
+                    options: String::new(),
+                };
+                let row = |family: &str, key: &str, value: f64| Row {
+                    job: job.clone(),
+                    family: family.into(),
+                    key: key.into(),
+                    value,
+                };
+                let wide = architecture == "x86-64";
+                match engine {
+                    "bt" if wide => rows.push(row(REFUSED, "bt: needs long-mode segment limits", 1.0)),
+                    "native" => rows.extend([row(TOTALS, "cycles", 1000.0), row(PROTECTION, "kernel_ring", 0.0)]),
+                    _ => rows.extend([
+                        row(TOTALS, "cycles", if wide { 15000.0 } else { 9000.0 }),
+                        row(PROTECTION, "kernel_ring", if wide { 3.0 } else { 1.0 }),
+                        row(PROTECTION, "page_table_switches", if wide { 40.0 } else { 0.0 }),
+                        row(PROTECTION, "fast_system_calls", 0.0),
+                    ]),
+                }
+            }
+        }
+        let manifest = Manifest {
+            written_by: "test".into(),
+            shard: Shard { index: 0, count: 1, first: 0, end: 9, total: 9 },
+            traces: (0..3).map(|t| format!("traces/{t}.vlt")).collect(),
+            engines: ["native", "trap-emulate", "bt"].map(String::from).to_vec(),
+            profiles: vec!["p4-2006".into()],
+            options: String::new(),
+        };
+        let results = Results { manifest, rows, sites: Vec::new() };
+        let index = Index::new(&results);
+        let report = build(&index, None, String::new());
+        let story = report.document.sections.iter().find(|s| s.id == "story").expect("a story section");
+        let tables: Vec<&Table> =
+            story.blocks.iter().filter_map(|b| if let Block::Table(t) = b { Some(t) } else { None }).collect();
+        assert_eq!(tables.len(), 1, "cpuid has no x86-32 trace");
+        let table = tables[0];
+        assert_eq!(table.caption, "syscall (iterations=10), profile p4-2006");
+        assert_eq!(table.rows[1], ["trap-emulate", "15.0×", "3", "40", "0", "9.00×", "1", "0", "0"]);
+        assert_eq!(table.rows[2][..5], ["bt", "refused", "", "", ""]);
+        assert_eq!(table.rows[2][5..], ["9.00×", "1", "0", "0"]);
     }
 }

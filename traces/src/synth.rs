@@ -22,7 +22,7 @@ use crate::writer::TraceWriter;
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -35,7 +35,7 @@ impl SplitMix64 {
         if n == 0 {
             return 0;
         }
-        self.next() % n
+        self.next_u64() % n
     }
 
     fn chance(&mut self, one_in: u64) -> bool {
