@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use serde_json::json;
-use virtlab_workloads::{catalog, Privilege};
+use virtlab_workloads::{catalog, ParamKind, Privilege};
 
 /// The workload catalog: list it, or export a workload as a Multiboot image that boots on the reference
 /// machine, under KVM and under `qemu-system-x86_64 -kernel`.
@@ -69,7 +69,15 @@ fn list(as_json: bool) -> anyhow::Result<ExitCode> {
                 let params: Vec<_> = spec
                     .params
                     .iter()
-                    .map(|p| json!({"name": p.name, "description": p.description, "default": p.default, "min": p.min, "max": p.max}))
+                    .map(|p| {
+                        let mut entry = json!({"name": p.name, "description": p.description, "default": p.default, "min": p.min, "max": p.max});
+                        // A choice's value is the index of its name in `choices`; the default is given by name.
+                        if let ParamKind::Choice(choices) = p.kind {
+                            entry["choices"] = json!(choices);
+                            entry["default"] = json!(p.value_text(p.default));
+                        }
+                        entry
+                    })
                     .collect();
                 json!({"name": spec.name, "description": spec.description, "privilege": privilege_name(spec.privilege), "params": params})
             })
@@ -81,8 +89,12 @@ fn list(as_json: bool) -> anyhow::Result<ExitCode> {
             lines.push(format!("{:<18} {:<6} {}", spec.name, privilege_name(spec.privilege), spec.description));
             for p in spec.params {
                 lines.push(format!(
-                    "{:<18}        --param {}={} ({}..={}): {}",
-                    "", p.name, p.default, p.min, p.max, p.description
+                    "{:<18}        --param {}={} ({}): {}",
+                    "",
+                    p.name,
+                    p.value_text(p.default),
+                    p.accepted(),
+                    p.description
                 ));
             }
         }

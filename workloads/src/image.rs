@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::catalog::Arch;
 use crate::kernel::boot;
 use crate::layout;
 use crate::symbols::Symbol;
@@ -11,8 +12,11 @@ use crate::symbols::Symbol;
 pub struct GuestImage {
     /// Workload name.
     pub workload: &'static str,
-    /// Parameters the image was built with, in catalog order.
-    pub params: Vec<(&'static str, u64)>,
+    /// Parameters the image was built with, in catalog order, as its banner shows them (a choice at its default,
+    /// such as `arch=x86-64`, is left out).
+    pub params: Vec<(&'static str, String)>,
+    /// The instruction set of its kernel.
+    pub arch: Arch,
     /// The file contents, loaded byte for byte at `load_address`.
     pub bytes: Vec<u8>,
     /// Guest-physical load address (1 MiB).
@@ -29,7 +33,8 @@ pub struct GuestImage {
 impl GuestImage {
     pub(crate) fn new(
         workload: &'static str,
-        params: Vec<(&'static str, u64)>,
+        params: Vec<(&'static str, String)>,
+        arch: Arch,
         first_page: Vec<u8>,
         kernel: Vec<u8>,
         mut symbols: Vec<Symbol>,
@@ -42,6 +47,7 @@ impl GuestImage {
         GuestImage {
             workload,
             params,
+            arch,
             bytes,
             load_address: layout::LOAD_ADDRESS,
             entry_point: layout::BOOT_STUB_ADDRESS,
@@ -65,7 +71,11 @@ impl GuestImage {
         let _ = writeln!(text, "load:         {:#x}..{:#x}", self.load_address, self.load_end());
         let _ = writeln!(text, "bss end:      {:#x}", self.bss_end);
         let _ = writeln!(text, "entry:        {:#x} (32-bit protected mode)", self.entry_point);
-        let _ = write!(text, "long mode at: {:#x}", layout::KERNEL_CODE_ADDRESS);
+        let kernel = match self.arch {
+            Arch::X86_64 => "long mode at",
+            Arch::X86_32 => "32-bit at   ",
+        };
+        let _ = write!(text, "{kernel}: {:#x}", layout::KERNEL_CODE_ADDRESS);
         text
     }
 }

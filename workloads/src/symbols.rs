@@ -44,12 +44,17 @@ impl FunctionLabels {
     /// the first given; each function runs to the next one, the last to the end of the code.
     pub fn assemble(self, a: &mut CodeAssembler, ip: u64) -> Result<(Vec<u8>, Vec<Symbol>), IcedError> {
         let result = a.assemble_options(ip, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+        let symbols = self.symbols_in(&result, ip)?;
+        Ok((result.inner.code_buffer, symbols))
+    }
+
+    /// The symbols of an assembly made at `ip` with new instruction offsets.
+    pub fn symbols_in(&self, result: &CodeAssemblerResult, ip: u64) -> Result<Vec<Symbol>, IcedError> {
         let code_end = match &self.code_end {
             Some(label) => result.label_ip(label)?,
             None => ip + result.inner.code_buffer.len() as u64,
         };
-        let symbols = self.symbols(&result, code_end)?;
-        Ok((result.inner.code_buffer, symbols))
+        self.symbols(result, code_end)
     }
 
     fn symbols(&self, result: &CodeAssemblerResult, code_end: u64) -> Result<Vec<Symbol>, IcedError> {

@@ -11,20 +11,21 @@
 //! ground the 32-bit kernel stands on.
 
 use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, Code, Instruction};
+use iced_x86::{Code, Instruction};
 
+use crate::asm32::{
+    self, descriptor, LabelAddresses, FLAT_4K_32, INTERRUPT_GATE_DPL0, MSR_SYSENTER_CS, MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP, TRAP_GATE_DPL3, TSS_LIMIT,
+};
+use crate::catalog::Arch;
 use crate::image::GuestImage;
 use crate::kernel::AsmResult;
-use crate::layout::{BOOT_STUB_ADDRESS, GDT_ADDRESS, KERNEL_CODE_ADDRESS};
+use crate::layout::KERNEL_CODE_ADDRESS;
 use crate::machine::MACHINE;
 
-/// Selectors of the tour's GDT. `SYSENTER`/`SYSEXIT` fix the order of the first four.
+/// Selectors of the tour's GDT: the 32-bit kernel's, and more.
 pub mod selector {
-    pub const KERNEL_CODE: u16 = 0x08;
-    pub const KERNEL_DATA: u16 = 0x10;
-    pub const USER_CODE: u16 = 0x18 | 3;
-    pub const USER_DATA: u16 = 0x20 | 3;
-    pub const TSS: u16 = 0x28;
+    pub use crate::asm32::selector::*;
     pub const CALL_GATE: u16 = 0x30 | 3;
     /// Data at DPL 0, base `SMALL_SEGMENT_BASE`, limit 0xFFF with byte granularity.
     pub const SMALL_DATA: u16 = 0x38;
@@ -40,7 +41,6 @@ const IDT_POINTER: u32 = GDT + 0x108;
 const RESUME: u32 = GDT + 0x200;
 const IDT: u32 = 0x30_1000;
 const TSS: u32 = 0x30_2000;
-const TSS_LIMIT: u32 = 103;
 const PAGE_DIRECTORY: u32 = 0x30_3000;
 const PAGE_TABLE: u32 = 0x30_4000;
 pub const SMALL_SEGMENT_BASE: u32 = 0x30_5000;
@@ -52,58 +52,33 @@ pub const USER_STACK_TOP: u32 = 0x34_0000;
 /// The one page of the first 4 MiB mapped without the user bit.
 pub const SUPERVISOR_PAGE: u32 = 0x3F_F000;
 
-const MSR_SYSENTER_CS: u32 = 0x174;
-const MSR_SYSENTER_ESP: u32 = 0x175;
-const MSR_SYSENTER_EIP: u32 = 0x176;
-const INTERRUPT_GATE_DPL0: u32 = 0x8E;
-const TRAP_GATE_DPL3: u32 = 0xEF;
 const CALL_GATE_DPL3: u32 = 0xEC;
 pub const SYSCALL_VECTOR: u32 = 0x80;
 
 /// The tour's image: the Multiboot stub jumps straight to the 32-bit program.
 pub fn protected_mode_tour() -> GuestImage {
-    let program = assemble().expect("the 32-bit tour assembles");
-    let mut first_page = vec![0u8; (BOOT_STUB_ADDRESS - GDT_ADDRESS) as usize];
-    first_page.extend(jump_stub().expect("the boot stub assembles"));
-    first_page.resize((KERNEL_CODE_ADDRESS - GDT_ADDRESS) as usize, 0);
+    let program = asm32::assemble_twice(assemble_pass).expect("the 32-bit tour assembles");
+    let first_page = asm32::first_page().expect("the boot stub assembles");
     // Booted to compare machines, never recorded: it names no functions.
-    GuestImage::new("x86-32-tour", Vec::new(), first_page, program, Vec::new())
-}
-
-fn jump_stub() -> AsmResult<Vec<u8>> {
-    let mut a = CodeAssembler::new(32)?;
-    a.jmp(KERNEL_CODE_ADDRESS)?;
-    a.assemble(BOOT_STUB_ADDRESS)
+    GuestImage::new("x86-32-tour", Vec::new(), Arch::X86_32, first_page, program, Vec::new())
 }
 
 /// The program under construction, with its printing routines and strings.
 struct Tour {
     a: CodeAssembler,
+    labels: LabelAddresses,
     print_line: CodeLabel,
     print_text: CodeLabel,
     strings: Vec<(CodeLabel, Vec<u8>)>,
-    /// Labels whose address the code takes, in the order it takes them.
-    taken: Vec<CodeLabel>,
-    /// Every label as bound to its instruction (a `CodeLabel` is a value: copies made earlier stay unbound).
-    bound: Vec<CodeLabel>,
-    /// Their addresses from the previous pass (empty on the first).
-    known: Vec<u32>,
 }
 
 impl Tour {
-    /// The address of `label` as a 32-bit immediate. In 32-bit code iced's `ptr(label)` is not an absolute
-    /// address, so the program is assembled twice: the first pass learns the addresses, the second uses
-    /// them. Immediates are always 32 bits wide, so the second pass lays the code out exactly as the first.
     fn bind(&mut self, label: &mut CodeLabel) -> AsmResult {
-        self.a.set_label(label)?;
-        self.bound.push(*label);
-        Ok(())
+        self.labels.bind(&mut self.a, label)
     }
 
     fn address_of(&mut self, label: CodeLabel) -> u32 {
-        let value = self.known.get(self.taken.len()).copied().unwrap_or(0);
-        self.taken.push(label);
-        value
+        self.labels.address_of(label)
     }
 
     /// A NUL-terminated string emitted after the code.
@@ -174,15 +149,8 @@ impl Tour {
     }
 }
 
-fn descriptor(base: u32, limit: u32, access: u32, flags: u32) -> u64 {
-    let low = (limit & 0xFFFF) | ((base & 0xFFFF) << 16);
-    let high = ((base >> 16) & 0xFF) | (access << 8) | (limit & 0xF_0000) | (flags << 20) | (base & 0xFF00_0000);
-    (high as u64) << 32 | low as u64
-}
-
 /// The GDT's fixed descriptors (the call gate's offset is filled in at run time).
 fn gdt() -> [u64; GDT_ENTRIES as usize] {
-    const FLAT_4K_32: u32 = 0xC; // G = 1, D/B = 1
     [
         0,
         descriptor(0, 0xF_FFFF, 0x9B, FLAT_4K_32),
@@ -197,20 +165,13 @@ fn gdt() -> [u64; GDT_ENTRIES as usize] {
     ]
 }
 
-fn assemble() -> AsmResult<Vec<u8>> {
-    let (_, addresses) = assemble_pass(Vec::new())?;
-    let (bytes, resolved) = assemble_pass(addresses.clone())?;
-    assert_eq!(resolved, addresses, "the second pass moved a label");
-    Ok(bytes)
-}
-
 /// One assembly of the program with the label addresses `known`; returns the bytes and the addresses of the
 /// labels the code took.
 fn assemble_pass(known: Vec<u32>) -> AsmResult<(Vec<u8>, Vec<u32>)> {
     let mut a = CodeAssembler::new(32)?;
     let print_line = a.create_label();
     let print_text = a.create_label();
-    let mut t = Tour { a, print_line, print_text, strings: Vec::new(), taken: Vec::new(), bound: Vec::new(), known };
+    let mut t = Tour { a, labels: LabelAddresses::new(known), print_line, print_text, strings: Vec::new() };
     let mut handlers = Handlers::new(&mut t.a);
 
     emit_setup(&mut t, &handlers)?;
@@ -223,10 +184,7 @@ fn assemble_pass(known: Vec<u32>) -> AsmResult<(Vec<u8>, Vec<u32>)> {
         t.bind(&mut label)?;
         t.a.db(&bytes)?;
     }
-    let result = t.a.assemble_options(KERNEL_CODE_ADDRESS, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
-    let bound = |label: &CodeLabel| t.bound.iter().find(|b| *b == label).copied().unwrap_or(*label);
-    let addresses =
-        t.taken.iter().map(|label| result.label_ip(&bound(label)).map(|ip| ip as u32)).collect::<Result<_, _>>()?;
+    let (result, addresses) = t.labels.assemble(&mut t.a, KERNEL_CODE_ADDRESS)?;
     Ok((result.inner.code_buffer, addresses))
 }
 

@@ -1,7 +1,7 @@
 //! The image builder without running anything: parameter validation, reproducibility and the
 //! Multiboot header.
 
-use virtlab_workloads::{build, catalog, layout, Privilege, Symbol, WorkloadError};
+use virtlab_workloads::{build, catalog, layout, Arch, Privilege, Symbol, WorkloadError};
 
 fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -26,8 +26,68 @@ fn unknown_parameter_lists_the_accepted_ones_with_ranges() {
     let error = build("memtouch", &params(&[("size", "3")])).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "workload `memtouch` has no parameter `size`; accepted: iterations (1..=10000, default 16), pages (1..=4096, default 256), counters (0..=1, default 0)"
+        "workload `memtouch` has no parameter `size`; accepted: iterations (1..=10000, default 16), pages (1..=4096, default 256), counters (0..=1, default 0), arch (x86-64|x86-32, default x86-64)"
     );
+}
+
+#[test]
+fn arch_is_a_choice_shown_only_when_not_the_default() {
+    let default = build("in", &[]).unwrap();
+    let explicit = build("in", &params(&[("arch", "x86-64")])).unwrap();
+    assert_eq!(default, explicit, "arch=x86-64 is the default, byte for byte");
+    assert_eq!(default.params, vec![("iterations", "2000".to_string())]);
+    assert_eq!(default.arch, Arch::X86_64);
+
+    let image = build("in", &params(&[("arch", "x86-32"), ("iterations", "3")])).unwrap();
+    assert_eq!(image.arch, Arch::X86_32);
+    assert_eq!(image.params, vec![("iterations", "3".to_string()), ("arch", "x86-32".to_string())]);
+    let banner = b"virtlab: in iterations=3 arch=x86-32\n";
+    assert!(image.bytes.windows(banner.len()).any(|w| w == banner), "the 32-bit image carries its banner");
+    assert_ne!(image.bytes, build("in", &params(&[("iterations", "3")])).unwrap().bytes);
+
+    let error = build("in", &params(&[("arch", "i386")])).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "parameter `arch` of workload `in`: `i386` is not one of the choices; accepted: x86-64|x86-32"
+    );
+}
+
+#[test]
+fn workloads_without_a_32_bit_build_say_so() {
+    let arch = params(&[("arch", "x86-32")]);
+    let error = build("cr8wr", &arch).unwrap_err();
+    assert!(matches!(error, WorkloadError::Only64Bit { .. }), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "workload `cr8wr` cannot have arch=x86-32: CR8 exists only in 64-bit mode (a 32-bit kernel sets the task \
+         priority in the local APIC's TPR instead); use arch=x86-64"
+    );
+    let error = build("forkwait", &arch).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "workload `forkwait` is not built for arch=x86-32 yet (workloads/README.md lists those that are); use \
+         arch=x86-64"
+    );
+}
+
+#[test]
+fn x86_32_images_are_multiboot_images_that_jump_to_their_32_bit_kernel() {
+    let arch = params(&[("arch", "x86-32")]);
+    for spec in catalog() {
+        let Ok(image) = build(spec.name, &arch) else { continue };
+        assert_eq!(read_u32(&image.bytes, 0), 0x1BAD_B002, "{}", spec.name);
+        assert_eq!(image.entry_point, layout::BOOT_STUB_ADDRESS, "{}", spec.name);
+        // The Multiboot entry is a near JMP to the kernel at KERNEL_CODE_ADDRESS.
+        let entry = (image.entry_point - image.load_address) as usize;
+        assert_eq!(image.bytes[entry], 0xE9, "{}", spec.name);
+        let target = image.entry_point as i64 + 5 + i64::from(read_u32(&image.bytes, entry + 1) as i32);
+        assert_eq!(target as u64, layout::KERNEL_CODE_ADDRESS, "{}", spec.name);
+        let names: Vec<&str> = image.symbols.iter().map(|s| s.name.as_str()).collect();
+        for expected in ["kernel_entry", "driver", "kernel_init", "serial_write", "fault_common", "timer_handler"] {
+            assert!(names.contains(&expected), "{}: {expected} missing from {names:?}", spec.name);
+        }
+        assert_eq!(image, build(spec.name, &arch).unwrap(), "{}: two builds differ", spec.name);
+    }
 }
 
 #[test]
@@ -95,7 +155,7 @@ fn parameters_change_the_image() {
     let small = build("compute", &params(&[("iterations", "10")])).unwrap();
     let large = build("compute", &params(&[("iterations", "11")])).unwrap();
     assert_ne!(small.bytes, large.bytes);
-    assert_eq!(small.params, vec![("iterations", 10), ("counters", 0)]);
+    assert_eq!(small.params, vec![("iterations", "10".to_string()), ("counters", "0".to_string())]);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use virtlab_workloads::qemu;
+use virtlab_workloads::{qemu, ParamKind};
 
 /// QEMU's status for a guest that wrote 0 (success) to isa-debug-exit: (0 << 1) | 1.
 const SUCCESS_STATUS: i32 = 1;
@@ -24,12 +24,15 @@ fn run_under_qemu(name: &str, params: &[(&str, &str)]) -> Option<(String, i32)> 
 
 fn expect_ok(name: &str, params: &[(&str, &str)], middle: &str) {
     let Some((guest, status)) = run_under_qemu(name, params) else { return };
-    let numeric: Vec<(&str, u64)> = params.iter().map(|(k, v)| (*k, v.parse().unwrap())).collect();
     let spec = virtlab_workloads::catalog().iter().find(|spec| spec.name == name).unwrap();
-    let shown: Vec<(&str, u64)> = spec
+    // Numbers are shown given or not; a choice (arch) only when given.
+    let shown: Vec<(&str, String)> = spec
         .params
         .iter()
-        .map(|param| numeric.iter().find(|(k, _)| *k == param.name).copied().unwrap_or((param.name, param.default)))
+        .filter_map(|param| match params.iter().find(|(k, _)| *k == param.name) {
+            Some((k, v)) => Some((*k, v.to_string())),
+            None => (param.kind == ParamKind::Number).then(|| (param.name, param.default.to_string())),
+        })
         .collect();
     let expected = format!("{}\n{middle}ok\n", virtlab_workloads::banner(name, &shown));
     assert_eq!(guest, expected, "serial output of {name}");

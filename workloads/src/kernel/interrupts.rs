@@ -8,10 +8,10 @@ use crate::layout::*;
 use crate::machine::{exit_code, MACHINE};
 
 /// Exceptions for which the CPU pushes an error code.
-const VECTORS_WITH_ERROR_CODE: [u64; 8] = [8, 10, 11, 12, 13, 17, 21, 29];
+pub(crate) const VECTORS_WITH_ERROR_CODE: [u64; 8] = [8, 10, 11, 12, 13, 17, 21, 29];
 /// A process killed by an exception exits with this plus the vector, like a shell's signal status.
 pub const KILLED_STATUS_BASE: i32 = 128;
-const END_OF_INTERRUPT: u32 = 0x20;
+pub(crate) const END_OF_INTERRUPT: u32 = 0x20;
 /// Caller-saved registers an interrupt handler saves before calling kernel routines.
 pub(crate) const SCRATCH_REGISTERS: [AsmRegister64; 9] = [rax, rcx, rdx, rsi, rdi, r8, r9, r10, r11];
 
@@ -145,11 +145,12 @@ fn emit_timer(k: &mut Kernel) -> AsmResult {
     k.a.iretq()
 }
 
-/// Remaps the PICs to vectors 0x20..0x2F, unmasks only IRQ 0, and starts the PIT at about 1 kHz.
-fn emit_interrupt_controller_init(k: &mut Kernel) -> AsmResult {
+/// Remaps the PICs to vectors 0x20..0x2F, unmasks only IRQ 0, and starts the PIT at about 1 kHz: the (port,
+/// byte) writes, shared with the 32-bit kernel.
+pub(crate) fn interrupt_controller_writes() -> [(u16, u8); 13] {
     let m = MACHINE;
     let base = m.pic_vector_base;
-    let writes: [(u16, u8); 13] = [
+    [
         (m.pic_master_ports.0, 0x11), // ICW1: edge, cascade, ICW4 follows
         (m.pic_slave_ports.0, 0x11),
         (m.pic_master_ports.1, base), // ICW2: vector base
@@ -163,10 +164,13 @@ fn emit_interrupt_controller_init(k: &mut Kernel) -> AsmResult {
         (m.pit_command_port, m.pit_mode),
         (m.pit_channel0_port, (m.pit_divisor & 0xFF) as u8),
         (m.pit_channel0_port, (m.pit_divisor >> 8) as u8),
-    ];
+    ]
+}
+
+fn emit_interrupt_controller_init(k: &mut Kernel) -> AsmResult {
     let mut entry = k.r.interrupt_controller_init;
     k.bind(&mut entry)?;
-    for (port, value) in writes {
+    for (port, value) in interrupt_controller_writes() {
         k.a.mov(al, value as u32)?;
         k.a.out(port as u32, al)?;
     }

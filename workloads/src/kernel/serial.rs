@@ -15,10 +15,11 @@ pub(crate) fn emit(k: &mut Kernel) -> AsmResult {
     emit_run_endings(k)
 }
 
-/// 115200 baud, 8N1, FIFOs on, no interrupts: the usual 16550 set-up.
-fn emit_serial_init(k: &mut Kernel) -> AsmResult {
+/// 115200 baud, 8N1, FIFOs on, no interrupts: the usual 16550 set-up, as (port, byte) writes (shared with the
+/// 32-bit kernel).
+pub(crate) fn serial_init_writes() -> [(u16, u8); 7] {
     let port = MACHINE.serial_port;
-    let writes: [(u16, u8); 7] = [
+    [
         (port + 1, 0x00), // interrupts off
         (port + 3, 0x80), // DLAB on to reach the divisor latch
         (port, 0x01),     // divisor 1: 115200 baud
@@ -26,10 +27,13 @@ fn emit_serial_init(k: &mut Kernel) -> AsmResult {
         (port + 3, 0x03), // 8 data bits, no parity, one stop bit, DLAB off
         (port + 2, 0xC7), // FIFOs on and cleared
         (port + 4, 0x03), // DTR and RTS
-    ];
+    ]
+}
+
+fn emit_serial_init(k: &mut Kernel) -> AsmResult {
     let mut entry = k.r.serial_init;
     k.bind(&mut entry)?;
-    for (register, value) in writes {
+    for (register, value) in serial_init_writes() {
         k.a.mov(dx, register as u32)?;
         k.a.mov(al, value as u32)?;
         k.a.out(dx, al)?;

@@ -221,13 +221,7 @@ fn mmio(k: &mut Kernel, iterations: u64) -> AsmResult {
 }
 
 fn sensitive_kernel(k: &mut Kernel, iterations: u64, segment_probes: bool) -> AsmResult {
-    let probe_failures = ProbeFailures {
-        gdt: k.failure("SGDT did not return the guest's GDT"),
-        idt: k.failure("SIDT did not return the guest's IDT"),
-        ldt: k.failure("SLDT did not return the null selector"),
-        tr: k.failure("STR did not return the TSS selector"),
-        msw: k.failure("SMSW did not return the low bits of CR0"),
-    };
+    let probe_failures = ProbeFailures::in_kernel(|message| k.failure(message));
     let wrong_if = k.failure("POPF did not change IF in kernel mode");
     let segment_failures = segment_probes.then(|| {
         (

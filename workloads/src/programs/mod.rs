@@ -2,30 +2,50 @@
 //! kernel's entry point; user-mode workloads are separate programs started as process 1.
 
 mod kernel_mode;
+mod kernel_mode32;
 #[cfg(test)]
 mod path_tests;
 mod user_mode;
 
 use iced_x86::code_asm::*;
 
-use crate::catalog::{Privilege, ResolvedParams, WorkloadSpec};
+use crate::catalog::{Privilege, ResolvedParams, WorkloadError, WorkloadSpec};
 use crate::kernel::{self, AsmResult, Kernel};
 use crate::symbols::Symbol;
 
 /// Assembles the 64-bit kernel with the driver for `spec`: its bytes, and the symbols of the kernel and of the
 /// user program.
-pub(crate) fn assemble(spec: &WorkloadSpec, params: &ResolvedParams) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
-    let banner = crate::banner(spec.name, &params.0);
+pub(crate) fn assemble(
+    spec: &WorkloadSpec,
+    params: &ResolvedParams,
+    banner: &str,
+) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
     match spec.privilege {
-        Privilege::Kernel => assemble_with_driver(&banner, |k| kernel_mode::emit(k, spec.name, params)),
+        Privilege::Kernel => assemble_with_driver(banner, |k| kernel_mode::emit(k, spec.name, params)),
         Privilege::User => {
             let (program, symbols) = user_mode::assemble(spec.name, params)?;
-            assemble_with_driver(&banner, |k| {
+            assemble_with_driver(banner, |k| {
                 k.print_counters = params.get("counters") == 1;
                 start_user_program(k, program, symbols)
             })
         }
     }
+}
+
+/// Assembles the 32-bit kernel with the driver for `spec`, or says why `spec` has no 32-bit build.
+pub(crate) fn assemble_32(
+    spec: &WorkloadSpec,
+    params: &ResolvedParams,
+    banner: &str,
+) -> Result<(Vec<u8>, Vec<Symbol>), WorkloadError> {
+    if let Some(reason) = kernel_mode32::only_64_bit(spec.name) {
+        return Err(WorkloadError::Only64Bit { workload: spec.name.to_string(), reason });
+    }
+    if spec.privilege == Privilege::User {
+        return Err(WorkloadError::NotBuiltFor32Bit { workload: spec.name.to_string() });
+    }
+    crate::kernel32::assemble(banner, |k| kernel_mode32::emit(k, spec.name, params))
+        .map_err(|error| WorkloadError::Assembly { workload: spec.name.to_string(), message: error.to_string() })
 }
 
 /// Where a register probe jumps when the value it reads is not the guest's own.
@@ -35,6 +55,19 @@ pub(crate) struct ProbeFailures {
     pub ldt: CodeLabel,
     pub tr: CodeLabel,
     pub msw: CodeLabel,
+}
+
+impl ProbeFailures {
+    /// The failure paths of the probes at CPL 0, from the kernel's `failure`.
+    pub fn in_kernel(mut failure: impl FnMut(&str) -> CodeLabel) -> Self {
+        ProbeFailures {
+            gdt: failure("SGDT did not return the guest's GDT"),
+            idt: failure("SIDT did not return the guest's IDT"),
+            ldt: failure("SLDT did not return the null selector"),
+            tr: failure("STR did not return the TSS selector"),
+            msw: failure("SMSW did not return the low bits of CR0"),
+        }
+    }
 }
 
 /// SGDT, SIDT, SLDT, STR and SMSW against the guest's own values (its GDT and IDT, a null LDT, the TSS

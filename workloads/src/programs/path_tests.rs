@@ -10,6 +10,7 @@ use iced_x86::code_asm::*;
 
 use super::user_mode::{compute, UserProgram};
 use super::{assemble_with_driver, start_user_program};
+use crate::catalog::Arch;
 use crate::image::GuestImage;
 use crate::kernel::syscalls::*;
 use crate::kernel::{boot, AsmResult, Kernel};
@@ -31,7 +32,14 @@ fn boot_kernel((kernel, symbols): (Vec<u8>, Vec<Symbol>)) -> Option<(String, i32
         return None;
     }
     eprintln!("booting a test kernel under {}", qemu::QEMU);
-    let image = GuestImage::new("fault-test", Vec::new(), boot::first_page_after_header().unwrap().0, kernel, symbols);
+    let image = GuestImage::new(
+        "fault-test",
+        Vec::new(),
+        Arch::X86_64,
+        boot::first_page_after_header().unwrap().0,
+        kernel,
+        symbols,
+    );
     let run = qemu::boot(&image.bytes, Duration::from_secs(60)).unwrap();
     let banner_at = run.serial.find(BANNER).expect("the guest printed its banner");
     Some((run.serial[banner_at..].to_string(), run.qemu_status))
