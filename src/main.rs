@@ -64,6 +64,7 @@ enum Command {
     Sweep(cmd::sweep::Args),
     Report(cmd::report::Args),
     Gate(cmd::gate::Args),
+    Story(cmd::story::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
         Command::Engines(args) => cmd::engines::run(&args),
         Command::Replay(args) => cmd::replay::run(&args),
         Command::Validate(args) => cmd::validate::run(&args),
+        Command::Story(args) => cmd::story::run(&args),
         Command::Calibrate(args) => cmd::calibrate::run(&args),
         Command::Sweep(args) => cmd::sweep::run(&args),
         Command::Report(args) => cmd::report::run(&args),

@@ -117,3 +117,42 @@ fn a_64_bit_kernel_shares_ring_3_with_user_code_and_switches_page_tables() {
     let hybrid = replay(&trace, "hybrid");
     assert_eq!((hybrid.protection.kernel_ring, hybrid.protection.page_table_switches), (None, 0));
 }
+
+fn story(args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_virtlab"))
+        .args(["story", "--json"])
+        .args(args)
+        .output()
+        .expect("virtlab runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn row<'a>(story: &'a serde_json::Value, engine: &str, arch: &str, options: &str) -> &'a serde_json::Value {
+    story["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["engine"] == engine && r["arch"] == arch && r["options"] == options)
+        .unwrap_or_else(|| panic!("no row {engine} {arch} {options:?}"))
+}
+
+#[test]
+fn the_story_shows_which_strategy_runs_which_width_and_where_it_puts_the_kernel() {
+    let story = story(&["--workload", "in", "--iterations", "10", "20"]);
+    assert_eq!(story["rows"].as_array().unwrap().len(), 2 * 7 + 1, "seven engines on two widths, and bt with LMSLE");
+    let bt64 = row(&story, "bt", "x86-64", "");
+    assert_eq!(bt64["runs"], false);
+    assert!(bt64["refusal"].as_str().unwrap().contains("bt.lmsle=true"), "{bt64}");
+    let bt32 = row(&story, "bt", "x86-32", "");
+    assert_eq!((bt32["runs"].as_bool(), bt32["kernel_ring"].as_u64()), (Some(true), Some(1)));
+    assert!(bt32["protection"].as_str().unwrap().contains("top 4 MiB"), "{bt32}");
+    assert_eq!(row(&story, "bt", "x86-64", "bt.lmsle=true")["runs"], true);
+    assert_eq!(row(&story, "trap-emulate", "x86-64", "")["kernel_ring"], 3);
+    assert_eq!(row(&story, "trap-emulate", "x86-32", "")["kernel_ring"], 1);
+    // IN from the POST port: native pays the bus cycle on both widths; hardware assist exits once per iteration.
+    for arch in ["x86-64", "x86-32"] {
+        assert_eq!(row(&story, "native", arch, "")["relative_to_native"], 1.0);
+        assert_eq!(row(&story, "hw-ept", arch, "")["exits_per_iteration"], 1.0, "{arch}");
+    }
+}

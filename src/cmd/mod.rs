@@ -11,6 +11,7 @@ pub mod record;
 pub mod replay;
 pub mod report;
 pub mod run;
+pub mod story;
 pub mod sweep;
 pub mod symbol_list;
 pub mod validate;
