@@ -17,7 +17,8 @@ pub struct Args {
     /// Record every trace again even when the cache has it.
     #[arg(long)]
     fresh: bool,
-    /// Workloads to record and sweep (default: the whole catalog, each with its default parameters).
+    /// Workloads to record and sweep (default: the whole catalog, each with its default parameters), each on
+    /// x86-64 and, where it has an x86-32 build, on x86-32.
     #[arg(long, value_delimiter = ',', value_name = "NAME,…")]
     workloads: Vec<String>,
 }
@@ -34,6 +35,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
     let stage = Instant::now();
     let jobs: Vec<Job> = workloads.into_iter().map(|workload| Job { workload, params: Vec::new() }).collect();
+    let jobs = catalog_traces::with_32_bit_builds(jobs);
     let (traces, fresh) = catalog_traces::record(&virtlab, &out, &jobs, args.fresh)?;
     eprintln!("record   {:6.1} s  {fresh} recorded, {} cached", stage.elapsed().as_secs_f64(), traces.len() - fresh);
 

@@ -92,6 +92,21 @@ pub struct Job {
     pub params: Vec<(String, String)>,
 }
 
+/// `jobs`, then the x86-32 build (`arch=x86-32`) of each workload that has one, with the same parameters.
+pub fn with_32_bit_builds(jobs: Vec<Job>) -> Vec<Job> {
+    let narrow: Vec<Job> = jobs
+        .iter()
+        .filter_map(|job| {
+            let mut params = job.params.clone();
+            params.push(("arch".into(), "x86-32".into()));
+            virtlab_workloads::build(&job.workload, &params)
+                .ok()
+                .map(|_| Job { workload: job.workload.clone(), params })
+        })
+        .collect();
+    jobs.into_iter().chain(narrow).collect()
+}
+
 /// The traces of `jobs` under `out/traces/`, recorded with `virtlab` where the cache has none that opens (all
 /// of them with `fresh`); traces no job names any more are deleted. Returns their paths relative to `out`, in
 /// the jobs' order, and how many were recorded.

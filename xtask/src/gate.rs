@@ -36,9 +36,10 @@ pub struct Args {
     headroom: String,
 }
 
-/// Every catalog workload at its default parameters, `iterations` capped at [`MAX_ITERATIONS`].
+/// Every catalog workload at its default parameters, `iterations` capped at [`MAX_ITERATIONS`], on x86-64 and,
+/// where it has an x86-32 build, on x86-32.
 fn jobs() -> Vec<Job> {
-    virtlab_workloads::catalog()
+    let wide = virtlab_workloads::catalog()
         .iter()
         .map(|spec| {
             let params = spec
@@ -49,7 +50,8 @@ fn jobs() -> Vec<Job> {
                 .collect();
             Job { workload: spec.name.to_string(), params }
         })
-        .collect()
+        .collect();
+    catalog_traces::with_32_bit_builds(wide)
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
