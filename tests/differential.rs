@@ -167,6 +167,12 @@ differential! {
     sensitive_kernel_32 => "sensitive-kernel" ["arch" = "x86-32"];
     sensitive_kernel_without_segment_probes_32 => "sensitive-kernel" ["arch" = "x86-32", "segment-probes" = "0"];
     boot_32 => "boot" ["arch" = "x86-32"];
+    syscall_32 => "syscall" ["arch" = "x86-32"];
+    syscall_sysenter_32 => "syscall" ["arch" = "x86-32", "sysenter" = "1"];
+    pgfault_32 => "pgfault" ["arch" = "x86-32"];
+    divzero_32 => "divzero" ["arch" = "x86-32"];
+    compute_32 => "compute" ["arch" = "x86-32"];
+    redpill_32 => "redpill" ["arch" = "x86-32"];
 }
 
 /// The x86-32 tour's transcript as the SDM has it. Derived values: PUSHAD stores ESP from before its eight

@@ -58,3 +58,60 @@ fn a_32_bit_kernel_mode_workload_runs_32_bit_code_under_two_level_paging() {
         assert!(touched.contains(&page), "{page:#x} not among the pages touched under paging: {touched:x?}");
     }
 }
+
+/// What a recorded user-mode run of the 32-bit kernel shows.
+#[derive(Debug, Default)]
+struct UserRun {
+    int80: u64,
+    syscalls: u64,
+    sysrets: u64,
+    user_contexts: u64,
+    page_faults: Vec<(Option<u32>, Option<u64>)>,
+}
+
+fn record_user_run(name: &str, params: &[(&str, &str)]) -> UserRun {
+    let mut all = vec![("arch", "x86-32")];
+    all.extend_from_slice(params);
+    let trace = record_workload(name, &all);
+    let view = TraceView::open(&trace).unwrap();
+    for (_, block) in view.blocks().iter() {
+        assert_eq!(block.mode, CodeMode::Bits32, "{name}: block at {:#x}", block.address);
+        assert!(block.address < HYPERVISOR_HOLE, "{name}: block at {:#x}", block.address);
+    }
+    let mut run = UserRun::default();
+    view.for_each_event(|event| match event {
+        Event::SoftwareInterrupt { vector: 0x80, .. } => run.int80 += 1,
+        Event::Syscall { .. } => run.syscalls += 1,
+        Event::Sysret { .. } => run.sysrets += 1,
+        Event::Context { context, .. } if context.cpl == 3 => {
+            assert_eq!(context.paging, PagingMode::TwoLevel, "{name}: {event:?}");
+            assert_eq!(context.cr3, PAGE_DIRECTORY, "{name}: {event:?}");
+            run.user_contexts += 1;
+        }
+        Event::Exception { vector: 14, error_code, cr2, .. } => run.page_faults.push((error_code, cr2)),
+        _ => {}
+    })
+    .unwrap();
+    run
+}
+
+/// `syscall arch=x86-32`: process 1 runs at CPL 3 under two-level paging and makes each getpid, and its exit,
+/// with `INT 0x80`; with `sysenter=1` with SYSENTER instead, each getpid returning with SYSEXIT.
+#[test]
+fn the_32_bit_null_system_call_enters_through_int_0x80_or_sysenter() {
+    let int80 = record_user_run("syscall", &[("iterations", "20")]);
+    assert_eq!((int80.int80, int80.syscalls, int80.sysrets), (21, 0, 0), "{int80:?}");
+    assert!(int80.user_contexts >= 21, "{int80:?}");
+
+    let sysenter = record_user_run("syscall", &[("iterations", "20"), ("sysenter", "1")]);
+    assert_eq!((sysenter.int80, sysenter.syscalls, sysenter.sysrets), (0, 21, 20), "{sysenter:?}");
+    assert!(sysenter.user_contexts >= 21, "{sysenter:?}");
+}
+
+/// `pgfault arch=x86-32`: each iteration is a user read of 0x60000000, a not-present page fault with error code
+/// 4 (user, read) and CR2 the address read; the user's trap handler skips it.
+#[test]
+fn the_32_bit_page_fault_is_a_user_read_of_an_unmapped_address() {
+    let run = record_user_run("pgfault", &[("iterations", "7")]);
+    assert_eq!(run.page_faults, vec![(Some(4), Some(0x6000_0000)); 7], "{run:?}");
+}

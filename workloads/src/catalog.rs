@@ -67,6 +67,16 @@ pub enum Arch {
 
 const ARCH_CHOICES: &[&str] = &["x86-64", "x86-32"];
 
+/// `syscall`'s choice of system-call instruction on x86-32 (a choice, so that the default leaves the banner alone).
+pub const SYSENTER: ParamSpec = ParamSpec {
+    name: "sysenter",
+    description: "with arch=x86-32: 0 enters the kernel with INT 0x80, 1 with SYSENTER (returning with SYSEXIT)",
+    default: 0,
+    min: 0,
+    max: 1,
+    kind: ParamKind::Choice(&["0", "1"]),
+};
+
 /// Every workload's `arch` parameter.
 pub const ARCH: ParamSpec = ParamSpec {
     name: "arch",
@@ -116,6 +126,12 @@ pub enum WorkloadError {
     NotBuiltFor32Bit { workload: String },
     #[error("workload `{workload}` cannot have arch=x86-32: {reason}; use arch=x86-64")]
     Only64Bit { workload: String, reason: &'static str },
+    #[error("parameter `{param}` of workload `{workload}` is not built for arch=x86-32 yet; {hint}")]
+    ParamNotBuiltFor32Bit { workload: String, param: String, hint: &'static str },
+    #[error(
+        "parameter `sysenter=1` of workload `{workload}` needs arch=x86-32 (the 64-bit kernel is entered with SYSCALL)"
+    )]
+    SysenterNeeds32Bit { workload: String },
     #[error("assembling workload `{workload}` failed: {message}")]
     Assembly { workload: String, message: String },
 }
@@ -154,7 +170,7 @@ macro_rules! workload {
 }
 
 static CATALOG: &[WorkloadSpec] = &[
-    workload!("syscall", User, "Adams & Agesen: user-level null system call (getpid) round trip", [iterations(2000, 1_000_000), COUNTERS]),
+    workload!("syscall", User, "Adams & Agesen: user-level null system call (getpid) round trip", [iterations(2000, 1_000_000), COUNTERS, SYSENTER]),
     workload!("in", Kernel, "Adams & Agesen: kernel-mode IN from the POST port 0x80", [iterations(2000, 1_000_000)]),
     workload!("cr8wr", Kernel, "Adams & Agesen: kernel-mode write of CR8 (task priority)", [iterations(2000, 1_000_000)]),
     workload!("callret", Kernel, "Adams & Agesen: kernel-mode call and return of an empty function", [iterations(10000, 2_000_000)]),

@@ -38,6 +38,9 @@ pub fn build(name: &str, params: &[(String, String)]) -> Result<GuestImage, Work
         message: error.to_string(),
     };
     let arch = resolved.arch();
+    if arch == Arch::X86_64 && spec.param(catalog::SYSENTER.name).is_some_and(|_| resolved.get("sysenter") == 1) {
+        return Err(WorkloadError::SysenterNeeds32Bit { workload: spec.name.to_string() });
+    }
     let (first_page, kernel_bytes, symbols) = match arch {
         Arch::X86_64 => {
             let (first_page, mut symbols) = kernel::boot::first_page_after_header().map_err(assembly_error)?;

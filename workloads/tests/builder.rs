@@ -62,6 +62,13 @@ fn workloads_without_a_32_bit_build_say_so() {
         "workload `cr8wr` cannot have arch=x86-32: CR8 exists only in 64-bit mode (a 32-bit kernel sets the task \
          priority in the local APIC's TPR instead); use arch=x86-64"
     );
+    let error = build("syscall", &params(&[("arch", "x86-32"), ("counters", "1")])).unwrap_err();
+    assert!(matches!(error, WorkloadError::ParamNotBuiltFor32Bit { .. }), "{error}");
+    let error = build("syscall", &params(&[("sysenter", "1")])).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "parameter `sysenter=1` of workload `syscall` needs arch=x86-32 (the 64-bit kernel is entered with SYSCALL)"
+    );
     let error = build("forkwait", &arch).unwrap_err();
     assert_eq!(
         error.to_string(),
@@ -85,6 +92,11 @@ fn x86_32_images_are_multiboot_images_that_jump_to_their_32_bit_kernel() {
         let names: Vec<&str> = image.symbols.iter().map(|s| s.name.as_str()).collect();
         for expected in ["kernel_entry", "driver", "kernel_init", "serial_write", "fault_common", "timer_handler"] {
             assert!(names.contains(&expected), "{}: {expected} missing from {names:?}", spec.name);
+        }
+        if spec.privilege == Privilege::User {
+            let main = image.symbols.iter().find(|s| s.name == "main").expect("the program's main");
+            assert_eq!(main.start, 0x4000_0000, "{}: process 1 starts at its main", spec.name);
+            assert!(names.contains(&"syscall_int80") && names.contains(&"user_fault"), "{}: {names:?}", spec.name);
         }
         assert_eq!(image, build(spec.name, &arch).unwrap(), "{}: two builds differ", spec.name);
     }

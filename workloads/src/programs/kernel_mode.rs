@@ -221,7 +221,7 @@ fn mmio(k: &mut Kernel, iterations: u64) -> AsmResult {
 }
 
 fn sensitive_kernel(k: &mut Kernel, iterations: u64, segment_probes: bool) -> AsmResult {
-    let probe_failures = ProbeFailures::in_kernel(|message| k.failure(message));
+    let probe_failures = ProbeFailures::new(|message| k.failure(message));
     let wrong_if = k.failure("POPF did not change IF in kernel mode");
     let segment_failures = segment_probes.then(|| {
         (

@@ -4,13 +4,12 @@
 
 use iced_x86::code_asm::*;
 
-use super::ProbeFailures;
+use super::{emit_register_probes_32, ProbeFailures};
 use crate::asm32::{selector, MSR_SYSENTER_ESP};
 use crate::catalog::ResolvedParams;
 use crate::kernel::AsmResult;
-use crate::kernel32::VAR_TIMER_TICKS;
-use crate::kernel32::{gdt, Kernel32, GDT, GDT_ENTRIES, IDT, PAGE_DIRECTORY, PAGE_TABLE_LOW, PTE_PRESENT_WRITABLE};
-use crate::layout::{BOOT_STACK_TOP, IDT_ENTRIES, KERNEL_CR0};
+use crate::kernel32::{gdt, Kernel32, PAGE_DIRECTORY, PAGE_TABLE_LOW, PTE_PRESENT_WRITABLE, VAR_TIMER_TICKS};
+use crate::layout::BOOT_STACK_TOP;
 use crate::machine::MACHINE;
 
 /// The page-table entry `ptemod` rewrites: the last 4 KiB page of the first 4 MiB, which nothing touches, so the
@@ -209,7 +208,7 @@ fn mmio(k: &mut Kernel32, iterations: u32) -> AsmResult {
 /// SGDT, SIDT (6-byte images in 32-bit code), SLDT, STR and SMSW against the kernel's own values, PUSHFD/POPFD
 /// changing IF, LAR/LSL/VERR/VERW on the 32-bit descriptors, and MOV from CS/SS.
 fn sensitive_kernel(k: &mut Kernel32, iterations: u32, segment_probes: bool) -> AsmResult {
-    let probes = ProbeFailures::in_kernel(|message| k.failure(message));
+    let probes = ProbeFailures::new(|message| k.failure(message));
     let wrong_if = k.failure("POPFD did not change IF in kernel mode");
     let segment_failures = segment_probes.then(|| {
         (
@@ -223,25 +222,7 @@ fn sensitive_kernel(k: &mut Kernel32, iterations: u32, segment_probes: bool) -> 
     let code_access_rights = (gdt()[usize::from(selector::KERNEL_CODE >> 3)] >> 32) as u32 & 0x00F0_FF00;
     k.a.sub(esp, 8)?;
     counted_loop(k, iterations, |k| {
-        k.a.sgdt(ptr(esp))?;
-        k.a.cmp(word_ptr(esp), 8 * GDT_ENTRIES - 1)?;
-        k.a.jne(probes.gdt)?;
-        k.a.cmp(dword_ptr(esp + 2), GDT)?;
-        k.a.jne(probes.gdt)?;
-        k.a.sidt(ptr(esp))?;
-        k.a.cmp(word_ptr(esp), (IDT_ENTRIES * 8 - 1) as u32)?;
-        k.a.jne(probes.idt)?;
-        k.a.cmp(dword_ptr(esp + 2), IDT)?;
-        k.a.jne(probes.idt)?;
-        k.a.sldt(eax)?;
-        k.a.test(ax, ax)?;
-        k.a.jnz(probes.ldt)?;
-        k.a.str(eax)?;
-        k.a.cmp(ax, u32::from(selector::TSS))?;
-        k.a.jne(probes.tr)?;
-        k.a.smsw(word_ptr(esp))?;
-        k.a.cmp(word_ptr(esp), KERNEL_CR0 & 0xFFFF)?;
-        k.a.jne(probes.msw)?;
+        emit_register_probes_32(&mut k.a, &probes)?;
         // POPFD sets IF, then clears it again: each change must be visible to PUSHFD.
         for (set, expected_clear) in [(true, false), (false, true)] {
             k.a.pushfd()?;

@@ -6,11 +6,13 @@ mod kernel_mode32;
 #[cfg(test)]
 mod path_tests;
 mod user_mode;
+mod user_mode32;
 
 use iced_x86::code_asm::*;
 
 use crate::catalog::{Privilege, ResolvedParams, WorkloadError, WorkloadSpec};
 use crate::kernel::{self, AsmResult, Kernel};
+use crate::kernel32;
 use crate::symbols::Symbol;
 
 /// Assembles the 64-bit kernel with the driver for `spec`: its bytes, and the symbols of the kernel and of the
@@ -32,20 +34,51 @@ pub(crate) fn assemble(
     }
 }
 
-/// Assembles the 32-bit kernel with the driver for `spec`, or says why `spec` has no 32-bit build.
+/// Assembles the 32-bit kernel with the driver for `spec` (for a user-mode workload, the kernel and its program:
+/// both sets of symbols), or says why `spec` has no 32-bit build.
 pub(crate) fn assemble_32(
     spec: &WorkloadSpec,
     params: &ResolvedParams,
     banner: &str,
 ) -> Result<(Vec<u8>, Vec<Symbol>), WorkloadError> {
+    let workload = spec.name.to_string();
+    let assembly_error = |error: iced_x86::IcedError| WorkloadError::Assembly {
+        workload: spec.name.to_string(),
+        message: error.to_string(),
+    };
     if let Some(reason) = kernel_mode32::only_64_bit(spec.name) {
-        return Err(WorkloadError::Only64Bit { workload: spec.name.to_string(), reason });
+        return Err(WorkloadError::Only64Bit { workload, reason });
     }
-    if spec.privilege == Privilege::User {
-        return Err(WorkloadError::NotBuiltFor32Bit { workload: spec.name.to_string() });
+    match spec.privilege {
+        Privilege::Kernel => {
+            kernel32::assemble(banner, |k| kernel_mode32::emit(k, spec.name, params)).map_err(assembly_error)
+        }
+        Privilege::User => {
+            if params.get("counters") == 1 {
+                return Err(WorkloadError::ParamNotBuiltFor32Bit {
+                    workload,
+                    param: "counters".into(),
+                    hint: "the 32-bit kernel runs one process without a page-frame pool, so it has no memory-management counters; leave counters=0",
+                });
+            }
+            let entry = match spec.param("sysenter").map(|_| params.get("sysenter")) {
+                Some(1) => user_mode32::Entry::Sysenter,
+                _ => user_mode32::Entry::Int80,
+            };
+            let program =
+                user_mode32::assemble(spec.name, params, entry).ok_or(WorkloadError::NotBuiltFor32Bit { workload })?;
+            let (program, mut symbols) = program.map_err(assembly_error)?;
+            assert!(
+                program.len() <= kernel32::process::PROGRAM_MAX_BYTES as usize,
+                "the user program outgrew its frames"
+            );
+            let (kernel, kernel_symbols) =
+                kernel32::assemble(banner, |k| kernel32::process::start_first_process(k, program.clone()))
+                    .map_err(assembly_error)?;
+            symbols.extend(kernel_symbols);
+            Ok((kernel, symbols))
+        }
     }
-    crate::kernel32::assemble(banner, |k| kernel_mode32::emit(k, spec.name, params))
-        .map_err(|error| WorkloadError::Assembly { workload: spec.name.to_string(), message: error.to_string() })
 }
 
 /// Where a register probe jumps when the value it reads is not the guest's own.
@@ -58,8 +91,8 @@ pub(crate) struct ProbeFailures {
 }
 
 impl ProbeFailures {
-    /// The failure paths of the probes at CPL 0, from the kernel's `failure`.
-    pub fn in_kernel(mut failure: impl FnMut(&str) -> CodeLabel) -> Self {
+    /// The failure paths of the probes, from the kernel's or the program's `failure`.
+    pub fn new(mut failure: impl FnMut(&str) -> CodeLabel) -> Self {
         ProbeFailures {
             gdt: failure("SGDT did not return the guest's GDT"),
             idt: failure("SIDT did not return the guest's IDT"),
@@ -95,6 +128,32 @@ pub(crate) fn emit_register_probes(a: &mut CodeAssembler, failures: &ProbeFailur
     a.jne(failures.tr)?;
     a.smsw(word_ptr(rsp))?;
     a.cmp(word_ptr(rsp), KERNEL_CR0 & 0xFFFF)?;
+    a.jne(failures.msw)
+}
+
+/// The probes of `emit_register_probes` in 32-bit code, against the 32-bit kernel's tables (SGDT and SIDT store
+/// 6 bytes): at CPL 0 (`sensitive-kernel`) and at CPL 3 (`redpill`). The caller reserves 8 bytes at [ESP].
+pub(crate) fn emit_register_probes_32(a: &mut CodeAssembler, failures: &ProbeFailures) -> AsmResult {
+    use crate::asm32::selector;
+    use crate::kernel32::{GDT, GDT_ENTRIES, IDT, IDT_LIMIT};
+    a.sgdt(ptr(esp))?;
+    a.cmp(word_ptr(esp), 8 * GDT_ENTRIES - 1)?;
+    a.jne(failures.gdt)?;
+    a.cmp(dword_ptr(esp + 2), GDT)?;
+    a.jne(failures.gdt)?;
+    a.sidt(ptr(esp))?;
+    a.cmp(word_ptr(esp), IDT_LIMIT)?;
+    a.jne(failures.idt)?;
+    a.cmp(dword_ptr(esp + 2), IDT)?;
+    a.jne(failures.idt)?;
+    a.sldt(eax)?;
+    a.test(ax, ax)?;
+    a.jnz(failures.ldt)?;
+    a.str(eax)?;
+    a.cmp(ax, u32::from(selector::TSS))?;
+    a.jne(failures.tr)?;
+    a.smsw(word_ptr(esp))?;
+    a.cmp(word_ptr(esp), crate::layout::KERNEL_CR0 & 0xFFFF)?;
     a.jne(failures.msw)
 }
 

@@ -334,13 +334,7 @@ fn divide_by_zero(p: &mut UserProgram, iterations: u64) -> AsmResult {
 /// The readable sensitive instructions from user mode, each checked against the guest's own
 /// descriptor tables and CR0.
 fn red_pill(p: &mut UserProgram, iterations: u64) -> AsmResult {
-    let probe_failures = ProbeFailures {
-        gdt: p.failure("SGDT did not return the guest's GDT"),
-        idt: p.failure("SIDT did not return the guest's IDT"),
-        ldt: p.failure("SLDT did not return the null selector"),
-        tr: p.failure("STR did not return the TSS selector"),
-        msw: p.failure("SMSW did not return the low bits of CR0"),
-    };
+    let probe_failures = ProbeFailures::new(|message| p.failure(message));
     let wrong_flags = p.failure("PUSHF did not show IF set and IOPL 0");
     let wrong_lar = p.failure("LAR did not return the user code segment's access rights");
     let wrong_lsl = p.failure("LSL did not return the flat user data segment limit");

@@ -8,12 +8,16 @@
 //! the guest's linear address space lives there — VMware's monitor in the top 4 MiB, 32-bit Xen in the top
 //! 64 MiB — so the guest leaves the whole top 64 MiB alone.
 //!
+//! Process 1 (user-mode workloads, `process`) has the 4 MiB from `process::USER_CODE` (0x4000_0000).
+//!
 //! Register conventions: routines may clobber EAX, ECX, EDX, ESI and EDI and preserve EBX, EBP and ESP.
+
+pub(crate) mod process;
 
 use iced_x86::code_asm::*;
 
 use crate::asm32::{
-    self, descriptor, gate, selector, LabelAddresses, Pass, FLAT_4K_32, INTERRUPT_GATE_DPL0, TSS_LIMIT,
+    self, descriptor, gate, selector, LabelAddresses, Pass, FLAT_4K_32, INTERRUPT_GATE_DPL0, TRAP_GATE_DPL3, TSS_LIMIT,
 };
 use crate::kernel::interrupts::{interrupt_controller_writes, END_OF_INTERRUPT, VECTORS_WITH_ERROR_CODE};
 use crate::kernel::serial::serial_init_writes;
@@ -21,6 +25,8 @@ use crate::kernel::AsmResult;
 use crate::layout::{BOOT_STACK_TOP, IDT_ENTRIES, KERNEL_CODE_ADDRESS, KERNEL_CR0};
 use crate::machine::{exit_code, MACHINE};
 use crate::symbols::{FunctionLabels, Symbol};
+
+pub(crate) use process::USER_CODE;
 
 /// The lowest linear address of the top 64 MiB, which the kernel never maps or touches.
 pub const HYPERVISOR_HOLE: u32 = 0xFC00_0000;
@@ -31,8 +37,16 @@ pub const GDT_ENTRIES: u32 = 6;
 const GDT_POINTER: u32 = GDT + 0x100;
 const IDT_POINTER: u32 = GDT + 0x108;
 pub const VAR_TIMER_TICKS: u32 = GDT + 0x110;
+/// Process 1's trap handler (0: none).
+const VAR_TRAP_HANDLER: u32 = GDT + 0x114;
 pub const TSS: u32 = GDT + 0x200;
 pub const IDT: u32 = 0x20_1000;
+/// `INT 0x80`: the system-call gate, DPL 3. The IDT runs up to it; the gates between the PIC's and it are
+/// not present.
+pub const SYSCALL_VECTOR: u32 = 0x80;
+pub const IDT_LIMIT: u32 = (SYSCALL_VECTOR + 1) * 8 - 1;
+/// The boot stack's top: where start-up runs, and, once process 1 runs, every kernel entry from user mode.
+pub const BOOT_STACK_TOP32: u32 = BOOT_STACK_TOP as u32;
 pub const PAGE_DIRECTORY: u32 = 0x20_2000;
 /// The page table of the first 4 MiB (page 0 left out: the null guard).
 pub const PAGE_TABLE_LOW: u32 = 0x20_3000;
@@ -68,6 +82,11 @@ pub(crate) struct Routines32 {
     pub fault_common: CodeLabel,
     pub timer_handler: CodeLabel,
     pub spurious_irq_handler: CodeLabel,
+    pub user_fault: CodeLabel,
+    pub syscall_int80: CodeLabel,
+    pub sysenter_entry: CodeLabel,
+    pub syscall_dispatch: CodeLabel,
+    pub sys_exit: CodeLabel,
 }
 
 /// The 32-bit kernel under construction (one pass of it).
@@ -77,6 +96,7 @@ pub(crate) struct Kernel32 {
     pub r: Routines32,
     strings: Vec<(CodeLabel, Vec<u8>)>,
     failure_paths: Vec<(CodeLabel, String)>,
+    user_program: Option<(CodeLabel, Vec<u8>)>,
     functions: FunctionLabels,
 }
 
@@ -93,6 +113,11 @@ impl Kernel32 {
             fault_common: a.create_label(),
             timer_handler: a.create_label(),
             spurious_irq_handler: a.create_label(),
+            user_fault: a.create_label(),
+            syscall_int80: a.create_label(),
+            sysenter_entry: a.create_label(),
+            syscall_dispatch: a.create_label(),
+            sys_exit: a.create_label(),
         };
         Ok(Kernel32 {
             a,
@@ -100,6 +125,7 @@ impl Kernel32 {
             r,
             strings: Vec::new(),
             failure_paths: Vec::new(),
+            user_program: None,
             functions: FunctionLabels::default(),
         })
     }
@@ -120,6 +146,15 @@ impl Kernel32 {
     /// Names the code from the next instruction to the next named function in the symbol map.
     pub fn function(&mut self, name: &str) -> AsmResult {
         self.functions.begin(&mut self.a, name)
+    }
+
+    /// Embeds the user program after the strings, in whole pages; returns its label and its size in pages.
+    pub fn embed_user_program(&mut self, mut program: Vec<u8>) -> (CodeLabel, u32) {
+        let label = self.a.create_label();
+        program.resize(program.len().next_multiple_of(4096), 0);
+        let pages = (program.len() / 4096) as u32;
+        self.user_program = Some((label, program));
+        (label, pages)
     }
 
     /// Binds a routine's label and names it in the symbol map.
@@ -175,6 +210,11 @@ impl Kernel32 {
             }
             self.a.db(&bytes)?;
         }
+        if let Some((mut label, program)) = self.user_program.take() {
+            self.bind(&mut label)?;
+            self.functions.end_code_at(label);
+            self.a.db(&program)?;
+        }
         let (result, addresses) = self.labels.assemble(&mut self.a, KERNEL_CODE_ADDRESS)?;
         let symbols = self.functions.symbols_in(&result, KERNEL_CODE_ADDRESS)?;
         Ok(((result.inner.code_buffer, symbols), addresses))
@@ -210,7 +250,8 @@ fn emit_routines(k: &mut Kernel32) -> AsmResult {
     emit_serial_write(k)?;
     emit_print_unsigned(k)?;
     emit_run_endings(k)?;
-    emit_interrupt_handlers(k)
+    emit_interrupt_handlers(k)?;
+    process::emit(k)
 }
 
 /// kernel_init: the serial port, GDT, TSS, IDT, PIC and PIT, and paging. It can run again (the `boot` workload
@@ -265,7 +306,9 @@ fn emit_kernel_init(k: &mut Kernel32) -> AsmResult {
         table.push(gate(address, INTERRUPT_GATE_DPL0));
     }
     emit_store_table(k, IDT, &table)?;
-    k.a.mov(word_ptr(IDT_POINTER), (IDT_ENTRIES * 8 - 1) as u32)?;
+    let syscall_int80 = k.address_of(k.r.syscall_int80);
+    emit_store_table(k, IDT + 8 * SYSCALL_VECTOR, &[gate(syscall_int80, TRAP_GATE_DPL3)])?;
+    k.a.mov(word_ptr(IDT_POINTER), IDT_LIMIT)?;
     k.a.mov(dword_ptr(IDT_POINTER + 2), IDT)?;
     k.a.lidt(ptr(IDT_POINTER))?;
 
@@ -394,11 +437,14 @@ fn emit_run_endings(k: &mut Kernel32) -> AsmResult {
     k.a.jmp(k.r.exit_machine)
 }
 
-/// fault_common: every exception is a kernel panic (stack: vector, error code, EIP, CS, EFLAGS). The timer
-/// counts ticks; a spurious IRQ 7 is not in service, so it is not acknowledged.
+/// fault_common (stack: vector, error code, EIP, CS, EFLAGS): an exception in user mode goes to `user_fault`;
+/// in kernel mode it is a panic. The timer counts ticks; a spurious IRQ 7 is not in service, so it is not
+/// acknowledged.
 fn emit_interrupt_handlers(k: &mut Kernel32) -> AsmResult {
     let fault_common = k.r.fault_common;
     k.routine("fault_common", fault_common)?;
+    k.a.test(byte_ptr(esp + 12), 3)?;
+    k.a.jnz(k.r.user_fault)?;
     k.print("panic: vector ")?;
     k.a.mov(eax, dword_ptr(esp))?;
     k.print_number(10)?;
