@@ -295,8 +295,9 @@ pub fn classify(instruction: &Instruction) -> Op {
         Mnemonic::Rdtsc | Mnemonic::Rdtscp => Op::Rdtsc,
         Mnemonic::Rdpmc => Op::Rdpmc,
         Mnemonic::Swapgs => Op::Swapgs,
-        Mnemonic::Syscall => Op::Syscall,
-        Mnemonic::Sysret | Mnemonic::Sysretq => Op::Sysret,
+        // The trace records SYSENTER and SYSEXIT as system call and return, as it does SYSCALL and SYSRET.
+        Mnemonic::Syscall | Mnemonic::Sysenter => Op::Syscall,
+        Mnemonic::Sysret | Mnemonic::Sysretq | Mnemonic::Sysexit | Mnemonic::Sysexitq => Op::Sysret,
         Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq => Op::Iret,
         Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Into | Mnemonic::Int1 => Op::SoftwareInterrupt,
         Mnemonic::Wbinvd | Mnemonic::Invd => Op::CacheFlush,
@@ -538,6 +539,8 @@ mod tests {
         assert_eq!(op_of(64, &[0xc3]), Op::Innocuous); // ret
         assert_eq!(op_of(32, &[0x8e, 0xd8]), Op::SegmentLoad); // mov ds, eax
         assert_eq!(op_of(32, &[0x1f]), Op::SegmentLoad); // pop ds
+        assert_eq!(op_of(32, &[0x0f, 0x34]), Op::Syscall); // sysenter
+        assert_eq!(op_of(32, &[0x0f, 0x35]), Op::Sysret); // sysexit
         assert_eq!(op_of(32, &[0x0f, 0xb2, 0x00]), Op::SegmentLoad); // lss eax, [eax]
         assert_eq!(op_of(32, &[0x8c, 0xd8]), Op::Innocuous, "mov eax, ds reads a data selector: no privilege shows");
 

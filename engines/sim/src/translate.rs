@@ -360,7 +360,7 @@ fn plan(instruction: &Instruction, forced: bool, in_tc_ports: &[u16]) -> Plan {
         (Op::Innocuous, FlowControl::IndirectBranch | FlowControl::IndirectCall | FlowControl::Return) => {
             Plan::Indirect
         }
-        // SYSENTER, UD2, XBEGIN/XEND/XABORT: the TC cannot follow where they go.
+        // UD2, XBEGIN/XEND/XABORT: the TC cannot follow where they go.
         (Op::Innocuous, _) => Plan::Callout { leaves },
         (Op::PortIn | Op::PortOut, _) if in_tc_port(instruction, in_tc_ports) => {
             Plan::Helper { entry: vcpu::IO_HELPER }
