@@ -156,3 +156,26 @@ fn the_story_shows_which_strategy_runs_which_width_and_where_it_puts_the_kernel(
         assert_eq!(row(&story, "hw-ept", arch, "")["exits_per_iteration"], 1.0, "{arch}");
     }
 }
+
+#[test]
+fn the_story_of_a_system_call_fast_trap_on_x86_32_two_page_tables_on_x86_64() {
+    let int80 = story(&["--iterations", "10", "20"]);
+    let pv32 = row(&int80, "paravirt", "x86-32", "");
+    assert_eq!(
+        (pv32["fast_system_calls_per_iteration"].as_f64(), pv32["exits_per_iteration"].as_f64()),
+        (Some(1.0), Some(0.0))
+    );
+    for engine in ["paravirt", "trap-emulate"] {
+        let wide = row(&int80, engine, "x86-64", "");
+        assert_eq!(wide["page_table_switches_per_iteration"], 2.0, "{engine}: one switch each way");
+        assert_eq!(row(&int80, engine, "x86-32", "")["page_table_switches_per_iteration"], 0.0, "{engine}");
+    }
+    // SYSENTER always enters ring 0, which under Xen is Xen's: no fast trap.
+    let sysenter = story(&["--iterations", "10", "20", "--x86-32-param", "sysenter=1"]);
+    let pv32 = row(&sysenter, "paravirt", "x86-32", "");
+    assert_eq!(
+        (pv32["fast_system_calls_per_iteration"].as_f64(), pv32["exits_per_iteration"].as_f64()),
+        (Some(0.0), Some(1.0))
+    );
+    assert_eq!(sysenter["x86_32_params"][0], "sysenter=1");
+}

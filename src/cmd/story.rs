@@ -29,16 +29,20 @@ pub struct Args {
     /// The catalog workload both guests run.
     #[arg(long, default_value = "syscall")]
     workload: String,
-    /// More workload parameters, as key=value (not `arch` or `iterations`).
+    /// More workload parameters for both builds, as key=value (not `arch` or `iterations`).
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = super::parse_param)]
     params: Vec<(String, String)>,
+    /// Parameters for the x86-32 build only, as key=value (for example `sysenter=1`: system calls through
+    /// SYSENTER instead of INT 0x80, which Xen's fast trap gate does not take).
+    #[arg(long = "x86-32-param", value_name = "KEY=VALUE", value_parser = super::parse_param)]
+    narrow_params: Vec<(String, String)>,
     /// Cost profile: a built-in name or a TOML file.
     #[arg(long, default_value = "p4-2006")]
     profile: String,
     /// The two iteration counts to record the workload at.
     #[arg(long, num_args = 2, value_names = ["LOW", "HIGH"], default_values_t = [200u64, 400])]
     iterations: Vec<u64>,
-    /// Print a JSON object (keys: workload, params, profile, iterations, rows [engine, arch, options, runs,
+    /// Print a JSON object (keys: workload, params, x86_32_params, profile, iterations, rows [engine, arch, options, runs,
     /// refusal, kernel_ring, protection, cycles_per_iteration, relative_to_native, exits_per_iteration,
     /// page_table_switches_per_iteration, fast_system_calls_per_iteration, shadow_descriptor_loads_per_iteration,
     /// monitor_area_touches]).
@@ -82,6 +86,9 @@ impl PerIteration {
 
 fn record(args: &Args, width: GuestWidth, iterations: u64) -> anyhow::Result<Vec<u8>> {
     let mut params = args.params.clone();
+    if width == GuestWidth::Bits32 {
+        params.extend(args.narrow_params.iter().cloned());
+    }
     params.push(("arch".into(), width.arch().into()));
     params.push(("iterations".into(), iterations.to_string()));
     super::record::record_catalog_trace(&args.workload, &params)
@@ -131,7 +138,7 @@ fn rows_for(args: &Args, width: GuestWidth, profile: &Profile, progress: &Progre
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    if args.params.iter().any(|(key, _)| key == "arch" || key == "iterations") {
+    if args.params.iter().chain(&args.narrow_params).any(|(key, _)| key == "arch" || key == "iterations") {
         return Err(super::replay::UsageError(
             "`arch` and `iterations` are the story's own parameters: drop them from --param (use --iterations)".into(),
         )
@@ -198,6 +205,7 @@ fn to_json(args: &Args, profile: &Profile, rows: &[Row]) -> Value {
     json!({
         "workload": args.workload,
         "params": args.params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "x86_32_params": args.narrow_params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "profile": profile.name,
         "iterations": args.iterations,
         "rows": rows,
