@@ -178,8 +178,8 @@ fn replay_every_engine(bytes: &[u8], profile: &Profile) {
     }
 }
 
-fn record(workload: &str, iterations: &str) -> Vec<u8> {
-    let params = vec![("iterations".to_string(), iterations.to_string())];
+fn record(workload: &str, params: &[(&str, &str)]) -> Vec<u8> {
+    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let image = virtlab_workloads::build(workload, &params).unwrap();
     let metadata =
         Metadata { workload: workload.into(), params, recorder: "tests/mutations".into(), ..Metadata::default() };
@@ -192,10 +192,14 @@ fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
     let count = mutations();
     let mut accepted = 0u64;
     let mut refusals = std::collections::BTreeMap::new();
-    for (seed_index, (workload, iterations)) in
-        [("syscall", "3"), ("pgfault", "2"), ("forkwait", "1")].into_iter().enumerate()
-    {
-        let trace = record(workload, iterations);
+    let seeds: [(&str, &[(&str, &str)]); 4] = [
+        ("syscall", &[("iterations", "3")]),
+        ("pgfault", &[("iterations", "2")]),
+        ("forkwait", &[("iterations", "1")]),
+        ("syscall", &[("iterations", "3"), ("arch", "x86-32"), ("sysenter", "1")]),
+    ];
+    for (seed_index, (workload, params)) in seeds.into_iter().enumerate() {
+        let trace = record(workload, params);
         let (preamble, chunks) = split(&trace);
         // The harness itself round-trips: every chunk rewritten stored is still a valid trace.
         assert_eq!(read_every_way(&join(&preamble, &chunks)), Ok(()), "{workload}: re-stored trace rejected");
@@ -224,11 +228,12 @@ fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
         }
     }
     // Some mutations are harmless (an optional chunk, a flipped bit in serial output), most are caught.
-    eprintln!("{} mutated traces, {accepted} accepted by the checker and replayed; refusals by kind:", 3 * count);
+    let total = seeds.len() as u64 * count;
+    eprintln!("{total} mutated traces, {accepted} accepted by the checker and replayed; refusals by kind:");
     for (kind, n) in &refusals {
         eprintln!("{n:>8}  {kind}");
     }
-    assert!(accepted < 3 * count, "the checker accepted every mutation: it checks nothing");
+    assert!(accepted < total, "the checker accepted every mutation: it checks nothing");
     // The mutations reach past the container into the decoders and the checker's rules: many kinds of refusal.
     assert!(refusals.len() >= 10, "only {} kinds of refusal: {refusals:?}", refusals.len());
 }
@@ -338,7 +343,7 @@ fn swept_results() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("virtlab-mutations-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("syscall.vlt"), record("syscall", "20")).unwrap();
+    std::fs::write(dir.join("syscall.vlt"), record("syscall", &[("iterations", "20")])).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_virtlab"))
         .current_dir(&dir)
         .args(["sweep", "syscall.vlt", "--set", "bt.lmsle=true", "-o", "results"])
