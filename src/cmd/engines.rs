@@ -17,8 +17,10 @@ use super::replay::UsageError;
 /// mechanism that carries it out, with its exit or trap reason in brackets, and the actions it
 /// takes on the monitor's state. A subject some engine treats differently in kernel and user
 /// mode gets one row per mode. These tables are data the replays derive from, so what is printed
-/// is what runs. `paravirt` has one table per guest width (64-bit kernels run in ring 3 and
-/// enter Xen on every system call; 32-bit ones run in ring 1).
+/// is what runs. An engine whose table depends on the guest's width has one per width, titled
+/// `(x86-64)` and `(x86-32)`: `trap-emulate` and `paravirt` run a 64-bit kernel in ring 3 with
+/// two page tables (long mode ignores segment limits) and a 32-bit one in ring 1 behind segment
+/// limits, where Xen's fast trap gate takes INT 0x80 (`virtlab story` shows what it costs).
 ///
 /// Examples:
 ///   virtlab engines --table --engine bt
