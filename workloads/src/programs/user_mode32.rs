@@ -8,6 +8,7 @@
 
 use iced_x86::code_asm::*;
 
+use super::shared_drivers::{emit_flat_lsl_check, emit_lar_check, emit_selector_check};
 use super::{emit_register_probes_32, ProbeFailures};
 use crate::asm32::{self, selector, LabelAddresses, Pass};
 use crate::catalog::ResolvedParams;
@@ -300,30 +301,17 @@ fn red_pill(p: &mut UserProgram32, iterations: u32) -> AsmResult {
         p.a.and(eax, EFLAGS_IF | EFLAGS_IOPL)?;
         p.a.cmp(eax, EFLAGS_IF)?;
         p.a.jne(wrong_flags)?;
-        p.a.mov(ecx, u32::from(selector::USER_CODE))?;
-        p.a.lar(eax, ecx)?;
-        p.a.jnz(wrong_lar)?;
-        p.a.cmp(eax, user_code_access_rights)?;
-        p.a.jne(wrong_lar)?;
+        emit_lar_check(&mut p.a, selector::USER_CODE, user_code_access_rights, wrong_lar)?;
         p.a.verr(cx)?;
         p.a.jnz(wrong_verify)?;
-        p.a.mov(ecx, u32::from(selector::USER_DATA))?;
-        p.a.lsl(eax, ecx)?;
-        p.a.jnz(wrong_lsl)?;
-        p.a.cmp(eax, u32::MAX)?;
-        p.a.jne(wrong_lsl)?;
+        emit_flat_lsl_check(&mut p.a, selector::USER_DATA, wrong_lsl)?;
         p.a.verw(cx)?;
         p.a.jnz(wrong_verify)?;
         // The kernel's code segment is DPL 0: not readable from CPL 3.
         p.a.mov(ecx, u32::from(selector::KERNEL_CODE))?;
         p.a.verr(cx)?;
         p.a.jz(wrong_verify)?;
-        p.a.mov(ax, cs)?;
-        p.a.cmp(ax, u32::from(selector::USER_CODE))?;
-        p.a.jne(wrong_selectors)?;
-        p.a.mov(ax, ss)?;
-        p.a.cmp(ax, u32::from(selector::USER_DATA))?;
-        p.a.jne(wrong_selectors)
+        emit_selector_check(&mut p.a, selector::USER_CODE, selector::USER_DATA, wrong_selectors)
     })?;
     p.a.add(esp, 8)
 }
