@@ -67,6 +67,7 @@ struct UserRun {
     sysrets: u64,
     user_contexts: u64,
     page_faults: Vec<(Option<u32>, Option<u64>)>,
+    invlpgs: Vec<u64>,
 }
 
 fn record_user_run(name: &str, params: &[(&str, &str)]) -> UserRun {
@@ -89,6 +90,7 @@ fn record_user_run(name: &str, params: &[(&str, &str)]) -> UserRun {
             run.user_contexts += 1;
         }
         Event::Exception { vector: 14, error_code, cr2, .. } => run.page_faults.push((error_code, cr2)),
+        Event::Invlpg { address, .. } => run.invlpgs.push(address),
         _ => {}
     })
     .unwrap();
@@ -114,4 +116,16 @@ fn the_32_bit_null_system_call_enters_through_int_0x80_or_sysenter() {
 fn the_32_bit_page_fault_is_a_user_read_of_an_unmapped_address() {
     let run = record_user_run("pgfault", &[("iterations", "7")]);
     assert_eq!(run.page_faults, vec![(Some(4), Some(0x6000_0000)); 7], "{run:?}");
+}
+
+/// `demandzero arch=x86-32`: each page of a chunk is faulted in by a user read (error code 4, CR2 the page's
+/// address in the mmap window from 0x48000000), and munmap invalidates each of them with INVLPG; the next chunk
+/// reuses the same addresses.
+#[test]
+fn the_32_bit_demand_zero_faults_pages_in_and_unmaps_them() {
+    let run = record_user_run("demandzero", &[("iterations", "70")]);
+    let pages: Vec<u64> = (0..64).chain(0..6).map(|page| 0x4800_0000 + page * 4096).collect();
+    let expected: Vec<(Option<u32>, Option<u64>)> = pages.iter().map(|page| (Some(4), Some(*page))).collect();
+    assert_eq!(run.page_faults, expected, "{run:?}");
+    assert_eq!(run.invlpgs, pages, "{run:?}");
 }

@@ -12,6 +12,7 @@
 //!
 //! Register conventions: routines may clobber EAX, ECX, EDX, ESI and EDI and preserve EBX, EBP and ESP.
 
+pub(crate) mod memory;
 pub(crate) mod process;
 
 use iced_x86::code_asm::*;
@@ -87,6 +88,11 @@ pub(crate) struct Routines32 {
     pub sysenter_entry: CodeLabel,
     pub syscall_dispatch: CodeLabel,
     pub sys_exit: CodeLabel,
+    pub sys_mmap: CodeLabel,
+    pub sys_munmap: CodeLabel,
+    pub demand_zero: CodeLabel,
+    pub user_fault_delivery: CodeLabel,
+    pub out_of_memory: CodeLabel,
 }
 
 /// The 32-bit kernel under construction (one pass of it).
@@ -118,6 +124,11 @@ impl Kernel32 {
             sysenter_entry: a.create_label(),
             syscall_dispatch: a.create_label(),
             sys_exit: a.create_label(),
+            sys_mmap: a.create_label(),
+            sys_munmap: a.create_label(),
+            demand_zero: a.create_label(),
+            user_fault_delivery: a.create_label(),
+            out_of_memory: a.create_label(),
         };
         Ok(Kernel32 {
             a,

@@ -7,9 +7,9 @@
 
 use iced_x86::code_asm::*;
 
-use super::{Kernel32, BOOT_STACK_TOP32, PAGE_DIRECTORY, VAR_TRAP_HANDLER};
+use super::{memory, Kernel32, BOOT_STACK_TOP32, PAGE_DIRECTORY, VAR_TRAP_HANDLER};
 use crate::asm32::{selector, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP};
-use crate::kernel::syscalls::{SYS_EXIT, SYS_GETPID, SYS_SET_TRAP_HANDLER, SYS_WRITE};
+use crate::kernel::syscalls::{SYS_EXIT, SYS_GETPID, SYS_MMAP, SYS_MUNMAP, SYS_SET_TRAP_HANDLER, SYS_WRITE};
 use crate::kernel::AsmResult;
 use crate::machine::exit_code;
 
@@ -23,7 +23,7 @@ const PROGRAM_FRAMES: u32 = 0x22_0000;
 pub const PROGRAM_MAX_BYTES: u32 = 0x1_0000;
 const STACK_FRAMES: u32 = 0x23_0000;
 const PTE_USER_READ_ONLY: u32 = 0x5;
-const PTE_USER_WRITABLE: u32 = 0x7;
+pub(crate) const PTE_USER_WRITABLE: u32 = 0x7;
 /// IF set, IOPL 0: the flags process 1 starts with.
 const USER_EFLAGS: u32 = 0x202;
 /// A process killed by an exception exits with this plus the vector, as the 64-bit kernel's do.
@@ -48,6 +48,7 @@ pub(crate) fn start_first_process(k: &mut Kernel32, program: Vec<u8>) -> AsmResu
         k.a.mov(dword_ptr(entry), (STACK_FRAMES + 4096 * page) | PTE_USER_WRITABLE)?;
     }
     k.a.mov(dword_ptr(PAGE_DIRECTORY + (USER_CODE >> 22) * 4), USER_PAGE_TABLE | PTE_USER_WRITABLE)?;
+    memory::emit_init(k)?;
     let sysenter_entry = k.address_of(k.r.sysenter_entry);
     for (msr, value) in [
         (MSR_SYSENTER_CS, u32::from(selector::KERNEL_CODE)),
@@ -75,7 +76,8 @@ pub(crate) fn start_first_process(k: &mut Kernel32, program: Vec<u8>) -> AsmResu
 pub(crate) fn emit(k: &mut Kernel32) -> AsmResult {
     emit_entries(k)?;
     emit_dispatch(k)?;
-    emit_user_fault(k)
+    emit_user_fault(k)?;
+    memory::emit(k)
 }
 
 /// `syscall_int80` and `sysenter_entry`: save what the dispatcher may clobber, dispatch, and return the way the
@@ -104,14 +106,19 @@ fn emit_entries(k: &mut Kernel32) -> AsmResult {
 }
 
 /// syscall_dispatch(EAX = number, EBX, ESI, EDI = arguments) → EAX; −1 for a call this kernel does not have
-/// (fork, wait, yield, mmap, munmap: one process, no memory management yet) or bad arguments.
+/// (fork, wait, yield: one process) or bad arguments. `mmap` and `munmap` are in `memory`.
 fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
     let dispatch = k.r.syscall_dispatch;
     k.routine("syscall_dispatch", dispatch)?;
     let (mut getpid, mut write, mut set_trap_handler, mut error) = (k.label(), k.label(), k.label(), k.label());
-    for (number, target) in
-        [(SYS_EXIT, k.r.sys_exit), (SYS_GETPID, getpid), (SYS_WRITE, write), (SYS_SET_TRAP_HANDLER, set_trap_handler)]
-    {
+    for (number, target) in [
+        (SYS_EXIT, k.r.sys_exit),
+        (SYS_GETPID, getpid),
+        (SYS_WRITE, write),
+        (SYS_MMAP, k.r.sys_mmap),
+        (SYS_MUNMAP, k.r.sys_munmap),
+        (SYS_SET_TRAP_HANDLER, set_trap_handler),
+    ] {
         k.a.cmp(eax, number)?;
         k.a.je(target)?;
     }
@@ -161,18 +168,20 @@ fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
     k.a.jmp(k.r.exit_machine)
 }
 
-/// user_fault (stack: vector, error code, EIP, CS, EFLAGS, ESP, SS; from `fault_common` for CPL 3): a #DE or #PF
-/// goes to the process's trap handler, if it registered one, entered with EDI = the faulting EIP and every other
+/// user_fault (stack: vector, error code, EIP, CS, EFLAGS, ESP, SS; from `fault_common` for CPL 3): a #PF the
+/// mapping resolves is `demand_zero`'s; any other #PF, or a #DE, goes to the process's trap handler, if it
+/// registered one, entered with EDI = the faulting EIP and every other
 /// register as it was; anything else kills the process with status 128 + vector.
 fn emit_user_fault(k: &mut Kernel32) -> AsmResult {
     let user_fault = k.r.user_fault;
     k.routine("user_fault", user_fault)?;
-    let (mut deliver, mut kill) = (k.label(), k.label());
-    k.a.cmp(dword_ptr(esp), DIVIDE_ERROR)?;
-    k.a.je(deliver)?;
+    let mut kill = k.label();
     k.a.cmp(dword_ptr(esp), PAGE_FAULT)?;
+    k.a.je(k.r.demand_zero)?;
+    k.a.cmp(dword_ptr(esp), DIVIDE_ERROR)?;
     k.a.jne(kill)?;
-    k.bind(&mut deliver)?;
+    let delivery = k.r.user_fault_delivery;
+    k.routine("user_fault_delivery", delivery)?;
     k.a.cmp(dword_ptr(VAR_TRAP_HANDLER), 0)?;
     k.a.je(kill)?;
     k.a.mov(edi, dword_ptr(esp + 8))?;
