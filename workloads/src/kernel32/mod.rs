@@ -8,7 +8,8 @@
 //! the guest's linear address space lives there — VMware's monitor in the top 4 MiB, 32-bit Xen in the top
 //! 64 MiB — so the guest leaves the whole top 64 MiB alone.
 //!
-//! Process 1 (user-mode workloads, `process`) has the 4 MiB from `process::USER_CODE` (0x4000_0000).
+//! Process 1 (user-mode workloads, `process`) has the 4 MiB from `process::USER_CODE` (0x4000_0000) and one
+//! anonymous mapping in the 16 MiB from `memory::MMAP_BASE` (0x4800_0000).
 //!
 //! Register conventions: routines may clobber EAX, ECX, EDX, ESI and EDI and preserve EBX, EBP and ESP.
 

@@ -2,8 +2,9 @@
 //! (a DPL 3 trap gate) and SYSENTER/SYSEXIT, and user exceptions delivered to its trap handler.
 //!
 //! One process only: its program is copied into fixed frames and mapped read-only at `USER_CODE`, its stack
-//! (`USER_STACK_PAGES` pages below `USER_STACK_TOP`) is mapped up front; no fork, no demand paging. Every kernel
-//! entry from user mode lands on the boot stack, which the kernel leaves for good when it starts the process.
+//! (`USER_STACK_PAGES` pages below `USER_STACK_TOP`) is mapped up front; no fork. Its anonymous memory is
+//! `memory`'s. Every kernel entry from user mode lands on the boot stack, which the kernel leaves for good when it
+//! starts the process.
 
 use iced_x86::code_asm::*;
 
