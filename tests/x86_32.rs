@@ -3,8 +3,11 @@
 
 mod common;
 
+use std::io::Cursor;
+
 use common::record_workload;
-use virtlab_traces::{CodeMode, Event, PageSize, PagingMode, TraceView};
+use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
+use virtlab_traces::{check, CodeMode, EndReason, Event, PageSize, PagingMode, TraceView};
 
 /// The lowest address of the top 64 MiB, which the 32-bit kernel must never touch (workloads/README.md).
 const HYPERVISOR_HOLE: u64 = 0xFC00_0000;
@@ -128,4 +131,37 @@ fn the_32_bit_demand_zero_faults_pages_in_and_unmaps_them() {
     let expected: Vec<(Option<u32>, Option<u64>)> = pages.iter().map(|page| (Some(4), Some(*page))).collect();
     assert_eq!(run.page_faults, expected, "{run:?}");
     assert_eq!(run.invlpgs, pages, "{run:?}");
+}
+
+/// Every workload built for x86-32 records a trace the checker accepts, ending in `ok` with the state an
+/// unobserved run ends in; no page at or above 0xFC000000 is touched, and the page directory has no entry for the
+/// top 64 MiB when the run ends.
+#[test]
+fn every_x86_32_workload_records_a_valid_trace_and_leaves_the_top_64_mib_alone() {
+    let arch = [("arch".to_string(), "x86-32".to_string())];
+    let mut built = Vec::new();
+    for spec in virtlab_workloads::catalog() {
+        let Ok(image) = virtlab_workloads::build(spec.name, &arch) else { continue };
+        built.push(spec.name);
+        let trace = record_workload(spec.name, &[("arch", "x86-32")]);
+        check(Cursor::new(&trace)).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        let view = TraceView::open(&trace).unwrap();
+        let ending = &view.footer().ending;
+        assert_eq!((ending.reason, ending.exit_status), (EndReason::GuestExit, 0), "{}", spec.name);
+        assert!(ending.serial.ends_with(b"ok\n"), "{}", spec.name);
+
+        let mut machine = Machine::from_multiboot(&image.bytes, MachineConfig::default()).unwrap();
+        let plain = machine.run(&mut NullObserver, RunLimits { max_instructions: 100_000_000 }).unwrap();
+        assert_eq!(ending.state_digest, plain.digest, "{}: observing changed the final state", spec.name);
+        let directory = &machine.ram()[PAGE_DIRECTORY as usize..PAGE_DIRECTORY as usize + 4096];
+        let top = (HYPERVISOR_HOLE >> 22) as usize * 4;
+        assert!(directory[top..].iter().all(|&b| b == 0), "{}: the top 64 MiB is mapped", spec.name);
+        view.for_each_event(|event| {
+            if let Event::PageTouch { page, .. } = event {
+                assert!(page < HYPERVISOR_HOLE, "{}: {event:?}", spec.name);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(built.len(), 21, "{built:?}");
 }
