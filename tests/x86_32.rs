@@ -69,6 +69,9 @@ struct UserRun {
     syscalls: u64,
     sysrets: u64,
     user_contexts: u64,
+    /// The address spaces user code ran in.
+    user_cr3s: std::collections::BTreeSet<u64>,
+    cr3_writes: u64,
     page_faults: Vec<(Option<u32>, Option<u64>)>,
     invlpgs: Vec<u64>,
 }
@@ -89,11 +92,12 @@ fn record_user_run(name: &str, params: &[(&str, &str)]) -> UserRun {
         Event::Sysret { .. } => run.sysrets += 1,
         Event::Context { context, .. } if context.cpl == 3 => {
             assert_eq!(context.paging, PagingMode::TwoLevel, "{name}: {event:?}");
-            assert_eq!(context.cr3, PAGE_DIRECTORY, "{name}: {event:?}");
+            run.user_cr3s.insert(context.cr3);
             run.user_contexts += 1;
         }
         Event::Exception { vector: 14, error_code, cr2, .. } => run.page_faults.push((error_code, cr2)),
         Event::Invlpg { address, .. } => run.invlpgs.push(address),
+        Event::CrWrite { cr: 3, .. } => run.cr3_writes += 1,
         _ => {}
     })
     .unwrap();
@@ -107,6 +111,7 @@ fn the_32_bit_null_system_call_enters_through_int_0x80_or_sysenter() {
     let int80 = record_user_run("syscall", &[("iterations", "20")]);
     assert_eq!((int80.int80, int80.syscalls, int80.sysrets), (21, 0, 0), "{int80:?}");
     assert!(int80.user_contexts >= 21, "{int80:?}");
+    assert_eq!(int80.user_cr3s, [PAGE_DIRECTORY].into(), "{int80:?}");
 
     let sysenter = record_user_run("syscall", &[("iterations", "20"), ("sysenter", "1")]);
     assert_eq!((sysenter.int80, sysenter.syscalls, sysenter.sysrets), (0, 21, 20), "{sysenter:?}");
@@ -163,5 +168,16 @@ fn every_x86_32_workload_records_a_valid_trace_and_leaves_the_top_64_mib_alone()
         })
         .unwrap();
     }
-    assert_eq!(built.len(), 21, "{built:?}");
+    assert_eq!(built.len(), 23, "{built:?}");
+}
+
+/// `ctxswitch arch=x86-32`: parent and child run in two address spaces (process 1's page directory and slot 1's
+/// at 0x260000), and each of the 2 × 10 yields switches CR3 to the other one.
+#[test]
+fn the_32_bit_context_switch_alternates_between_two_address_spaces() {
+    let run = record_user_run("ctxswitch", &[("iterations", "10")]);
+    assert_eq!(run.user_cr3s, [PAGE_DIRECTORY, 0x26_0000].into(), "{run:?}");
+    // Start-up loads CR3 once; each of the 20 yields switches; after the child's last yield the parent waits while
+    // the child is still runnable (a switch to it), and the child's exit switches back.
+    assert_eq!(run.cr3_writes, 1 + 20 + 2, "{run:?}");
 }

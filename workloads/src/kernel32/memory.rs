@@ -1,6 +1,7 @@
-//! Process 1's anonymous memory in the 32-bit kernel: `mmap`, `munmap` and demand-zero page faults, the way the
-//! 64-bit kernel does them but smaller: one mapping at a time, in a 16 MiB window at `MMAP_BASE` whose four page
-//! tables are fixed (their directory entries are written when the process starts; `mmap` writes no entry).
+//! Anonymous memory in the 32-bit kernel: `mmap`, `munmap` and demand-zero page faults, the way the 64-bit kernel
+//! does them but smaller: one mapping per process at a time, in a 16 MiB window at `MMAP_BASE` whose four page
+//! tables are the process's, fixed (their directory entries are written when the process is made; `mmap` writes
+//! no entry).
 //!
 //! Frames come from a pool above the kernel's 4 MiB, which the kernel does not map: a frame is cleared through
 //! the user mapping that the fault has just installed (`REP STOSD`), and freeing one only pushes its address on
@@ -9,6 +10,7 @@
 use iced_x86::code_asm::*;
 
 use super::process::PTE_USER_WRITABLE;
+use super::sched::{MAPPING, MMAP_TABLES, VAR_CURRENT};
 use super::{Kernel32, PAGE_DIRECTORY};
 use crate::kernel::AsmResult;
 use crate::layout::MMAP_MAX_BYTES;
@@ -18,8 +20,8 @@ use crate::machine::exit_code;
 pub const MMAP_BASE: u32 = 0x4800_0000;
 const MMAP_WINDOW_BYTES: u32 = MMAP_MAX_BYTES as u32;
 /// The window's page tables, one per 4 MiB (inside what the loader zeroes).
-const MMAP_PAGE_TABLES: u32 = 0x20_C000;
-const MMAP_PAGE_TABLE_COUNT: u32 = MMAP_WINDOW_BYTES >> 22;
+pub(crate) const MMAP_PAGE_TABLES: u32 = 0x20_C000;
+pub(crate) const MMAP_PAGE_TABLE_COUNT: u32 = MMAP_WINDOW_BYTES >> 22;
 /// The frame pool: 16 MiB from 4 MiB, one frame per page of the window.
 const POOL_START: u32 = 0x40_0000;
 const POOL_END: u32 = POOL_START + MMAP_WINDOW_BYTES;
@@ -29,22 +31,19 @@ const FREE_STACK: u32 = 0x24_0000;
 const VAR_FREE_COUNT: u32 = super::GDT + 0x118;
 /// The next never-used frame of the pool.
 const VAR_POOL_NEXT: u32 = super::GDT + 0x11C;
-/// The mapping's length in bytes (0: none).
-const VAR_MAPPING_BYTES: u32 = super::GDT + 0x120;
 const PAGE_NOT_PRESENT_MASK: u32 = 1;
 
 const _: () = assert!(MMAP_BASE >> 22 == 288 && MMAP_PAGE_TABLE_COUNT == 4);
 const _: () = assert!(FREE_STACK + (MMAP_WINDOW_BYTES >> 12) * 4 <= 0x40_0000, "the free stack is identity mapped");
 
-/// At process start: the window's directory entries, an empty pool and no mapping.
+/// At process start: process 1's window directory entries and an empty pool.
 pub(crate) fn emit_init(k: &mut Kernel32) -> AsmResult {
     for table in 0..MMAP_PAGE_TABLE_COUNT {
         let entry = PAGE_DIRECTORY + ((MMAP_BASE >> 22) + table) * 4;
         k.a.mov(dword_ptr(entry), (MMAP_PAGE_TABLES + 4096 * table) | PTE_USER_WRITABLE)?;
     }
     k.a.mov(dword_ptr(VAR_POOL_NEXT), POOL_START)?;
-    k.a.mov(dword_ptr(VAR_FREE_COUNT), 0)?;
-    k.a.mov(dword_ptr(VAR_MAPPING_BYTES), 0)
+    k.a.mov(dword_ptr(VAR_FREE_COUNT), 0)
 }
 
 pub(crate) fn emit(k: &mut Kernel32) -> AsmResult {
@@ -58,7 +57,8 @@ fn emit_mmap(k: &mut Kernel32) -> AsmResult {
     let sys_mmap = k.r.sys_mmap;
     k.routine("sys_mmap", sys_mmap)?;
     let mut refused = k.label();
-    k.a.cmp(dword_ptr(VAR_MAPPING_BYTES), 0)?;
+    k.a.mov(ecx, dword_ptr(VAR_CURRENT))?;
+    k.a.cmp(dword_ptr(ecx + MAPPING), 0)?;
     k.a.jne(refused)?;
     k.a.test(ebx, ebx)?;
     k.a.jz(refused)?;
@@ -66,7 +66,7 @@ fn emit_mmap(k: &mut Kernel32) -> AsmResult {
     k.a.ja(refused)?;
     k.a.lea(eax, ptr(ebx + 4095))?;
     k.a.and(eax, !4095u32 as i32)?;
-    k.a.mov(dword_ptr(VAR_MAPPING_BYTES), eax)?;
+    k.a.mov(dword_ptr(ecx + MAPPING), eax)?;
     k.a.mov(eax, MMAP_BASE)?;
     k.a.ret()?;
     k.bind(&mut refused)?;
@@ -86,12 +86,13 @@ fn emit_munmap(k: &mut Kernel32) -> AsmResult {
     k.a.and(eax, !4095u32 as i32)?;
     k.a.test(eax, eax)?;
     k.a.jz(refused)?;
-    k.a.cmp(eax, dword_ptr(VAR_MAPPING_BYTES))?;
+    k.a.mov(ecx, dword_ptr(VAR_CURRENT))?;
+    k.a.cmp(eax, dword_ptr(ecx + MAPPING))?;
     k.a.jne(refused)?;
     // ECX = the page's entry, EDX = its address, ESI = the pages left.
     k.a.mov(esi, eax)?;
     k.a.shr(esi, 12)?;
-    k.a.mov(ecx, MMAP_PAGE_TABLES)?;
+    k.a.mov(ecx, dword_ptr(ecx + MMAP_TABLES))?;
     k.a.mov(edx, MMAP_BASE)?;
     k.bind(&mut next)?;
     k.a.mov(eax, dword_ptr(ecx))?;
@@ -108,7 +109,8 @@ fn emit_munmap(k: &mut Kernel32) -> AsmResult {
     k.a.add(edx, 4096)?;
     k.a.dec(esi)?;
     k.a.jnz(next)?;
-    k.a.mov(dword_ptr(VAR_MAPPING_BYTES), 0)?;
+    k.a.mov(ecx, dword_ptr(VAR_CURRENT))?;
+    k.a.mov(dword_ptr(ecx + MAPPING), 0)?;
     k.a.xor(eax, eax)?;
     k.a.ret()?;
     k.bind(&mut refused)?;
@@ -128,7 +130,8 @@ fn emit_demand_zero(k: &mut Kernel32) -> AsmResult {
     k.a.pushad()?;
     k.a.mov(edx, cr2)?;
     k.a.sub(edx, MMAP_BASE)?;
-    k.a.cmp(edx, dword_ptr(VAR_MAPPING_BYTES))?;
+    k.a.mov(esi, dword_ptr(VAR_CURRENT))?;
+    k.a.cmp(edx, dword_ptr(esi + MAPPING))?;
     let mut outside = k.label();
     k.a.jae(outside)?;
     // A frame: the free stack's top, else the next never-used one.
@@ -147,7 +150,8 @@ fn emit_demand_zero(k: &mut Kernel32) -> AsmResult {
     k.bind(&mut have_frame)?;
     k.a.shr(edx, 12)?;
     k.a.or(eax, PTE_USER_WRITABLE)?;
-    k.a.mov(dword_ptr(edx * 4 + MMAP_PAGE_TABLES as i32), eax)?;
+    k.a.mov(ebx, dword_ptr(esi + MMAP_TABLES))?;
+    k.a.mov(dword_ptr(ebx + edx * 4), eax)?;
     k.a.mov(edi, cr2)?;
     k.a.and(edi, !4095u32 as i32)?;
     k.a.xor(eax, eax)?;

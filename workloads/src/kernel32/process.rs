@@ -1,16 +1,17 @@
-//! Process 1 of the 32-bit kernel: its address space, its entry to user mode, system calls through `INT 0x80`
-//! (a DPL 3 trap gate) and SYSENTER/SYSEXIT, and user exceptions delivered to its trap handler.
+//! User mode in the 32-bit kernel: process 1's address space and its entry to user mode, system calls through
+//! `INT 0x80` (a DPL 3 trap gate) and SYSENTER/SYSEXIT, and user exceptions delivered to a trap handler.
 //!
-//! One process only: its program is copied into fixed frames and mapped read-only at `USER_CODE`, its stack
-//! (`USER_STACK_PAGES` pages below `USER_STACK_TOP`) is mapped up front; no fork. Its anonymous memory is
-//! `memory`'s. Every kernel entry from user mode lands on the boot stack, which the kernel leaves for good when it
-//! starts the process.
+//! Process 1's program is copied into fixed frames and mapped read-only at `USER_CODE`, its stack
+//! (`USER_STACK_PAGES` pages below `USER_STACK_TOP`) is mapped up front. Anonymous memory is `memory`'s, other
+//! processes `sched`'s. Process 1's kernel entries land on the boot stack, which the kernel leaves for good when
+//! it starts the process.
 
 use iced_x86::code_asm::*;
 
-use super::{memory, Kernel32, BOOT_STACK_TOP32, PAGE_DIRECTORY, VAR_TRAP_HANDLER};
+use super::sched::{self, PID, TRAP_HANDLER, VAR_CURRENT};
+use super::{memory, Kernel32, BOOT_STACK_TOP32, PAGE_DIRECTORY};
 use crate::asm32::{selector, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP};
-use crate::kernel::syscalls::{SYS_EXIT, SYS_GETPID, SYS_MMAP, SYS_MUNMAP, SYS_SET_TRAP_HANDLER, SYS_WRITE};
+use crate::kernel::syscalls::*;
 use crate::kernel::AsmResult;
 use crate::machine::exit_code;
 
@@ -18,11 +19,11 @@ use crate::machine::exit_code;
 pub const USER_CODE: u32 = 0x4000_0000;
 pub const USER_STACK_TOP: u32 = USER_CODE + 0x40_0000;
 pub const USER_STACK_PAGES: u32 = 4;
-const USER_PAGE_TABLE: u32 = 0x20_5000;
+pub(crate) const USER_PAGE_TABLE: u32 = 0x20_5000;
 /// The frames the program is copied into, and the stack's frames (inside what the loader zeroes).
 const PROGRAM_FRAMES: u32 = 0x22_0000;
 pub const PROGRAM_MAX_BYTES: u32 = 0x1_0000;
-const STACK_FRAMES: u32 = 0x23_0000;
+pub(crate) const STACK_FRAMES: u32 = 0x23_0000;
 const PTE_USER_READ_ONLY: u32 = 0x5;
 pub(crate) const PTE_USER_WRITABLE: u32 = 0x7;
 /// IF set, IOPL 0: the flags process 1 starts with.
@@ -50,6 +51,7 @@ pub(crate) fn start_first_process(k: &mut Kernel32, program: Vec<u8>) -> AsmResu
     }
     k.a.mov(dword_ptr(PAGE_DIRECTORY + (USER_CODE >> 22) * 4), USER_PAGE_TABLE | PTE_USER_WRITABLE)?;
     memory::emit_init(k)?;
+    sched::emit_init(k)?;
     let sysenter_entry = k.address_of(k.r.sysenter_entry);
     for (msr, value) in [
         (MSR_SYSENTER_CS, u32::from(selector::KERNEL_CODE)),
@@ -78,7 +80,8 @@ pub(crate) fn emit(k: &mut Kernel32) -> AsmResult {
     emit_entries(k)?;
     emit_dispatch(k)?;
     emit_user_fault(k)?;
-    memory::emit(k)
+    memory::emit(k)?;
+    sched::emit(k)
 }
 
 /// `syscall_int80` and `sysenter_entry`: save what the dispatcher may clobber, dispatch, and return the way the
@@ -106,8 +109,8 @@ fn emit_entries(k: &mut Kernel32) -> AsmResult {
     Ok(())
 }
 
-/// syscall_dispatch(EAX = number, EBX, ESI, EDI = arguments) → EAX; −1 for a call this kernel does not have
-/// (fork, wait, yield: one process) or bad arguments. `mmap` and `munmap` are in `memory`.
+/// syscall_dispatch(EAX = number, EBX, ESI, EDI = arguments) → EAX; −1 for an unknown call or bad arguments.
+/// `mmap` and `munmap` are in `memory`, `fork`, `wait`, `yield` and other processes' `exit` in `sched`.
 fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
     let dispatch = k.r.syscall_dispatch;
     k.routine("syscall_dispatch", dispatch)?;
@@ -116,6 +119,9 @@ fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
         (SYS_EXIT, k.r.sys_exit),
         (SYS_GETPID, getpid),
         (SYS_WRITE, write),
+        (SYS_FORK, k.r.sys_fork),
+        (SYS_WAIT, k.r.sys_wait),
+        (SYS_YIELD, k.r.sys_yield),
         (SYS_MMAP, k.r.sys_mmap),
         (SYS_MUNMAP, k.r.sys_munmap),
         (SYS_SET_TRAP_HANDLER, set_trap_handler),
@@ -128,7 +134,8 @@ fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
     k.a.ret()?;
 
     k.bind(&mut getpid)?;
-    k.a.mov(eax, 1)?;
+    k.a.mov(eax, dword_ptr(VAR_CURRENT))?;
+    k.a.mov(eax, dword_ptr(eax + PID))?;
     k.a.ret()?;
 
     // write(EBX = buffer, ESI = length ≤ 4096): the buffer must lie in the process's space.
@@ -149,14 +156,17 @@ fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
     k.a.ret()?;
 
     k.bind(&mut set_trap_handler)?;
-    k.a.mov(dword_ptr(VAR_TRAP_HANDLER), ebx)?;
+    k.a.mov(eax, dword_ptr(VAR_CURRENT))?;
+    k.a.mov(dword_ptr(eax + TRAP_HANDLER), ebx)?;
     k.a.xor(eax, eax)?;
     k.a.ret()?;
 
-    // exit(EBX = status): process 1's exit ends the run.
+    // exit(EBX = status): process 1's exit ends the run; another process's is `exit_child`.
     let sys_exit = k.r.sys_exit;
     k.routine("sys_exit", sys_exit)?;
     let mut failed = k.label();
+    k.a.cmp(dword_ptr(VAR_CURRENT), sched::PROCESS_TABLE)?;
+    k.a.jne(k.r.exit_child)?;
     k.a.test(ebx, ebx)?;
     k.a.jnz(failed)?;
     k.a.jmp(k.r.report_success)?;
@@ -183,18 +193,26 @@ fn emit_user_fault(k: &mut Kernel32) -> AsmResult {
     k.a.jne(kill)?;
     let delivery = k.r.user_fault_delivery;
     k.routine("user_fault_delivery", delivery)?;
-    k.a.cmp(dword_ptr(VAR_TRAP_HANDLER), 0)?;
-    k.a.je(kill)?;
-    k.a.mov(edi, dword_ptr(esp + 8))?;
     k.a.push(eax)?;
-    k.a.mov(eax, dword_ptr(VAR_TRAP_HANDLER))?;
+    k.a.mov(eax, dword_ptr(VAR_CURRENT))?;
+    k.a.mov(eax, dword_ptr(eax + TRAP_HANDLER))?;
+    k.a.test(eax, eax)?;
+    let mut no_handler = k.label();
+    k.a.jz(no_handler)?;
+    k.a.mov(edi, dword_ptr(esp + 12))?;
     k.a.mov(dword_ptr(esp + 12), eax)?;
     k.a.pop(eax)?;
     k.a.add(esp, 8)?;
     k.a.iretd()?;
 
+    k.bind(&mut no_handler)?;
+    k.a.pop(eax)?;
     k.bind(&mut kill)?;
-    k.print("process 1 killed by vector ")?;
+    k.print("process ")?;
+    k.a.mov(eax, dword_ptr(VAR_CURRENT))?;
+    k.a.mov(eax, dword_ptr(eax + PID))?;
+    k.print_number(10)?;
+    k.print(" killed by vector ")?;
     k.a.mov(eax, dword_ptr(esp))?;
     k.print_number(10)?;
     k.print(" at eip 0x")?;

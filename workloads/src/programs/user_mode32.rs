@@ -12,7 +12,7 @@ use super::shared_drivers::{emit_flat_lsl_check, emit_lar_check, emit_selector_c
 use super::{emit_register_probes_32, ProbeFailures};
 use crate::asm32::{self, selector, LabelAddresses, Pass};
 use crate::catalog::ResolvedParams;
-use crate::kernel::syscalls::{SYS_EXIT, SYS_GETPID, SYS_MMAP, SYS_MUNMAP, SYS_SET_TRAP_HANDLER, SYS_WRITE};
+use crate::kernel::syscalls::*;
 use crate::kernel::AsmResult;
 use crate::kernel32::memory::MMAP_BASE;
 use crate::kernel32::{gdt, SYSCALL_VECTOR, USER_CODE};
@@ -27,6 +27,9 @@ const COMPUTE_MULTIPLIER: u32 = 31;
 /// `mmap` maps this many pages per iteration; `demandzero` this many at a time.
 const MMAP_PAGES: u32 = 4;
 const DEMANDZERO_CHUNK_PAGES: u32 = 64;
+/// `forkwait` children exit with (index mod this) + 1, so a status of 0 is never expected.
+const FORKWAIT_STATUS_MODULUS: u32 = 200;
+const CTXSWITCH_CHILD_STATUS: u32 = 7;
 
 /// How a program enters the kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -161,6 +164,8 @@ pub(crate) fn assemble(name: &str, params: &ResolvedParams, entry: Entry) -> Opt
         "demandzero" => |p, iterations, _| demand_zero(p, iterations),
         "memtouch" => memory_touch,
         "syscall-mix" => |p, iterations, _| syscall_mix(p, iterations),
+        "forkwait" => |p, iterations, _| fork_wait(p, iterations),
+        "ctxswitch" => |p, iterations, _| context_switch(p, iterations),
         _ => return None,
     };
     Some(assemble_program(entry, |p| {
@@ -301,6 +306,66 @@ fn syscall_mix(p: &mut UserProgram32, iterations: u32) -> AsmResult {
         munmap(p, munmap_failed)
     })?;
     p.write("\n")
+}
+
+/// Child i exits with (i mod 200) + 1; the parent checks every status it reaps. ESI counts the children.
+fn fork_wait(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let fork_failed = p.failure("fork failed");
+    let wrong_status = p.failure("wait returned the wrong exit status");
+    let (mut top, mut child, mut done) = (p.label(), p.label(), p.label());
+    // EDX = (ESI mod 200) + 1, the status child ESI exits with.
+    let expected_status = |p: &mut UserProgram32| -> AsmResult {
+        p.a.mov(eax, esi)?;
+        p.a.xor(edx, edx)?;
+        p.a.mov(ecx, FORKWAIT_STATUS_MODULUS)?;
+        p.a.div(ecx)?;
+        p.a.inc(edx)
+    };
+    p.a.xor(esi, esi)?;
+    p.bind(&mut top)?;
+    p.syscall(SYS_FORK)?;
+    p.a.cmp(eax, u32::MAX)?;
+    p.a.je(fork_failed)?;
+    p.a.test(eax, eax)?;
+    p.a.jz(child)?;
+    p.syscall(SYS_WAIT)?;
+    p.a.mov(ebx, eax)?;
+    expected_status(p)?;
+    p.a.cmp(ebx, edx)?;
+    p.a.jne(wrong_status)?;
+    p.a.inc(esi)?;
+    p.a.cmp(esi, iterations)?;
+    p.a.jb(top)?;
+    p.a.jmp(done)?;
+    p.bind(&mut child)?;
+    expected_status(p)?;
+    p.a.mov(ebx, edx)?;
+    p.syscall(SYS_EXIT)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut done)
+}
+
+/// Parent and child each yield `iterations` times; with two runnable processes every yield switches to the other
+/// one.
+fn context_switch(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let fork_failed = p.failure("fork did not return pid 2");
+    let wrong_status = p.failure("the child's exit status was wrong");
+    let (mut child, mut parent_done) = (p.label(), p.label());
+    p.syscall(SYS_FORK)?;
+    p.a.test(eax, eax)?;
+    p.a.jz(child)?;
+    p.a.cmp(eax, 2)?;
+    p.a.jne(fork_failed)?;
+    p.counted_loop(iterations, |p| p.syscall(SYS_YIELD))?;
+    p.syscall(SYS_WAIT)?;
+    p.a.cmp(eax, CTXSWITCH_CHILD_STATUS)?;
+    p.a.jne(wrong_status)?;
+    p.a.jmp(parent_done)?;
+    p.bind(&mut child)?;
+    p.counted_loop(iterations, |p| p.syscall(SYS_YIELD))?;
+    p.exit(CTXSWITCH_CHILD_STATUS)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut parent_done)
 }
 
 fn null_syscall(p: &mut UserProgram32, iterations: u32) -> AsmResult {
