@@ -221,6 +221,9 @@ fn workloads_list_names_every_workload_with_its_parameters() {
     for workload in json.as_array().unwrap() {
         let params = workload["params"].as_array().unwrap();
         assert!(params.iter().any(|p| p["name"] == "iterations"), "{workload}");
+        let arch = params.iter().find(|p| p["name"] == "arch").expect("every workload takes arch");
+        assert_eq!(arch["default"], "x86-64", "{workload}");
+        assert_eq!(arch["choices"], serde_json::json!(["x86-64", "x86-32"]), "{workload}");
     }
 }
 

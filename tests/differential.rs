@@ -173,6 +173,12 @@ differential! {
     divzero_32 => "divzero" ["arch" = "x86-32"];
     compute_32 => "compute" ["arch" = "x86-32"];
     redpill_32 => "redpill" ["arch" = "x86-32"];
+    mmap_32 => "mmap" ["arch" = "x86-32"];
+    demandzero_32 => "demandzero" ["arch" = "x86-32"];
+    memtouch_32 => "memtouch" ["arch" = "x86-32"];
+    syscall_mix_32 => "syscall-mix" ["arch" = "x86-32"];
+    forkwait_32 => "forkwait" ["arch" = "x86-32"];
+    ctxswitch_32 => "ctxswitch" ["arch" = "x86-32"];
 }
 
 /// The x86-32 tour's transcript as the SDM has it. Derived values: PUSHAD stores ESP from before its eight

@@ -3,8 +3,11 @@
 
 mod common;
 
+use std::io::Cursor;
+
 use common::record_workload;
-use virtlab_traces::{CodeMode, Event, PageSize, PagingMode, TraceView};
+use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
+use virtlab_traces::{check, CodeMode, EndReason, Event, PageSize, PagingMode, TraceView};
 
 /// The lowest address of the top 64 MiB, which the 32-bit kernel must never touch (workloads/README.md).
 const HYPERVISOR_HOLE: u64 = 0xFC00_0000;
@@ -66,7 +69,11 @@ struct UserRun {
     syscalls: u64,
     sysrets: u64,
     user_contexts: u64,
+    /// The address spaces user code ran in.
+    user_cr3s: std::collections::BTreeSet<u64>,
+    cr3_writes: u64,
     page_faults: Vec<(Option<u32>, Option<u64>)>,
+    invlpgs: Vec<u64>,
 }
 
 fn record_user_run(name: &str, params: &[(&str, &str)]) -> UserRun {
@@ -85,10 +92,12 @@ fn record_user_run(name: &str, params: &[(&str, &str)]) -> UserRun {
         Event::Sysret { .. } => run.sysrets += 1,
         Event::Context { context, .. } if context.cpl == 3 => {
             assert_eq!(context.paging, PagingMode::TwoLevel, "{name}: {event:?}");
-            assert_eq!(context.cr3, PAGE_DIRECTORY, "{name}: {event:?}");
+            run.user_cr3s.insert(context.cr3);
             run.user_contexts += 1;
         }
         Event::Exception { vector: 14, error_code, cr2, .. } => run.page_faults.push((error_code, cr2)),
+        Event::Invlpg { address, .. } => run.invlpgs.push(address),
+        Event::CrWrite { cr: 3, .. } => run.cr3_writes += 1,
         _ => {}
     })
     .unwrap();
@@ -102,6 +111,7 @@ fn the_32_bit_null_system_call_enters_through_int_0x80_or_sysenter() {
     let int80 = record_user_run("syscall", &[("iterations", "20")]);
     assert_eq!((int80.int80, int80.syscalls, int80.sysrets), (21, 0, 0), "{int80:?}");
     assert!(int80.user_contexts >= 21, "{int80:?}");
+    assert_eq!(int80.user_cr3s, [PAGE_DIRECTORY].into(), "{int80:?}");
 
     let sysenter = record_user_run("syscall", &[("iterations", "20"), ("sysenter", "1")]);
     assert_eq!((sysenter.int80, sysenter.syscalls, sysenter.sysrets), (0, 21, 20), "{sysenter:?}");
@@ -114,4 +124,60 @@ fn the_32_bit_null_system_call_enters_through_int_0x80_or_sysenter() {
 fn the_32_bit_page_fault_is_a_user_read_of_an_unmapped_address() {
     let run = record_user_run("pgfault", &[("iterations", "7")]);
     assert_eq!(run.page_faults, vec![(Some(4), Some(0x6000_0000)); 7], "{run:?}");
+}
+
+/// `demandzero arch=x86-32`: each page of a chunk is faulted in by a user read (error code 4, CR2 the page's
+/// address in the mmap window from 0x48000000), and munmap invalidates each of them with INVLPG; the next chunk
+/// reuses the same addresses.
+#[test]
+fn the_32_bit_demand_zero_faults_pages_in_and_unmaps_them() {
+    let run = record_user_run("demandzero", &[("iterations", "70")]);
+    let pages: Vec<u64> = (0..64).chain(0..6).map(|page| 0x4800_0000 + page * 4096).collect();
+    let expected: Vec<(Option<u32>, Option<u64>)> = pages.iter().map(|page| (Some(4), Some(*page))).collect();
+    assert_eq!(run.page_faults, expected, "{run:?}");
+    assert_eq!(run.invlpgs, pages, "{run:?}");
+}
+
+/// Every workload built for x86-32 records a trace the checker accepts, ending in `ok` with the state an
+/// unobserved run ends in; no page at or above 0xFC000000 is touched, and the page directory has no entry for the
+/// top 64 MiB when the run ends.
+#[test]
+fn every_x86_32_workload_records_a_valid_trace_and_leaves_the_top_64_mib_alone() {
+    let arch = [("arch".to_string(), "x86-32".to_string())];
+    let mut built = Vec::new();
+    for spec in virtlab_workloads::catalog() {
+        let Ok(image) = virtlab_workloads::build(spec.name, &arch) else { continue };
+        built.push(spec.name);
+        let trace = record_workload(spec.name, &[("arch", "x86-32")]);
+        check(Cursor::new(&trace)).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        let view = TraceView::open(&trace).unwrap();
+        let ending = &view.footer().ending;
+        assert_eq!((ending.reason, ending.exit_status), (EndReason::GuestExit, 0), "{}", spec.name);
+        assert!(ending.serial.ends_with(b"ok\n"), "{}", spec.name);
+
+        let mut machine = Machine::from_multiboot(&image.bytes, MachineConfig::default()).unwrap();
+        let plain = machine.run(&mut NullObserver, RunLimits { max_instructions: 100_000_000 }).unwrap();
+        assert_eq!(ending.state_digest, plain.digest, "{}: observing changed the final state", spec.name);
+        let directory = &machine.ram()[PAGE_DIRECTORY as usize..PAGE_DIRECTORY as usize + 4096];
+        let top = (HYPERVISOR_HOLE >> 22) as usize * 4;
+        assert!(directory[top..].iter().all(|&b| b == 0), "{}: the top 64 MiB is mapped", spec.name);
+        view.for_each_event(|event| {
+            if let Event::PageTouch { page, .. } = event {
+                assert!(page < HYPERVISOR_HOLE, "{}: {event:?}", spec.name);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(built.len(), 23, "{built:?}");
+}
+
+/// `ctxswitch arch=x86-32`: parent and child run in two address spaces (process 1's page directory and slot 1's
+/// at 0x260000), and each of the 2 × 10 yields switches CR3 to the other one.
+#[test]
+fn the_32_bit_context_switch_alternates_between_two_address_spaces() {
+    let run = record_user_run("ctxswitch", &[("iterations", "10")]);
+    assert_eq!(run.user_cr3s, [PAGE_DIRECTORY, 0x26_0000].into(), "{run:?}");
+    // Start-up loads CR3 once; each of the 20 yields switches; after the child's last yield the parent waits while
+    // the child is still runnable (a switch to it), and the child's exit switches back.
+    assert_eq!(run.cr3_writes, 1 + 20 + 2, "{run:?}");
 }

@@ -69,10 +69,10 @@ fn workloads_without_a_32_bit_build_say_so() {
         error.to_string(),
         "parameter `sysenter=1` of workload `syscall` needs arch=x86-32 (the 64-bit kernel is entered with SYSCALL)"
     );
-    let error = build("forkwait", &arch).unwrap_err();
+    let error = build("cow", &arch).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "workload `forkwait` is not built for arch=x86-32 yet (workloads/README.md lists those that are); use \
+        "workload `cow` is not built for arch=x86-32 yet (workloads/README.md lists those that are); use \
          arch=x86-64"
     );
 }

@@ -8,11 +8,14 @@
 //! the guest's linear address space lives there — VMware's monitor in the top 4 MiB, 32-bit Xen in the top
 //! 64 MiB — so the guest leaves the whole top 64 MiB alone.
 //!
-//! Process 1 (user-mode workloads, `process`) has the 4 MiB from `process::USER_CODE` (0x4000_0000).
+//! A process (user-mode workloads: `process`, `sched`) has the 4 MiB from `process::USER_CODE` (0x4000_0000) and
+//! one anonymous mapping in the 16 MiB from `memory::MMAP_BASE` (0x4800_0000).
 //!
 //! Register conventions: routines may clobber EAX, ECX, EDX, ESI and EDI and preserve EBX, EBP and ESP.
 
+pub(crate) mod memory;
 pub(crate) mod process;
+pub(crate) mod sched;
 
 use iced_x86::code_asm::*;
 
@@ -37,8 +40,6 @@ pub const GDT_ENTRIES: u32 = 6;
 const GDT_POINTER: u32 = GDT + 0x100;
 const IDT_POINTER: u32 = GDT + 0x108;
 pub const VAR_TIMER_TICKS: u32 = GDT + 0x110;
-/// Process 1's trap handler (0: none).
-const VAR_TRAP_HANDLER: u32 = GDT + 0x114;
 pub const TSS: u32 = GDT + 0x200;
 pub const IDT: u32 = 0x20_1000;
 /// `INT 0x80`: the system-call gate, DPL 3. The IDT runs up to it; the gates between the PIC's and it are
@@ -51,7 +52,7 @@ pub const PAGE_DIRECTORY: u32 = 0x20_2000;
 /// The page table of the first 4 MiB (page 0 left out: the null guard).
 pub const PAGE_TABLE_LOW: u32 = 0x20_3000;
 /// The page table of the 4 MiB that hold the MMIO test region.
-const PAGE_TABLE_MMIO: u32 = 0x20_4000;
+pub(crate) const PAGE_TABLE_MMIO: u32 = 0x20_4000;
 pub const PTE_PRESENT_WRITABLE: u32 = 0x3;
 /// Write-through and cache-disabled: the MMIO test region must not be cached.
 const PTE_UNCACHED: u32 = 0x18;
@@ -87,6 +88,18 @@ pub(crate) struct Routines32 {
     pub sysenter_entry: CodeLabel,
     pub syscall_dispatch: CodeLabel,
     pub sys_exit: CodeLabel,
+    pub sys_mmap: CodeLabel,
+    pub sys_munmap: CodeLabel,
+    pub demand_zero: CodeLabel,
+    pub user_fault_delivery: CodeLabel,
+    pub out_of_memory: CodeLabel,
+    pub sys_fork: CodeLabel,
+    pub fork_child_return: CodeLabel,
+    pub sys_wait: CodeLabel,
+    pub sys_yield: CodeLabel,
+    pub schedule: CodeLabel,
+    pub switch_to: CodeLabel,
+    pub exit_child: CodeLabel,
 }
 
 /// The 32-bit kernel under construction (one pass of it).
@@ -118,6 +131,18 @@ impl Kernel32 {
             sysenter_entry: a.create_label(),
             syscall_dispatch: a.create_label(),
             sys_exit: a.create_label(),
+            sys_mmap: a.create_label(),
+            sys_munmap: a.create_label(),
+            demand_zero: a.create_label(),
+            user_fault_delivery: a.create_label(),
+            out_of_memory: a.create_label(),
+            sys_fork: a.create_label(),
+            fork_child_return: a.create_label(),
+            sys_wait: a.create_label(),
+            sys_yield: a.create_label(),
+            schedule: a.create_label(),
+            switch_to: a.create_label(),
+            exit_child: a.create_label(),
         };
         Ok(Kernel32 {
             a,

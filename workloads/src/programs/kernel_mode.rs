@@ -4,12 +4,12 @@
 
 use iced_x86::code_asm::*;
 
+use super::shared_drivers::*;
 use super::{emit_register_probes, ProbeFailures};
 use crate::catalog::ResolvedParams;
-use crate::kernel::boot::{FLAT_LIMIT, KERNEL_CODE_ACCESS_RIGHTS};
+use crate::kernel::boot::KERNEL_CODE_ACCESS_RIGHTS;
 use crate::kernel::{AsmResult, Kernel};
 use crate::layout::*;
-use crate::machine::MACHINE;
 
 const MSR_KERNEL_GS_BASE: u32 = 0xC000_0102;
 /// What `rdmsr` expects to read back: any canonical address works.
@@ -30,7 +30,7 @@ pub(crate) fn emit(k: &mut Kernel, name: &str, params: &ResolvedParams) -> AsmRe
         "cpuid" => cpuid(k, iterations),
         "cr8rd" => cr8_read(k, iterations),
         "rdmsr" => msr_read(k, iterations),
-        "wrmsr" => msr_write(k, iterations),
+        "wrmsr" => msr_write(k, MSR_KERNEL_GS_BASE, iterations),
         "inl" => port_in_dword(k, iterations),
         "outl" => port_out_dword(k, iterations),
         "hlt" => halt(k, iterations),
@@ -41,28 +41,10 @@ pub(crate) fn emit(k: &mut Kernel, name: &str, params: &ResolvedParams) -> AsmRe
     }
 }
 
-/// R12 = iterations; `body`; DEC R12; JNZ back.
-fn counted_loop(k: &mut Kernel, iterations: u64, body: impl FnOnce(&mut Kernel) -> AsmResult) -> AsmResult {
-    let mut top = k.label();
-    k.a.mov(r12, iterations)?;
-    k.bind(&mut top)?;
-    body(k)?;
-    k.a.dec(r12)?;
-    k.a.jnz(top)
-}
-
-fn port_in(k: &mut Kernel, iterations: u64) -> AsmResult {
-    let wrong = k.failure("IN from the POST port did not read 0xff");
-    counted_loop(k, iterations, |k| k.a.in_(al, MACHINE.post_port as u32))?;
-    k.a.cmp(al, MACHINE.post_port_read_value as u32)?;
-    k.a.jne(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
 fn cr8_write(k: &mut Kernel, iterations: u64) -> AsmResult {
     let wrong = k.failure("CR8 does not read back as written");
     k.a.xor(eax, eax)?;
-    counted_loop(k, iterations, |k| k.a.mov(cr8, rax))?;
+    k.counted_loop(iterations, |k| k.a.mov(cr8, rax))?;
     k.a.mov(rax, cr8)?;
     k.a.test(rax, rax)?;
     k.a.jnz(wrong)?;
@@ -74,7 +56,7 @@ fn call_return(k: &mut Kernel, iterations: u64) -> AsmResult {
     let mut empty_function = k.label();
     let mut after = k.label();
     k.a.mov(r13, rsp)?;
-    counted_loop(k, iterations, |k| k.a.call(empty_function))?;
+    k.counted_loop(iterations, |k| k.a.call(empty_function))?;
     k.a.cmp(rsp, r13)?;
     k.a.jne(wrong)?;
     k.a.jmp(after)?;
@@ -86,7 +68,7 @@ fn call_return(k: &mut Kernel, iterations: u64) -> AsmResult {
 
 fn pte_modify(k: &mut Kernel, iterations: u64) -> AsmResult {
     let wrong = k.failure("page-table entry changed");
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.mov(rax, qword_ptr(PTEMOD_ENTRY))?;
         k.a.mov(qword_ptr(PTEMOD_ENTRY), rax)
     })?;
@@ -104,7 +86,7 @@ fn cpuid(k: &mut Kernel, iterations: u64) -> AsmResult {
     k.a.mov(r13d, ebx)?;
     k.a.mov(r14d, ecx)?;
     k.a.mov(r15d, edx)?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.xor(eax, eax)?;
         k.a.xor(ecx, ecx)?;
         k.a.cpuid()?;
@@ -120,7 +102,7 @@ fn cpuid(k: &mut Kernel, iterations: u64) -> AsmResult {
 
 fn cr8_read(k: &mut Kernel, iterations: u64) -> AsmResult {
     let wrong = k.failure("CR8 is not 0");
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.mov(rax, cr8)?;
         k.a.test(rax, rax)?;
         k.a.jnz(wrong)
@@ -138,7 +120,7 @@ fn write_kernel_gs_base(k: &mut Kernel, value: u64) -> AsmResult {
 fn msr_read(k: &mut Kernel, iterations: u64) -> AsmResult {
     let wrong = k.failure("RDMSR did not return the value written");
     write_kernel_gs_base(k, KERNEL_GS_BASE_VALUE)?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.mov(ecx, MSR_KERNEL_GS_BASE)?;
         k.a.rdmsr()?;
         k.a.cmp(eax, KERNEL_GS_BASE_VALUE as u32)?;
@@ -149,52 +131,11 @@ fn msr_read(k: &mut Kernel, iterations: u64) -> AsmResult {
     k.a.jmp(k.r.report_success)
 }
 
-/// Writes the loop counter each time, so the last value written is 1.
-fn msr_write(k: &mut Kernel, iterations: u64) -> AsmResult {
-    let wrong = k.failure("RDMSR did not return the last value written");
-    k.a.xor(edx, edx)?;
-    counted_loop(k, iterations, |k| {
-        k.a.mov(ecx, MSR_KERNEL_GS_BASE)?;
-        k.a.mov(eax, r12d)?;
-        k.a.wrmsr()
-    })?;
-    k.a.mov(ecx, MSR_KERNEL_GS_BASE)?;
-    k.a.rdmsr()?;
-    k.a.cmp(eax, 1)?;
-    k.a.jne(wrong)?;
-    k.a.test(edx, edx)?;
-    k.a.jnz(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-fn port_in_dword(k: &mut Kernel, iterations: u64) -> AsmResult {
-    let wrong = k.failure("IN from the unassigned port did not read all ones");
-    k.a.mov(dx, MACHINE.unassigned_test_port as u32)?;
-    counted_loop(k, iterations, |k| k.a.in_(eax, dx))?;
-    k.a.cmp(eax, MACHINE.unassigned_port_read_value)?;
-    k.a.jne(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-/// Writes the loop counter; nothing may latch it, so a read afterwards still sees all ones.
-fn port_out_dword(k: &mut Kernel, iterations: u64) -> AsmResult {
-    let wrong = k.failure("the unassigned port kept a written value");
-    k.a.mov(dx, MACHINE.unassigned_test_port as u32)?;
-    counted_loop(k, iterations, |k| {
-        k.a.mov(eax, r12d)?;
-        k.a.out(dx, eax)
-    })?;
-    k.a.in_(eax, dx)?;
-    k.a.cmp(eax, MACHINE.unassigned_port_read_value)?;
-    k.a.jne(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
 /// Each HLT is woken by an interrupt, and only the timer is unmasked.
 fn halt(k: &mut Kernel, iterations: u64) -> AsmResult {
     let wrong = k.failure("fewer timer interrupts than HLTs");
     k.a.mov(r13, qword_ptr(VAR_TIMER_TICKS))?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.sti()?;
         k.a.hlt()?;
         k.a.cli()
@@ -204,19 +145,6 @@ fn halt(k: &mut Kernel, iterations: u64) -> AsmResult {
     k.a.mov(rcx, iterations)?;
     k.a.cmp(rax, rcx)?;
     k.a.jb(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-/// No device answers in the MMIO test region: writes are dropped and reads return 0.
-fn mmio(k: &mut Kernel, iterations: u64) -> AsmResult {
-    let wrong = k.failure("the MMIO test region did not read 0");
-    k.a.mov(r13d, MACHINE.mmio_test_base as u32)?;
-    counted_loop(k, iterations, |k| {
-        k.a.mov(dword_ptr(r13), r12d)?;
-        k.a.mov(eax, dword_ptr(r13))?;
-        k.a.test(eax, eax)?;
-        k.a.jnz(wrong)
-    })?;
     k.a.jmp(k.r.report_success)
 }
 
@@ -232,7 +160,7 @@ fn sensitive_kernel(k: &mut Kernel, iterations: u64, segment_probes: bool) -> As
     });
     let wrong_selectors = k.failure("MOV from CS/SS did not return the kernel selectors");
     k.a.sub(rsp, 16)?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         emit_register_probes(&mut k.a, &probe_failures)?;
         // POPF sets IF, then clears it again: each change must be visible to PUSHF.
         k.a.pushfq()?;
@@ -252,27 +180,14 @@ fn sensitive_kernel(k: &mut Kernel, iterations: u64, segment_probes: bool) -> As
         k.a.test(ecx, RFLAGS_IF)?;
         k.a.jnz(wrong_if)?;
         if let Some((wrong_lar, wrong_lsl, wrong_verify)) = segment_failures {
-            k.a.mov(ecx, KERNEL_CODE_SELECTOR as u32)?;
-            k.a.lar(eax, ecx)?;
-            k.a.jnz(wrong_lar)?;
-            k.a.cmp(eax, KERNEL_CODE_ACCESS_RIGHTS)?;
-            k.a.jne(wrong_lar)?;
-            k.a.mov(ecx, KERNEL_DATA_SELECTOR as u32)?;
-            k.a.lsl(eax, ecx)?;
-            k.a.jnz(wrong_lsl)?;
-            k.a.cmp(eax, FLAT_LIMIT)?;
-            k.a.jne(wrong_lsl)?;
+            emit_lar_check(&mut k.a, KERNEL_CODE_SELECTOR, KERNEL_CODE_ACCESS_RIGHTS, wrong_lar)?;
+            emit_flat_lsl_check(&mut k.a, KERNEL_DATA_SELECTOR, wrong_lsl)?;
             k.a.verr(cx)?;
             k.a.jnz(wrong_verify)?;
             k.a.verw(cx)?;
             k.a.jnz(wrong_verify)?;
         }
-        k.a.mov(ax, cs)?;
-        k.a.cmp(ax, KERNEL_CODE_SELECTOR as u32)?;
-        k.a.jne(wrong_selectors)?;
-        k.a.mov(ax, ss)?;
-        k.a.cmp(ax, KERNEL_DATA_SELECTOR as u32)?;
-        k.a.jne(wrong_selectors)
+        emit_selector_check(&mut k.a, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, wrong_selectors)
     })?;
     k.a.add(rsp, 16)?;
     k.a.jmp(k.r.report_success)
@@ -284,7 +199,7 @@ fn boot(k: &mut Kernel, iterations: u64) -> AsmResult {
     let wrong_tr = k.failure("STR did not return the TSS selector after start-up");
     let wrong_pool = k.failure("the page-frame pool is not intact after start-up");
     if iterations > 1 {
-        counted_loop(k, iterations - 1, |k| k.a.call(k.r.kernel_init))?;
+        k.counted_loop(iterations - 1, |k| k.a.call(k.r.kernel_init))?;
     }
     k.a.str(eax)?;
     k.a.cmp(ax, TSS_SELECTOR as u32)?;

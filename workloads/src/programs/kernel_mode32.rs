@@ -4,13 +4,13 @@
 
 use iced_x86::code_asm::*;
 
+use super::shared_drivers::*;
 use super::{emit_register_probes_32, ProbeFailures};
 use crate::asm32::{selector, MSR_SYSENTER_ESP};
 use crate::catalog::ResolvedParams;
 use crate::kernel::AsmResult;
 use crate::kernel32::{gdt, Kernel32, PAGE_DIRECTORY, PAGE_TABLE_LOW, PTE_PRESENT_WRITABLE, VAR_TIMER_TICKS};
 use crate::layout::BOOT_STACK_TOP;
-use crate::machine::MACHINE;
 
 /// The page-table entry `ptemod` rewrites: the last 4 KiB page of the first 4 MiB, which nothing touches, so the
 /// hardware never sets its accessed bit.
@@ -31,14 +31,14 @@ pub(crate) fn only_64_bit(name: &str) -> Option<&'static str> {
 }
 
 pub(crate) fn emit(k: &mut Kernel32, name: &str, params: &ResolvedParams) -> AsmResult {
-    let iterations = params.get("iterations") as u32;
+    let iterations = params.get("iterations");
     match name {
         "in" => port_in(k, iterations),
         "callret" => call_return(k, iterations),
         "ptemod" => pte_modify(k, iterations),
         "cpuid" => cpuid(k, iterations),
         "rdmsr" => msr_read(k, iterations),
-        "wrmsr" => msr_write(k, iterations),
+        "wrmsr" => msr_write(k, MSR, iterations),
         "inl" => port_in_dword(k, iterations),
         "outl" => port_out_dword(k, iterations),
         "hlt" => halt(k, iterations),
@@ -49,30 +49,12 @@ pub(crate) fn emit(k: &mut Kernel32, name: &str, params: &ResolvedParams) -> Asm
     }
 }
 
-/// EBP = iterations; `body`; DEC EBP; JNZ back.
-fn counted_loop(k: &mut Kernel32, iterations: u32, body: impl FnOnce(&mut Kernel32) -> AsmResult) -> AsmResult {
-    let mut top = k.label();
-    k.a.mov(ebp, iterations)?;
-    k.bind(&mut top)?;
-    body(k)?;
-    k.a.dec(ebp)?;
-    k.a.jnz(top)
-}
-
-fn port_in(k: &mut Kernel32, iterations: u32) -> AsmResult {
-    let wrong = k.failure("IN from the POST port did not read 0xff");
-    counted_loop(k, iterations, |k| k.a.in_(al, MACHINE.post_port as u32))?;
-    k.a.cmp(al, MACHINE.post_port_read_value as u32)?;
-    k.a.jne(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-fn call_return(k: &mut Kernel32, iterations: u32) -> AsmResult {
+fn call_return(k: &mut Kernel32, iterations: u64) -> AsmResult {
     let wrong = k.failure("stack pointer moved across call/ret");
     let mut empty_function = k.label();
     let mut after = k.label();
     k.a.mov(ebx, esp)?;
-    counted_loop(k, iterations, |k| k.a.call(empty_function))?;
+    k.counted_loop(iterations, |k| k.a.call(empty_function))?;
     k.a.cmp(esp, ebx)?;
     k.a.jne(wrong)?;
     k.a.jmp(after)?;
@@ -82,9 +64,9 @@ fn call_return(k: &mut Kernel32, iterations: u32) -> AsmResult {
     k.a.jmp(k.r.report_success)
 }
 
-fn pte_modify(k: &mut Kernel32, iterations: u32) -> AsmResult {
+fn pte_modify(k: &mut Kernel32, iterations: u64) -> AsmResult {
     let wrong = k.failure("page-table entry changed");
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.mov(eax, dword_ptr(PTEMOD_ENTRY))?;
         k.a.mov(dword_ptr(PTEMOD_ENTRY), eax)
     })?;
@@ -95,7 +77,7 @@ fn pte_modify(k: &mut Kernel32, iterations: u32) -> AsmResult {
 
 /// The vendor string (EBX, EDX, ECX of leaf 0) must not change between executions; the first is kept on the
 /// stack, since CPUID overwrites every register it could live in.
-fn cpuid(k: &mut Kernel32, iterations: u32) -> AsmResult {
+fn cpuid(k: &mut Kernel32, iterations: u64) -> AsmResult {
     let wrong = k.failure("CPUID leaf 0 vendor changed between executions");
     k.a.xor(eax, eax)?;
     k.a.xor(ecx, ecx)?;
@@ -103,7 +85,7 @@ fn cpuid(k: &mut Kernel32, iterations: u32) -> AsmResult {
     k.a.push(edx)?;
     k.a.push(ecx)?;
     k.a.push(ebx)?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.xor(eax, eax)?;
         k.a.xor(ecx, ecx)?;
         k.a.cpuid()?;
@@ -118,13 +100,13 @@ fn cpuid(k: &mut Kernel32, iterations: u32) -> AsmResult {
     k.a.jmp(k.r.report_success)
 }
 
-fn msr_read(k: &mut Kernel32, iterations: u32) -> AsmResult {
+fn msr_read(k: &mut Kernel32, iterations: u64) -> AsmResult {
     let wrong = k.failure("RDMSR did not return the value written");
     k.a.mov(ecx, MSR)?;
     k.a.mov(eax, MSR_VALUE)?;
     k.a.xor(edx, edx)?;
     k.a.wrmsr()?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.mov(ecx, MSR)?;
         k.a.rdmsr()?;
         k.a.cmp(eax, MSR_VALUE)?;
@@ -135,79 +117,25 @@ fn msr_read(k: &mut Kernel32, iterations: u32) -> AsmResult {
     k.a.jmp(k.r.report_success)
 }
 
-/// Writes the loop counter each time, so the last value written is 1.
-fn msr_write(k: &mut Kernel32, iterations: u32) -> AsmResult {
-    let wrong = k.failure("RDMSR did not return the last value written");
-    k.a.xor(edx, edx)?;
-    counted_loop(k, iterations, |k| {
-        k.a.mov(ecx, MSR)?;
-        k.a.mov(eax, ebp)?;
-        k.a.wrmsr()
-    })?;
-    k.a.mov(ecx, MSR)?;
-    k.a.rdmsr()?;
-    k.a.cmp(eax, 1)?;
-    k.a.jne(wrong)?;
-    k.a.test(edx, edx)?;
-    k.a.jnz(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-fn port_in_dword(k: &mut Kernel32, iterations: u32) -> AsmResult {
-    let wrong = k.failure("IN from the unassigned port did not read all ones");
-    k.a.mov(dx, MACHINE.unassigned_test_port as u32)?;
-    counted_loop(k, iterations, |k| k.a.in_(eax, dx))?;
-    k.a.cmp(eax, MACHINE.unassigned_port_read_value)?;
-    k.a.jne(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-/// Writes the loop counter; nothing may latch it, so a read afterwards still sees all ones.
-fn port_out_dword(k: &mut Kernel32, iterations: u32) -> AsmResult {
-    let wrong = k.failure("the unassigned port kept a written value");
-    k.a.mov(dx, MACHINE.unassigned_test_port as u32)?;
-    counted_loop(k, iterations, |k| {
-        k.a.mov(eax, ebp)?;
-        k.a.out(dx, eax)
-    })?;
-    k.a.in_(eax, dx)?;
-    k.a.cmp(eax, MACHINE.unassigned_port_read_value)?;
-    k.a.jne(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
 /// Each HLT is woken by an interrupt through a 32-bit interrupt gate, and only the timer is unmasked.
-fn halt(k: &mut Kernel32, iterations: u32) -> AsmResult {
+fn halt(k: &mut Kernel32, iterations: u64) -> AsmResult {
     let wrong = k.failure("fewer timer interrupts than HLTs");
     k.a.mov(ebx, dword_ptr(VAR_TIMER_TICKS))?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         k.a.sti()?;
         k.a.hlt()?;
         k.a.cli()
     })?;
     k.a.mov(eax, dword_ptr(VAR_TIMER_TICKS))?;
     k.a.sub(eax, ebx)?;
-    k.a.cmp(eax, iterations)?;
+    k.a.cmp(eax, iterations as u32)?;
     k.a.jb(wrong)?;
-    k.a.jmp(k.r.report_success)
-}
-
-/// No device answers in the MMIO test region: writes are dropped and reads return 0.
-fn mmio(k: &mut Kernel32, iterations: u32) -> AsmResult {
-    let wrong = k.failure("the MMIO test region did not read 0");
-    k.a.mov(ebx, MACHINE.mmio_test_base as u32)?;
-    counted_loop(k, iterations, |k| {
-        k.a.mov(dword_ptr(ebx), ebp)?;
-        k.a.mov(eax, dword_ptr(ebx))?;
-        k.a.test(eax, eax)?;
-        k.a.jnz(wrong)
-    })?;
     k.a.jmp(k.r.report_success)
 }
 
 /// SGDT, SIDT (6-byte images in 32-bit code), SLDT, STR and SMSW against the kernel's own values, PUSHFD/POPFD
 /// changing IF, LAR/LSL/VERR/VERW on the 32-bit descriptors, and MOV from CS/SS.
-fn sensitive_kernel(k: &mut Kernel32, iterations: u32, segment_probes: bool) -> AsmResult {
+fn sensitive_kernel(k: &mut Kernel32, iterations: u64, segment_probes: bool) -> AsmResult {
     let probes = ProbeFailures::new(|message| k.failure(message));
     let wrong_if = k.failure("POPFD did not change IF in kernel mode");
     let segment_failures = segment_probes.then(|| {
@@ -221,7 +149,7 @@ fn sensitive_kernel(k: &mut Kernel32, iterations: u32, segment_probes: bool) -> 
     // What LAR returns: the descriptor's high dword masked to the access byte and the flags nibble.
     let code_access_rights = (gdt()[usize::from(selector::KERNEL_CODE >> 3)] >> 32) as u32 & 0x00F0_FF00;
     k.a.sub(esp, 8)?;
-    counted_loop(k, iterations, |k| {
+    k.counted_loop(iterations, |k| {
         emit_register_probes_32(&mut k.a, &probes)?;
         // POPFD sets IF, then clears it again: each change must be visible to PUSHFD.
         for (set, expected_clear) in [(true, false), (false, true)] {
@@ -244,27 +172,14 @@ fn sensitive_kernel(k: &mut Kernel32, iterations: u32, segment_probes: bool) -> 
             }
         }
         if let Some((wrong_lar, wrong_lsl, wrong_verify)) = segment_failures {
-            k.a.mov(ecx, u32::from(selector::KERNEL_CODE))?;
-            k.a.lar(eax, ecx)?;
-            k.a.jnz(wrong_lar)?;
-            k.a.cmp(eax, code_access_rights)?;
-            k.a.jne(wrong_lar)?;
-            k.a.mov(ecx, u32::from(selector::KERNEL_DATA))?;
-            k.a.lsl(eax, ecx)?;
-            k.a.jnz(wrong_lsl)?;
-            k.a.cmp(eax, u32::MAX)?;
-            k.a.jne(wrong_lsl)?;
+            emit_lar_check(&mut k.a, selector::KERNEL_CODE, code_access_rights, wrong_lar)?;
+            emit_flat_lsl_check(&mut k.a, selector::KERNEL_DATA, wrong_lsl)?;
             k.a.verr(cx)?;
             k.a.jnz(wrong_verify)?;
             k.a.verw(cx)?;
             k.a.jnz(wrong_verify)?;
         }
-        k.a.mov(ax, cs)?;
-        k.a.cmp(ax, u32::from(selector::KERNEL_CODE))?;
-        k.a.jne(wrong_selectors)?;
-        k.a.mov(ax, ss)?;
-        k.a.cmp(ax, u32::from(selector::KERNEL_DATA))?;
-        k.a.jne(wrong_selectors)
+        emit_selector_check(&mut k.a, selector::KERNEL_CODE, selector::KERNEL_DATA, wrong_selectors)
     })?;
     k.a.add(esp, 8)?;
     k.a.jmp(k.r.report_success)
@@ -272,11 +187,11 @@ fn sensitive_kernel(k: &mut Kernel32, iterations: u32, segment_probes: bool) -> 
 
 /// Start-up ran once before the banner; run it `iterations - 1` more times, then check that the task register
 /// and the page directory are the kernel's.
-fn boot(k: &mut Kernel32, iterations: u32) -> AsmResult {
+fn boot(k: &mut Kernel32, iterations: u64) -> AsmResult {
     let wrong_tr = k.failure("STR did not return the TSS selector after start-up");
     let wrong_cr3 = k.failure("CR3 is not the kernel's page directory after start-up");
     if iterations > 1 {
-        counted_loop(k, iterations - 1, |k| k.a.call(k.r.kernel_init))?;
+        k.counted_loop(iterations - 1, |k| k.a.call(k.r.kernel_init))?;
     }
     k.a.str(eax)?;
     k.a.cmp(ax, u32::from(selector::TSS))?;

@@ -5,6 +5,7 @@ mod kernel_mode;
 mod kernel_mode32;
 #[cfg(test)]
 mod path_tests;
+mod shared_drivers;
 mod user_mode;
 mod user_mode32;
 

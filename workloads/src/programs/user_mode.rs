@@ -5,9 +5,10 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
+use super::shared_drivers::{emit_flat_lsl_check, emit_lar_check, emit_selector_check};
 use super::{emit_register_probes, ProbeFailures};
 use crate::catalog::ResolvedParams;
-use crate::kernel::boot::{FLAT_LIMIT, USER_CODE_ACCESS_RIGHTS};
+use crate::kernel::boot::USER_CODE_ACCESS_RIGHTS;
 use crate::kernel::syscalls::*;
 use crate::kernel::AsmResult;
 use crate::layout::*;
@@ -348,30 +349,17 @@ fn red_pill(p: &mut UserProgram, iterations: u64) -> AsmResult {
         p.a.and(eax, RFLAGS_IF | RFLAGS_IOPL)?;
         p.a.cmp(eax, RFLAGS_IF)?;
         p.a.jne(wrong_flags)?;
-        p.a.mov(ecx, USER_CODE_SELECTOR as u32)?;
-        p.a.lar(eax, ecx)?;
-        p.a.jnz(wrong_lar)?;
-        p.a.cmp(eax, USER_CODE_ACCESS_RIGHTS)?;
-        p.a.jne(wrong_lar)?;
+        emit_lar_check(&mut p.a, USER_CODE_SELECTOR, USER_CODE_ACCESS_RIGHTS, wrong_lar)?;
         p.a.verr(cx)?;
         p.a.jnz(wrong_verify)?;
-        p.a.mov(ecx, USER_DATA_SELECTOR as u32)?;
-        p.a.lsl(eax, ecx)?;
-        p.a.jnz(wrong_lsl)?;
-        p.a.cmp(eax, FLAT_LIMIT)?;
-        p.a.jne(wrong_lsl)?;
+        emit_flat_lsl_check(&mut p.a, USER_DATA_SELECTOR, wrong_lsl)?;
         p.a.verw(cx)?;
         p.a.jnz(wrong_verify)?;
         // The kernel's code segment is DPL 0: not readable from CPL 3.
         p.a.mov(ecx, KERNEL_CODE_SELECTOR as u32)?;
         p.a.verr(cx)?;
         p.a.jz(wrong_verify)?;
-        p.a.mov(ax, cs)?;
-        p.a.cmp(ax, USER_CODE_SELECTOR as u32)?;
-        p.a.jne(wrong_selectors)?;
-        p.a.mov(ax, ss)?;
-        p.a.cmp(ax, USER_DATA_SELECTOR as u32)?;
-        p.a.jne(wrong_selectors)
+        emit_selector_check(&mut p.a, USER_CODE_SELECTOR, USER_DATA_SELECTOR, wrong_selectors)
     })?;
     p.a.add(rsp, 16)
 }

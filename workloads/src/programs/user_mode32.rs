@@ -8,11 +8,13 @@
 
 use iced_x86::code_asm::*;
 
+use super::shared_drivers::{emit_flat_lsl_check, emit_lar_check, emit_selector_check};
 use super::{emit_register_probes_32, ProbeFailures};
 use crate::asm32::{self, selector, LabelAddresses, Pass};
 use crate::catalog::ResolvedParams;
-use crate::kernel::syscalls::{SYS_EXIT, SYS_GETPID, SYS_SET_TRAP_HANDLER, SYS_WRITE};
+use crate::kernel::syscalls::*;
 use crate::kernel::AsmResult;
+use crate::kernel32::memory::MMAP_BASE;
 use crate::kernel32::{gdt, SYSCALL_VECTOR, USER_CODE};
 use crate::symbols::{FunctionLabels, Symbol};
 
@@ -22,6 +24,12 @@ const EFLAGS_IF: u32 = 0x200;
 const EFLAGS_IOPL: u32 = 0x3000;
 const COMPUTE_SEED: u32 = 0x9E37_79B9;
 const COMPUTE_MULTIPLIER: u32 = 31;
+/// `mmap` maps this many pages per iteration; `demandzero` this many at a time.
+const MMAP_PAGES: u32 = 4;
+const DEMANDZERO_CHUNK_PAGES: u32 = 64;
+/// `forkwait` children exit with (index mod this) + 1, so a status of 0 is never expected.
+const FORKWAIT_STATUS_MODULUS: u32 = 200;
+const CTXSWITCH_CHILD_STATUS: u32 = 7;
 
 /// How a program enters the kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -145,16 +153,23 @@ impl UserProgram32 {
 /// The user program of a 32-bit catalog workload, if it has one: its bytes at `USER_CODE` and its symbols.
 pub(crate) fn assemble(name: &str, params: &ResolvedParams, entry: Entry) -> Option<AsmResult<(Vec<u8>, Vec<Symbol>)>> {
     let iterations = params.get("iterations") as u32;
-    let program: fn(&mut UserProgram32, u32) -> AsmResult = match name {
-        "syscall" => null_syscall,
-        "pgfault" => page_fault,
-        "divzero" => divide_by_zero,
-        "compute" => compute,
-        "redpill" => red_pill,
+    let pages = params.0.iter().find(|(param, _)| *param == "pages").map_or(0, |(_, value)| *value as u32);
+    let program: fn(&mut UserProgram32, u32, u32) -> AsmResult = match name {
+        "syscall" => |p, iterations, _| null_syscall(p, iterations),
+        "pgfault" => |p, iterations, _| page_fault(p, iterations),
+        "divzero" => |p, iterations, _| divide_by_zero(p, iterations),
+        "compute" => |p, iterations, _| compute(p, iterations),
+        "redpill" => |p, iterations, _| red_pill(p, iterations),
+        "mmap" => |p, iterations, _| map_touch_unmap(p, iterations),
+        "demandzero" => |p, iterations, _| demand_zero(p, iterations),
+        "memtouch" => memory_touch,
+        "syscall-mix" => |p, iterations, _| syscall_mix(p, iterations),
+        "forkwait" => |p, iterations, _| fork_wait(p, iterations),
+        "ctxswitch" => |p, iterations, _| context_switch(p, iterations),
         _ => return None,
     };
     Some(assemble_program(entry, |p| {
-        program(p, iterations)?;
+        program(p, iterations, pages)?;
         p.exit(0)
     }))
 }
@@ -166,6 +181,191 @@ fn assemble_program(entry: Entry, emit: impl Fn(&mut UserProgram32) -> AsmResult
         emit(&mut p)?;
         p.finish()
     })
+}
+
+/// mmap(EBX = length) → EAX = the address, −1 on failure.
+fn mmap(p: &mut UserProgram32, failed: CodeLabel) -> AsmResult {
+    p.syscall(SYS_MMAP)?;
+    p.a.cmp(eax, u32::MAX)?;
+    p.a.je(failed)
+}
+
+/// munmap(EBX = address, ESI = length) must return 0.
+fn munmap(p: &mut UserProgram32, failed: CodeLabel) -> AsmResult {
+    p.syscall(SYS_MUNMAP)?;
+    p.a.test(eax, eax)?;
+    p.a.jnz(failed)
+}
+
+/// Maps four pages, checks they read as zero, writes and reads back each page's address, and unmaps them; the
+/// mapping is at the same address every time.
+fn map_touch_unmap(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let mmap_failed = p.failure("mmap did not reuse the unmapped range");
+    let munmap_failed = p.failure("munmap failed");
+    let not_zero = p.failure("a fresh page was not zero-filled");
+    let lost_write = p.failure("a page did not keep what was written");
+    p.counted_loop(iterations, |p| {
+        p.a.mov(ebx, MMAP_PAGES * 4096)?;
+        mmap(p, mmap_failed)?;
+        p.a.cmp(eax, MMAP_BASE)?;
+        p.a.jne(mmap_failed)?;
+        for page in 0..MMAP_PAGES as i32 {
+            p.a.lea(edx, ptr(eax + page * 4096))?;
+            p.a.cmp(dword_ptr(edx), 0)?;
+            p.a.jne(not_zero)?;
+            p.a.mov(dword_ptr(edx), edx)?;
+            p.a.cmp(dword_ptr(edx), edx)?;
+            p.a.jne(lost_write)?;
+        }
+        p.a.mov(ebx, eax)?;
+        p.a.mov(esi, MMAP_PAGES * 4096)?;
+        munmap(p, munmap_failed)
+    })
+}
+
+/// Maps pages in chunks of 64; the first access to each page (a read that must see zeroes) is a true page fault
+/// the kernel resolves with a fresh zeroed frame; unmapping clears the entries again.
+fn demand_zero(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let mmap_failed = p.failure("mmap failed");
+    let munmap_failed = p.failure("munmap failed");
+    let not_zero = p.failure("a fresh page was not zero-filled");
+    let (mut chunk, mut touch) = (p.label(), p.label());
+    // EBP = pages left, ECX = this chunk's pages, EDX = its address, EDI = the page touched, ESI = pages to touch.
+    p.a.mov(ebp, iterations)?;
+    p.bind(&mut chunk)?;
+    p.a.mov(ecx, DEMANDZERO_CHUNK_PAGES)?;
+    p.a.cmp(ebp, ecx)?;
+    p.a.cmovb(ecx, ebp)?;
+    p.a.mov(ebx, ecx)?;
+    p.a.shl(ebx, 12)?;
+    mmap(p, mmap_failed)?;
+    p.a.mov(edx, eax)?;
+    p.a.mov(edi, eax)?;
+    p.a.mov(esi, ecx)?;
+    p.bind(&mut touch)?;
+    p.a.cmp(dword_ptr(edi), 0)?;
+    p.a.jne(not_zero)?;
+    p.a.mov(dword_ptr(edi), esi)?;
+    p.a.add(edi, 4096)?;
+    p.a.dec(esi)?;
+    p.a.jnz(touch)?;
+    p.a.mov(ebx, edx)?;
+    p.a.mov(esi, ecx)?;
+    p.a.shl(esi, 12)?;
+    munmap(p, munmap_failed)?;
+    p.a.sub(ebp, ecx)?;
+    p.a.jnz(chunk)
+}
+
+/// Streams over `pages` demand-zero pages `iterations` times, one read-modify-write of each page's first dword
+/// per pass; the sum of the values read back is known (modulo 2^32).
+fn memory_touch(p: &mut UserProgram32, iterations: u32, pages: u32) -> AsmResult {
+    let mmap_failed = p.failure("mmap failed");
+    let wrong = p.failure("the sum over the pages is wrong");
+    let mut next_page = p.label();
+    p.a.mov(ebx, pages * 4096)?;
+    mmap(p, mmap_failed)?;
+    p.a.mov(esi, eax)?;
+    p.a.xor(ebx, ebx)?;
+    p.counted_loop(iterations, |p| {
+        p.a.mov(edi, esi)?;
+        p.a.mov(ecx, pages)?;
+        p.bind(&mut next_page)?;
+        p.a.mov(eax, dword_ptr(edi))?;
+        p.a.inc(eax)?;
+        p.a.mov(dword_ptr(edi), eax)?;
+        p.a.add(ebx, eax)?;
+        p.a.add(edi, 4096)?;
+        p.a.dec(ecx)?;
+        p.a.jnz(next_page)
+    })?;
+    let (iterations, pages) = (u64::from(iterations), u64::from(pages));
+    let expected = pages * (iterations * (iterations + 1) / 2);
+    p.a.cmp(ebx, expected as u32)?;
+    p.a.jne(wrong)
+}
+
+/// Per iteration: getpid, a one-byte write, and a one-page mmap that is touched and unmapped.
+fn syscall_mix(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let wrong_pid = p.failure("getpid did not return 1");
+    let wrong_write = p.failure("write did not return its length");
+    let mmap_failed = p.failure("mmap failed");
+    let munmap_failed = p.failure("munmap failed");
+    p.counted_loop(iterations, |p| {
+        p.syscall(SYS_GETPID)?;
+        p.a.cmp(eax, 1)?;
+        p.a.jne(wrong_pid)?;
+        p.write(".")?;
+        p.a.cmp(eax, 1)?;
+        p.a.jne(wrong_write)?;
+        p.a.mov(ebx, 4096)?;
+        mmap(p, mmap_failed)?;
+        p.a.mov(dword_ptr(eax), eax)?;
+        p.a.mov(ebx, eax)?;
+        p.a.mov(esi, 4096)?;
+        munmap(p, munmap_failed)
+    })?;
+    p.write("\n")
+}
+
+/// Child i exits with (i mod 200) + 1; the parent checks every status it reaps. ESI counts the children.
+fn fork_wait(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let fork_failed = p.failure("fork failed");
+    let wrong_status = p.failure("wait returned the wrong exit status");
+    let (mut top, mut child, mut done) = (p.label(), p.label(), p.label());
+    // EDX = (ESI mod 200) + 1, the status child ESI exits with.
+    let expected_status = |p: &mut UserProgram32| -> AsmResult {
+        p.a.mov(eax, esi)?;
+        p.a.xor(edx, edx)?;
+        p.a.mov(ecx, FORKWAIT_STATUS_MODULUS)?;
+        p.a.div(ecx)?;
+        p.a.inc(edx)
+    };
+    p.a.xor(esi, esi)?;
+    p.bind(&mut top)?;
+    p.syscall(SYS_FORK)?;
+    p.a.cmp(eax, u32::MAX)?;
+    p.a.je(fork_failed)?;
+    p.a.test(eax, eax)?;
+    p.a.jz(child)?;
+    p.syscall(SYS_WAIT)?;
+    p.a.mov(ebx, eax)?;
+    expected_status(p)?;
+    p.a.cmp(ebx, edx)?;
+    p.a.jne(wrong_status)?;
+    p.a.inc(esi)?;
+    p.a.cmp(esi, iterations)?;
+    p.a.jb(top)?;
+    p.a.jmp(done)?;
+    p.bind(&mut child)?;
+    expected_status(p)?;
+    p.a.mov(ebx, edx)?;
+    p.syscall(SYS_EXIT)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut done)
+}
+
+/// Parent and child each yield `iterations` times; with two runnable processes every yield switches to the other
+/// one.
+fn context_switch(p: &mut UserProgram32, iterations: u32) -> AsmResult {
+    let fork_failed = p.failure("fork did not return pid 2");
+    let wrong_status = p.failure("the child's exit status was wrong");
+    let (mut child, mut parent_done) = (p.label(), p.label());
+    p.syscall(SYS_FORK)?;
+    p.a.test(eax, eax)?;
+    p.a.jz(child)?;
+    p.a.cmp(eax, 2)?;
+    p.a.jne(fork_failed)?;
+    p.counted_loop(iterations, |p| p.syscall(SYS_YIELD))?;
+    p.syscall(SYS_WAIT)?;
+    p.a.cmp(eax, CTXSWITCH_CHILD_STATUS)?;
+    p.a.jne(wrong_status)?;
+    p.a.jmp(parent_done)?;
+    p.bind(&mut child)?;
+    p.counted_loop(iterations, |p| p.syscall(SYS_YIELD))?;
+    p.exit(CTXSWITCH_CHILD_STATUS)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut parent_done)
 }
 
 fn null_syscall(p: &mut UserProgram32, iterations: u32) -> AsmResult {
@@ -300,30 +500,17 @@ fn red_pill(p: &mut UserProgram32, iterations: u32) -> AsmResult {
         p.a.and(eax, EFLAGS_IF | EFLAGS_IOPL)?;
         p.a.cmp(eax, EFLAGS_IF)?;
         p.a.jne(wrong_flags)?;
-        p.a.mov(ecx, u32::from(selector::USER_CODE))?;
-        p.a.lar(eax, ecx)?;
-        p.a.jnz(wrong_lar)?;
-        p.a.cmp(eax, user_code_access_rights)?;
-        p.a.jne(wrong_lar)?;
+        emit_lar_check(&mut p.a, selector::USER_CODE, user_code_access_rights, wrong_lar)?;
         p.a.verr(cx)?;
         p.a.jnz(wrong_verify)?;
-        p.a.mov(ecx, u32::from(selector::USER_DATA))?;
-        p.a.lsl(eax, ecx)?;
-        p.a.jnz(wrong_lsl)?;
-        p.a.cmp(eax, u32::MAX)?;
-        p.a.jne(wrong_lsl)?;
+        emit_flat_lsl_check(&mut p.a, selector::USER_DATA, wrong_lsl)?;
         p.a.verw(cx)?;
         p.a.jnz(wrong_verify)?;
         // The kernel's code segment is DPL 0: not readable from CPL 3.
         p.a.mov(ecx, u32::from(selector::KERNEL_CODE))?;
         p.a.verr(cx)?;
         p.a.jz(wrong_verify)?;
-        p.a.mov(ax, cs)?;
-        p.a.cmp(ax, u32::from(selector::USER_CODE))?;
-        p.a.jne(wrong_selectors)?;
-        p.a.mov(ax, ss)?;
-        p.a.cmp(ax, u32::from(selector::USER_DATA))?;
-        p.a.jne(wrong_selectors)
+        emit_selector_check(&mut p.a, selector::USER_CODE, selector::USER_DATA, wrong_selectors)
     })?;
     p.a.add(esp, 8)
 }
@@ -393,6 +580,35 @@ mod path_tests {
             return;
         };
         assert_eq!(serial, format!("{BANNER}\nFAIL: first process exited with status 1\n"));
+        assert_eq!(status, Some(exit_code::CHECK_FAILED));
+    }
+
+    /// One mapping at a time: a second mmap is refused, and munmap must name the mapping exactly.
+    #[test]
+    fn mmap_and_munmap_refuse_what_the_kernel_does_not_have() {
+        let Some((serial, status)) = run_user(|p| {
+            p.a.mov(ebx, 4096)?;
+            p.syscall(SYS_MMAP)?;
+            p.a.mov(edi, eax)?;
+            p.a.mov(ebx, 4096)?;
+            p.syscall(SYS_MMAP)?;
+            p.a.add(edi, eax)?;
+            p.a.mov(ebx, MMAP_BASE)?;
+            p.a.mov(esi, 8192)?;
+            p.syscall(SYS_MUNMAP)?;
+            p.a.add(edi, eax)?;
+            p.a.mov(ebx, MMAP_BASE)?;
+            p.a.mov(esi, 4096)?;
+            p.syscall(SYS_MUNMAP)?;
+            p.a.add(edi, eax)?;
+            // EDI = MMAP_BASE + (−1) + (−1) + 0 when each call did as it should: exit with EDI − MMAP_BASE + 9 = 7.
+            p.a.lea(ebx, ptr(edi + 9))?;
+            p.a.sub(ebx, MMAP_BASE)?;
+            p.syscall(SYS_EXIT)
+        }) else {
+            return;
+        };
+        assert_eq!(serial, format!("{BANNER}\nFAIL: first process exited with status 7\n"));
         assert_eq!(status, Some(exit_code::CHECK_FAILED));
     }
 
