@@ -82,7 +82,7 @@ pub struct Options {
     pub paravirt_guest_bits: GuestBits,
     /// VT-x TPR shadow / AMD-V virtual TPR: CR8 accesses do not exit.
     pub hw_tpr_shadow: bool,
-    /// An MSR bitmap that lets FS_BASE, GS_BASE and KERNEL_GS_BASE through without exits.
+    /// An MSR bitmap that lets FS_BASE, GS_BASE, KERNEL_GS_BASE and SYSENTER_CS/ESP/EIP through without exits.
     pub hw_msr_bitmap: bool,
     /// Port I/O and MMIO exits are completed by a device model in user space (as with QEMU).
     pub hw_user_space_devices: bool,
@@ -112,7 +112,7 @@ pub const OPTION_KEYS: [(&str, &str); 7] = [
     ("bt.in_tc_ports", "0x80: comma-separated ports emulated inside the translation cache"),
     ("paravirt.guest_bits", "auto: 32 or 64, the paravirtualized kernel's width (auto: from the trace)"),
     ("hw.tpr_shadow", "true: CR8 accesses do not exit"),
-    ("hw.msr_bitmap", "true: FS_BASE, GS_BASE and KERNEL_GS_BASE accesses do not exit"),
+    ("hw.msr_bitmap", "true: FS_BASE, GS_BASE, KERNEL_GS_BASE and SYSENTER_CS/ESP/EIP accesses do not exit"),
     ("hw.user_space_devices", "true: device exits go on to a user-space device model"),
 ];
 

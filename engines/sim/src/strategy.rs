@@ -27,6 +27,8 @@ const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SFMASK: u32 = 0xc000_0084;
+/// IA32_SYSENTER_CS, _ESP and _EIP: where SYSENTER enters the kernel.
+const MSR_SYSENTER: std::ops::RangeInclusive<u32> = 0x174..=0x176;
 
 /// The guest's privilege when the subject happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,6 +109,8 @@ subjects! {
     MsrWriteSegmentBase => "WRMSR of FS/GS/KERNEL_GS base",
     MsrWriteSyscallSetup => "WRMSR of STAR/LSTAR/CSTAR/SFMASK",
     MsrWriteOther => "other WRMSR",
+    MsrReadSysenter => "RDMSR of SYSENTER_CS/ESP/EIP",
+    MsrWriteSysenter => "WRMSR of SYSENTER_CS/ESP/EIP",
     PostPort => "IN/OUT, POST port 0x80",
     ConsolePort => "IN/OUT, serial console",
     OtherPort => "IN/OUT, other ports",
@@ -215,11 +219,13 @@ impl Subject {
             },
             Event::MsrRead { index, .. } => match index {
                 MSR_FS_BASE | MSR_GS_BASE | MSR_KERNEL_GS_BASE => Subject::MsrReadSegmentBase,
+                index if MSR_SYSENTER.contains(&index) => Subject::MsrReadSysenter,
                 _ => Subject::MsrReadOther,
             },
             Event::MsrWrite { index, .. } => match index {
                 MSR_FS_BASE | MSR_GS_BASE | MSR_KERNEL_GS_BASE => Subject::MsrWriteSegmentBase,
                 MSR_STAR | MSR_LSTAR | MSR_CSTAR | MSR_SFMASK => Subject::MsrWriteSyscallSetup,
+                index if MSR_SYSENTER.contains(&index) => Subject::MsrWriteSysenter,
                 _ => Subject::MsrWriteOther,
             },
             Event::Io { port, .. } if port == POST_PORT => Subject::PostPort,

@@ -76,9 +76,13 @@ pub(crate) fn table(options: &Options, ept: bool) -> Table {
         table.set(Subject::Cr8Read, emulate(R::CrAccess));
         table.set(Subject::Cr8Write, emulate(R::CrAccess));
     }
+    // KVM lets the guest at the segment bases and the SYSENTER MSRs, which the VMCS switches on every entry and
+    // exit (`vmx_disable_intercept_for_msr` on vCPU creation, arch/x86/kvm/vmx/vmx.c).
     if !options.hw_msr_bitmap {
         table.set(Subject::MsrReadSegmentBase, emulate(R::MsrRead));
         table.set(Subject::MsrWriteSegmentBase, emulate(R::MsrWrite));
+        table.set(Subject::MsrReadSysenter, emulate(R::MsrRead));
+        table.set(Subject::MsrWriteSysenter, emulate(R::MsrWrite));
     }
     table
         .set(Subject::MsrReadOther, emulate(R::MsrRead))

@@ -61,6 +61,8 @@ pub(crate) fn table(_options: &Options) -> Table {
         Subject::MsrWriteSegmentBase,
         Subject::MsrWriteSyscallSetup,
         Subject::MsrWriteOther,
+        Subject::MsrReadSysenter,
+        Subject::MsrWriteSysenter,
         Subject::Cpuid,
         Subject::GdtLoad,
         Subject::IdtLoad,

@@ -159,6 +159,8 @@ fn trapping_privileged_events(table: &mut Table) {
         .set(Subject::MsrWriteSegmentBase, trap(R::MsrWrite))
         .set(Subject::MsrWriteSyscallSetup, trap(R::MsrWrite))
         .set(Subject::MsrWriteOther, trap(R::MsrWrite))
+        .set(Subject::MsrReadSysenter, trap(R::MsrRead))
+        .set(Subject::MsrWriteSysenter, trap(R::MsrWrite))
         .set(Subject::PostPort, device(R::IoInstruction))
         .set(Subject::ConsolePort, device(R::IoInstruction))
         .set(Subject::OtherPort, device(R::IoInstruction))

@@ -102,7 +102,10 @@ pub(crate) fn table_for(width: GuestWidth) -> Table {
         table.set(subject, Disposition::with(Mechanism::Trap(R::CrAccess), &[Action::FlushBatch]));
     }
     table.set(Subject::MsrWriteSegmentBase, hypercall(H::SetSegmentBase));
+    // A PV kernel registers its system-call entry points, SYSENTER's included, with Xen.
     table.set(Subject::MsrWriteSyscallSetup, hypercall(H::SetCallbacks));
+    table.set(Subject::MsrWriteSysenter, hypercall(H::SetCallbacks));
+    table.set(Subject::MsrReadSysenter, trap(R::MsrRead));
     table.set(Subject::MsrWriteOther, trap(R::MsrWrite));
     table.set(Subject::MsrReadSegmentBase, trap(R::MsrRead));
     table.set(Subject::MsrReadOther, trap(R::MsrRead));
