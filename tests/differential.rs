@@ -179,6 +179,7 @@ differential! {
     syscall_mix_32 => "syscall-mix" ["arch" = "x86-32"];
     forkwait_32 => "forkwait" ["arch" = "x86-32"];
     ctxswitch_32 => "ctxswitch" ["arch" = "x86-32"];
+    cow_32 => "cow" ["arch" = "x86-32"];
 }
 
 /// The x86-32 tour's transcript as the SDM has it. Derived values: PUSHAD stores ESP from before its eight

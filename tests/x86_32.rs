@@ -12,6 +12,8 @@ use virtlab_traces::{check, CodeMode, EndReason, Event, PageSize, PagingMode, Tr
 /// The lowest address of the top 64 MiB, which the 32-bit kernel must never touch (workloads/README.md).
 const HYPERVISOR_HOLE: u64 = 0xFC00_0000;
 const PAGE_DIRECTORY: u64 = 0x20_2000;
+/// The kernel page through which a copy-on-write fault fills its new frame.
+const KMAP: u64 = 0x3F_E000;
 
 /// `hlt arch=x86-32`: every block is 32-bit code, the kernel runs at CPL 0 under two-level paging with the
 /// kernel's page directory, each HLT is woken by the timer through the IDT and left with IRETD, every page the
@@ -168,7 +170,7 @@ fn every_x86_32_workload_records_a_valid_trace_and_leaves_the_top_64_mib_alone()
         })
         .unwrap();
     }
-    assert_eq!(built.len(), 23, "{built:?}");
+    assert_eq!(built.len(), 24, "{built:?}");
 }
 
 /// `ctxswitch arch=x86-32`: parent and child run in two address spaces (process 1's page directory and slot 1's
@@ -180,4 +182,24 @@ fn the_32_bit_context_switch_alternates_between_two_address_spaces() {
     // Start-up loads CR3 once; each of the 20 yields switches; after the child's last yield the parent waits while
     // the child is still runnable (a switch to it), and the child's exit switches back.
     assert_eq!(run.cr3_writes, 1 + 20 + 2, "{run:?}");
+}
+
+/// `cow arch=x86-32 pages=2 iterations=2`: the parent's two pages are faulted in by writes (error code 6); in each
+/// iteration the child's writes to the shared pages are copy-on-write faults (error code 7) that copy (through the
+/// kernel's KMAP page, invalidated first), each followed by an INVLPG of the page, its exit unmaps both pages (two more INVLPGs), and the parent's writes are
+/// copy-on-write faults of the last sharer: no copy, no INVLPG.
+#[test]
+fn the_32_bit_copy_on_write_fork_copies_for_the_child_and_not_for_the_last_sharer() {
+    let run = record_user_run("cow", &[("iterations", "2"), ("pages", "2")]);
+    let (first, second) = (0x4800_0000u64, 0x4800_1000u64);
+    let write = |code, page| (Some(code), Some(page));
+    let mut faults = vec![write(6, first), write(6, second)];
+    let mut invlpgs = Vec::new();
+    for _ in 0..2 {
+        faults.extend([write(7, first), write(7, second), write(7, first), write(7, second)]);
+        // Each copy maps its new frame at the kernel's KMAP page (0x3FE000) first.
+        invlpgs.extend([KMAP, first, KMAP, second, first, second]);
+    }
+    assert_eq!(run.page_faults, faults, "{run:?}");
+    assert_eq!(run.invlpgs, invlpgs, "{run:?}");
 }

@@ -120,10 +120,6 @@ pub enum WorkloadError {
     NotAChoice { workload: String, param: String, value: String, accepted: String },
     #[error("parameter `{param}` of workload `{workload}`: {value} is out of range; accepted: {min}..={max}")]
     OutOfRange { workload: String, param: String, value: u64, min: u64, max: u64 },
-    #[error(
-        "workload `{workload}` is not built for arch=x86-32 yet (workloads/README.md lists those that are); use arch=x86-64"
-    )]
-    NotBuiltFor32Bit { workload: String },
     #[error("workload `{workload}` cannot have arch=x86-32: {reason}; use arch=x86-64")]
     Only64Bit { workload: String, reason: &'static str },
     #[error("parameter `{param}` of workload `{workload}` is not built for arch=x86-32 yet; {hint}")]

@@ -180,7 +180,7 @@ fn emit_dispatch(k: &mut Kernel32) -> AsmResult {
 }
 
 /// user_fault (stack: vector, error code, EIP, CS, EFLAGS, ESP, SS; from `fault_common` for CPL 3): a #PF the
-/// mapping resolves is `demand_zero`'s; any other #PF, or a #DE, goes to the process's trap handler, if it
+/// mapping resolves is `user_page_fault`'s; any other #PF, or a #DE, goes to the process's trap handler, if it
 /// registered one, entered with EDI = the faulting EIP and every other
 /// register as it was; anything else kills the process with status 128 + vector.
 fn emit_user_fault(k: &mut Kernel32) -> AsmResult {
@@ -188,7 +188,7 @@ fn emit_user_fault(k: &mut Kernel32) -> AsmResult {
     k.routine("user_fault", user_fault)?;
     let mut kill = k.label();
     k.a.cmp(dword_ptr(esp), PAGE_FAULT)?;
-    k.a.je(k.r.demand_zero)?;
+    k.a.je(k.r.user_page_fault)?;
     k.a.cmp(dword_ptr(esp), DIVIDE_ERROR)?;
     k.a.jne(kill)?;
     let delivery = k.r.user_fault_delivery;

@@ -5,8 +5,8 @@
 //! Every slot's memory is fixed and identity mapped in the kernel's 4 MiB: its page directory, the page table of
 //! its 4 MiB of program and stack, the four page tables of its mmap window, its four stack frames and its kernel
 //! stack. Slot 0 is process 1, which keeps the kernel's page directory and the boot stack. `fork` gives the child
-//! the parent's program pages (read-only, shared) and a copy of its stack; it is refused (−1) while the parent has
-//! an anonymous mapping (copy-on-write is not built for x86-32).
+//! the parent's program pages (read-only, shared), a copy of its stack, and its mapping shared copy-on-write
+//! (`memory::share_mapping`).
 
 use iced_x86::code_asm::*;
 
@@ -106,7 +106,7 @@ fn clear(k: &mut Kernel32, dwords: u32) -> AsmResult {
     k.a.rep().stosd()
 }
 
-/// sys_fork → the child's pid in the parent, 0 in the child; −1 when no slot is free or the parent has a mapping.
+/// sys_fork → the child's pid in the parent, 0 in the child; −1 when no slot is free.
 /// The child's kernel stack is the parent's from the return into the system-call entry up, under a switch frame
 /// that resumes at `fork_child_return` with the parent's EBX and EBP (the user's, which the dispatcher keeps).
 fn emit_fork(k: &mut Kernel32) -> AsmResult {
@@ -114,8 +114,6 @@ fn emit_fork(k: &mut Kernel32) -> AsmResult {
     k.routine("sys_fork", sys_fork)?;
     let (mut refused, mut next_slot, mut found) = (k.label(), k.label(), k.label());
     k.a.mov(esi, dword_ptr(VAR_CURRENT))?;
-    k.a.cmp(dword_ptr(esi + MAPPING), 0)?;
-    k.a.jne(refused)?;
     k.a.mov(edx, PROCESS_TABLE + SLOT_BYTES)?;
     k.bind(&mut next_slot)?;
     k.a.cmp(dword_ptr(edx + STATE), FREE)?;
@@ -134,7 +132,6 @@ fn emit_fork(k: &mut Kernel32) -> AsmResult {
     k.a.mov(dword_ptr(edx + PID), eax)?;
     k.a.inc(dword_ptr(VAR_NEXT_PID))?;
     k.a.mov(dword_ptr(edx + PARENT), esi)?;
-    k.a.mov(dword_ptr(edx + MAPPING), 0)?;
     k.a.mov(eax, dword_ptr(esi + TRAP_HANDLER))?;
     k.a.mov(dword_ptr(edx + TRAP_HANDLER), eax)?;
 
@@ -155,6 +152,7 @@ fn emit_fork(k: &mut Kernel32) -> AsmResult {
     }
     k.a.mov(edi, dword_ptr(edx + MMAP_TABLES))?;
     clear(k, MMAP_PAGE_TABLE_COUNT * 1024)?;
+    k.a.call(k.r.share_mapping)?;
 
     // The user page table: the parent's (the program's read-only entries), then the stack's entries replaced by
     // the child's frames, filled with a copy of the parent's stack.

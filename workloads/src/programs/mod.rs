@@ -59,16 +59,14 @@ pub(crate) fn assemble_32(
                 return Err(WorkloadError::ParamNotBuiltFor32Bit {
                     workload,
                     param: "counters".into(),
-                    hint: "the 32-bit kernel runs one process without a page-frame pool, so it has no memory-management counters; leave counters=0",
+                    hint: "the 32-bit kernel keeps none of the 64-bit kernel's memory-management counters; leave counters=0",
                 });
             }
             let entry = match spec.param("sysenter").map(|_| params.get("sysenter")) {
                 Some(1) => user_mode32::Entry::Sysenter,
                 _ => user_mode32::Entry::Int80,
             };
-            let program =
-                user_mode32::assemble(spec.name, params, entry).ok_or(WorkloadError::NotBuiltFor32Bit { workload })?;
-            let (program, mut symbols) = program.map_err(assembly_error)?;
+            let (program, mut symbols) = user_mode32::assemble(spec.name, params, entry).map_err(assembly_error)?;
             assert!(
                 program.len() <= kernel32::process::PROGRAM_MAX_BYTES as usize,
                 "the user program outgrew its frames"

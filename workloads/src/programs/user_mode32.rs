@@ -30,6 +30,9 @@ const DEMANDZERO_CHUNK_PAGES: u32 = 64;
 /// `forkwait` children exit with (index mod this) + 1, so a status of 0 is never expected.
 const FORKWAIT_STATUS_MODULUS: u32 = 200;
 const CTXSWITCH_CHILD_STATUS: u32 = 7;
+/// What `cow`'s child writes over each shared page, and the status it exits with.
+const COW_CHILD_VALUE: u32 = 0x0C0F_FEE0;
+const COW_CHILD_STATUS: u32 = 9;
 
 /// How a program enters the kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -150,8 +153,8 @@ impl UserProgram32 {
     }
 }
 
-/// The user program of a 32-bit catalog workload, if it has one: its bytes at `USER_CODE` and its symbols.
-pub(crate) fn assemble(name: &str, params: &ResolvedParams, entry: Entry) -> Option<AsmResult<(Vec<u8>, Vec<Symbol>)>> {
+/// The user program of a 32-bit catalog workload: its bytes at `USER_CODE` and its symbols.
+pub(crate) fn assemble(name: &str, params: &ResolvedParams, entry: Entry) -> AsmResult<(Vec<u8>, Vec<Symbol>)> {
     let iterations = params.get("iterations") as u32;
     let pages = params.0.iter().find(|(param, _)| *param == "pages").map_or(0, |(_, value)| *value as u32);
     let program: fn(&mut UserProgram32, u32, u32) -> AsmResult = match name {
@@ -166,12 +169,13 @@ pub(crate) fn assemble(name: &str, params: &ResolvedParams, entry: Entry) -> Opt
         "syscall-mix" => |p, iterations, _| syscall_mix(p, iterations),
         "forkwait" => |p, iterations, _| fork_wait(p, iterations),
         "ctxswitch" => |p, iterations, _| context_switch(p, iterations),
-        _ => return None,
+        "cow" => copy_on_write,
+        _ => unreachable!("user-mode catalog entry `{name}` has no 32-bit program"),
     };
-    Some(assemble_program(entry, |p| {
+    assemble_program(entry, |p| {
         program(p, iterations, pages)?;
         p.exit(0)
-    }))
+    })
 }
 
 /// Assembles the program `emit` writes (in two passes: it must emit the same code both times).
@@ -366,6 +370,72 @@ fn context_switch(p: &mut UserProgram32, iterations: u32) -> AsmResult {
     p.exit(CTXSWITCH_CHILD_STATUS)?;
     // The exit that `assemble` appends carries the label.
     p.bind(&mut parent_done)
+}
+
+/// For each of `pages` pages from EBX: ECX = the page's index, EDX = its address, then `body`.
+fn emit_page_loop(p: &mut UserProgram32, pages: u32, body: impl FnOnce(&mut UserProgram32) -> AsmResult) -> AsmResult {
+    let mut next = p.label();
+    p.a.xor(ecx, ecx)?;
+    p.a.mov(edx, ebx)?;
+    p.bind(&mut next)?;
+    body(p)?;
+    p.a.inc(ecx)?;
+    p.a.add(edx, 4096)?;
+    p.a.cmp(ecx, pages)?;
+    p.a.jb(next)
+}
+
+/// Copy-on-write after fork: the parent fills `pages` pages; each iteration forks a child that checks it sees
+/// the parent's values and writes every page (a copy-on-write fault that copies: the parent still shares it) and
+/// exits; the parent waits, checks its own values survived, and writes every page again (a copy-on-write fault
+/// that copies nothing: the parent is the last sharer).
+fn copy_on_write(p: &mut UserProgram32, iterations: u32, pages: u32) -> AsmResult {
+    let mmap_failed = p.failure("mmap failed");
+    let fork_failed = p.failure("fork failed");
+    let child_saw_wrong = p.failure("the child did not see the parent's values");
+    let parent_saw_wrong = p.failure("the child's writes reached the parent");
+    let wrong_status = p.failure("the child's exit status was wrong");
+    let (mut top, mut child, mut done) = (p.label(), p.label(), p.label());
+    p.a.mov(ebx, pages * 4096)?;
+    mmap(p, mmap_failed)?;
+    p.a.mov(ebx, eax)?;
+    // Page i holds ESI + i, where ESI counts the iterations the parent has begun.
+    p.a.xor(esi, esi)?;
+    emit_page_loop(p, pages, |p| {
+        p.a.lea(eax, ptr(esi + ecx))?;
+        p.a.mov(dword_ptr(edx), eax)
+    })?;
+    p.a.mov(ebp, iterations)?;
+    p.bind(&mut top)?;
+    p.syscall(SYS_FORK)?;
+    p.a.cmp(eax, u32::MAX)?;
+    p.a.je(fork_failed)?;
+    p.a.test(eax, eax)?;
+    p.a.jz(child)?;
+    p.syscall(SYS_WAIT)?;
+    p.a.cmp(eax, COW_CHILD_STATUS)?;
+    p.a.jne(wrong_status)?;
+    emit_page_loop(p, pages, |p| {
+        p.a.lea(eax, ptr(esi + ecx))?;
+        p.a.cmp(dword_ptr(edx), eax)?;
+        p.a.jne(parent_saw_wrong)?;
+        p.a.inc(eax)?;
+        p.a.mov(dword_ptr(edx), eax)
+    })?;
+    p.a.inc(esi)?;
+    p.a.dec(ebp)?;
+    p.a.jnz(top)?;
+    p.a.jmp(done)?;
+    p.bind(&mut child)?;
+    emit_page_loop(p, pages, |p| {
+        p.a.lea(eax, ptr(esi + ecx))?;
+        p.a.cmp(dword_ptr(edx), eax)?;
+        p.a.jne(child_saw_wrong)?;
+        p.a.mov(dword_ptr(edx), COW_CHILD_VALUE)
+    })?;
+    p.exit(COW_CHILD_STATUS)?;
+    // The exit that `assemble` appends carries the label.
+    p.bind(&mut done)
 }
 
 fn null_syscall(p: &mut UserProgram32, iterations: u32) -> AsmResult {
