@@ -144,6 +144,7 @@ fn the_story_shows_which_strategy_runs_which_width_and_where_it_puts_the_kernel(
     let bt64 = row(&story, "bt", "x86-64", "");
     assert_eq!(bt64["runs"], false);
     assert!(bt64["refusal"].as_str().unwrap().contains("bt.lmsle=true"), "{bt64}");
+    assert!(bt64["protection"].is_null() && bt64["kernel_ring"].is_null(), "{bt64}");
     let bt32 = row(&story, "bt", "x86-32", "");
     assert_eq!((bt32["runs"].as_bool(), bt32["kernel_ring"].as_u64()), (Some(true), Some(1)));
     assert!(bt32["protection"].as_str().unwrap().contains("top 4 MiB"), "{bt32}");

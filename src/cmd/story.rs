@@ -56,7 +56,7 @@ struct Row {
     width: GuestWidth,
     options: &'static str,
     outcome: Result<PerIteration, String>,
-    protection: String,
+    protection: Option<String>,
     kernel_ring: Option<u8>,
 }
 
@@ -122,14 +122,15 @@ fn rows_for(args: &Args, width: GuestWidth, profile: &Profile, progress: &Progre
                     _ => return Err(error.context(format!("{} on {} {}", engine.name(), args.workload, width.arch()))),
                 },
             };
-            let protection = engine.protection(&options, width);
+            // A refused guest runs nowhere: its row carries the refusal, not a protection.
+            let protection = outcome.is_ok().then(|| engine.protection(&options, width));
             rows.push(Row {
                 engine: engine.name().to_string(),
                 width,
                 options: label,
                 outcome,
-                protection: protection.describe(),
-                kernel_ring: protection.kernel_ring(),
+                protection: protection.map(|p| p.describe()),
+                kernel_ring: protection.and_then(|p| p.kernel_ring()),
             });
             progress.inc(1);
         }
@@ -243,7 +244,7 @@ fn render(args: &Args, profile: &Profile, rows: &[Row]) -> String {
                     p.exits,
                     p.page_table_switches,
                     p.fast_system_calls,
-                    row.protection
+                    row.protection.as_deref().unwrap_or_default()
                 );
             }
             Err(reason) => {
