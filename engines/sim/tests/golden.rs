@@ -552,3 +552,69 @@ fn rep_string_work_is_priced_per_element_and_divides_and_multiplies_apart() {
     assert_eq!(h.cycles(), 10_436 + 3_065 + 20);
     assert_eq!(h.cycles_for(CycleCause::StringOperations), 0);
 }
+
+/// A 32-bit kernel block that loads DS and then reads a word in the top 4 MiB, where a segment-guarded monitor
+/// lives: `mov ds, eax` @0x100000, `mov eax, [0xffc01000]` @0x100002, `hlt` @0x100007.
+fn monitor_area_trace() -> Vec<u8> {
+    let boot = BootState {
+        rip: 0x10_0000,
+        rax: 0,
+        rbx: 0,
+        rsp: 0,
+        rflags: 2,
+        cr0: 0x8000_0011,
+        mode: CodeMode::Bits32,
+        ram_bytes: 64 << 20,
+    };
+    let meta = Metadata { workload: "monitor-area".into(), recorder: "test".into(), ..Metadata::default() };
+    let mut w = TraceWriter::new(Cursor::new(Vec::new()), meta, boot, &[]).unwrap();
+    let bytes = vec![0x8e, 0xd8, 0xa1, 0x00, 0x10, 0xc0, 0xff, 0xf4];
+    let k = w.add_block(&Block { address: 0x10_0000, mode: CodeMode::Bits32, tag: 0, instructions: 3, bytes }).unwrap();
+    let two_level = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::TwoLevel, cr3: 0x1000 };
+    for event in [
+        Event::Context { at: 0, context: two_level },
+        Event::Block(k),
+        Event::PageTouch {
+            at: 1,
+            page: 0xffc0_1000,
+            frame: 0x5000,
+            access: Access::Read,
+            user: false,
+            size: PageSize::Size4K,
+            walk: Walk::new(&[1, 2]).unwrap(),
+        },
+        Event::Hlt { at: 2, idle: 0 },
+    ] {
+        w.push(&event).unwrap();
+    }
+    let ending = Ending {
+        reason: EndReason::GuestExit,
+        exit_status: 0,
+        detail: String::new(),
+        serial: Vec::new(),
+        state_digest: [0; 32],
+    };
+    w.finish(ending).unwrap().into_inner()
+}
+
+#[test]
+fn segment_guarded_monitors_fault_on_a_touch_of_their_area_and_count_segment_loads() {
+    let bytes = monitor_area_trace();
+    // VMware's monitor (top 4 MiB) and Xen's (top 64 MiB) both cover 0xffc01000; hardware assist has no monitor
+    // in the guest's address space.
+    for (name, base) in [("bt", 0xffc0_0000), ("trap-emulate", 0xffc0_0000), ("paravirt", 0xfc00_0000)] {
+        let m = replay_trace(&bytes, name, &Options::default()).unwrap();
+        assert_eq!((m.protection.kernel_ring, m.protection.monitor_base), (Some(1), Some(base)), "{name}");
+        assert_eq!(m.protection.monitor_area_touches, 1, "{name}");
+        assert_eq!(m.protection.shadow_descriptor_loads, 1, "{name}: mov ds");
+        let beyond: Vec<_> = findings(m.detectable_events())
+            .into_iter()
+            .filter(|(kind, _, _)| *kind == "access_beyond_truncated_segment")
+            .collect();
+        assert_eq!(beyond, [("access_beyond_truncated_segment", 0x10_0002, 1)], "{name}");
+        assert_eq!(m.exits_by(ExitReason::ExceptionNmi), 1, "{name}: the #GP the monitor takes");
+    }
+    let hw = replay_trace(&bytes, "hw-ept", &Options::default()).unwrap();
+    assert_eq!((hw.protection.monitor_area_touches, hw.protection.shadow_descriptor_loads), (0, 0));
+    assert!(hw.detectable_events().is_empty());
+}
