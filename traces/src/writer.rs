@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::codec::{self, BlockShape, Header};
 use crate::error::WriteError;
@@ -370,42 +370,24 @@ fn event_problem(event: &Event) -> Option<String> {
 /// A trace being written to `path` through a temporary file beside it; [`TraceFile::finish`] renames it into
 /// place, so readers never see a half-written trace. Dropping it unfinished removes the temporary file.
 pub struct TraceFile {
-    writer: Option<TraceWriter<BufWriter<File>>>,
-    temp: PathBuf,
-    dest: PathBuf,
+    writer: TraceWriter<BufWriter<File>>,
+    pending: crate::atomic::PendingFile,
 }
 
 impl TraceFile {
     pub fn create(path: &Path, metadata: Metadata, boot: BootState, image: &[Segment]) -> Result<Self, WriteError> {
-        let temp = crate::atomic::temp_path(path);
-        let file = File::create(&temp)?;
-        let writer = TraceWriter::new(BufWriter::new(file), metadata, boot, image);
-        match writer {
-            Ok(writer) => Ok(TraceFile { writer: Some(writer), temp, dest: path.to_path_buf() }),
-            Err(err) => {
-                let _ = std::fs::remove_file(&temp);
-                Err(err)
-            }
-        }
+        let (pending, file) = crate::atomic::PendingFile::create(path)?;
+        let writer = TraceWriter::new(BufWriter::new(file), metadata, boot, image)?;
+        Ok(TraceFile { writer, pending })
     }
 
     pub fn writer(&mut self) -> &mut TraceWriter<BufWriter<File>> {
-        self.writer.as_mut().expect("present until finish")
+        &mut self.writer
     }
 
-    pub fn finish(mut self, ending: Ending) -> Result<(), WriteError> {
-        let writer = self.writer.take().expect("present until finish");
-        let file = writer.finish(ending)?.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&self.temp, &self.dest)?;
+    pub fn finish(self, ending: Ending) -> Result<(), WriteError> {
+        let file = self.writer.finish(ending)?.into_inner().map_err(|e| e.into_error())?;
+        self.pending.commit(file)?;
         Ok(())
-    }
-}
-
-impl Drop for TraceFile {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            let _ = std::fs::remove_file(&self.temp);
-        }
     }
 }
