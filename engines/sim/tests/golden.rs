@@ -135,6 +135,17 @@ fn context(cpl: u8, interrupts_enabled: bool, cr3: u64) -> Context {
     Context { cpl, interrupts_enabled, paging: PagingMode::FourLevel, cr3 }
 }
 
+/// How every handmade trace ends: the guest exited with status 0.
+fn guest_exit() -> Ending {
+    Ending {
+        reason: EndReason::GuestExit,
+        exit_status: 0,
+        detail: String::new(),
+        serial: Vec::new(),
+        state_digest: [0; 32],
+    }
+}
+
 fn golden_trace() -> Vec<u8> {
     let boot = BootState {
         rip: 0x10_0000,
@@ -198,14 +209,7 @@ fn golden_trace() -> Vec<u8> {
         w.push(&Event::Invlpg { at: 1, address: 0x40_1000 }).unwrap();
         w.push(&Event::Hlt { at: 2, idle: 0 }).unwrap();
     }
-    let ending = Ending {
-        reason: EndReason::GuestExit,
-        exit_status: 0,
-        detail: String::new(),
-        serial: Vec::new(),
-        state_digest: [0; 32],
-    };
-    w.finish(ending).unwrap().into_inner()
+    w.finish(guest_exit()).unwrap().into_inner()
 }
 
 fn replay(name: &str, options: &Options) -> Result<Metrics, EngineError> {
@@ -522,14 +526,7 @@ fn memory_work_trace() -> Vec<u8> {
     w.push(&Event::RepString { at: 1, elements: 100 }).unwrap();
     w.push(&Event::Exception { at: 1, vector: 14, error_code: Some(2), cr2: Some(0x5000), walk: Walk::default() })
         .unwrap();
-    let ending = Ending {
-        reason: EndReason::GuestExit,
-        exit_status: 0,
-        detail: String::new(),
-        serial: Vec::new(),
-        state_digest: [0; 32],
-    };
-    w.finish(ending).unwrap().into_inner()
+    w.finish(guest_exit()).unwrap().into_inner()
 }
 
 #[test]
@@ -587,14 +584,7 @@ fn monitor_area_trace() -> Vec<u8> {
     ] {
         w.push(&event).unwrap();
     }
-    let ending = Ending {
-        reason: EndReason::GuestExit,
-        exit_status: 0,
-        detail: String::new(),
-        serial: Vec::new(),
-        state_digest: [0; 32],
-    };
-    w.finish(ending).unwrap().into_inner()
+    w.finish(guest_exit()).unwrap().into_inner()
 }
 
 #[test]
