@@ -146,19 +146,15 @@ fn guest_exit() -> Ending {
     }
 }
 
+/// A handmade trace's writer: a guest of the given width starting at `rip` with paging on, 64 MiB of RAM.
+fn writer(workload: &str, mode: CodeMode, rip: u64) -> TraceWriter<Cursor<Vec<u8>>> {
+    let boot = BootState { rip, rax: 0, rbx: 0, rsp: 0, rflags: 2, cr0: 0x8000_0011, mode, ram_bytes: 64 << 20 };
+    let meta = Metadata { workload: workload.into(), recorder: "test".into(), ..Metadata::default() };
+    TraceWriter::new(Cursor::new(Vec::new()), meta, boot, &[]).unwrap()
+}
+
 fn golden_trace() -> Vec<u8> {
-    let boot = BootState {
-        rip: 0x10_0000,
-        rax: 0,
-        rbx: 0,
-        rsp: 0,
-        rflags: 2,
-        cr0: 0x8000_0011,
-        mode: CodeMode::Bits64,
-        ram_bytes: 64 << 20,
-    };
-    let meta = Metadata { workload: "golden".into(), recorder: "test".into(), ..Metadata::default() };
-    let mut w = TraceWriter::new(Cursor::new(Vec::new()), meta, boot, &[]).unwrap();
+    let mut w = writer("golden", CodeMode::Bits64, 0x10_0000);
     let block = |address: u64, instructions: u32, bytes: &[u8]| Block {
         address,
         mode: CodeMode::Bits64,
@@ -492,18 +488,7 @@ fn every_engine_counts_the_same_instructions() {
 ///
 /// then once cut short after 2 instructions (the copy faulted after 100 elements and did not retire).
 fn memory_work_trace() -> Vec<u8> {
-    let boot = BootState {
-        rip: 0x10_0200,
-        rax: 0,
-        rbx: 0,
-        rsp: 0,
-        rflags: 2,
-        cr0: 0x8000_0011,
-        mode: CodeMode::Bits64,
-        ram_bytes: 64 << 20,
-    };
-    let meta = Metadata { workload: "golden-memory".into(), recorder: "test".into(), ..Metadata::default() };
-    let mut w = TraceWriter::new(Cursor::new(Vec::new()), meta, boot, &[]).unwrap();
+    let mut w = writer("golden-memory", CodeMode::Bits64, 0x10_0200);
     let bytes = [0xf3, 0x48, 0xab, 0xf3, 0x48, 0xa5, 0x48, 0xf7, 0xf1, 0xf3, 0xa4, 0x48, 0x6b, 0xdb, 0x1f];
     let k3 = w
         .add_block(&Block {
@@ -553,18 +538,7 @@ fn rep_string_work_is_priced_per_element_and_divides_and_multiplies_apart() {
 /// A 32-bit kernel block that loads DS and then reads a word in the top 4 MiB, where a segment-guarded monitor
 /// lives: `mov ds, eax` @0x100000, `mov eax, [0xffc01000]` @0x100002, `hlt` @0x100007.
 fn monitor_area_trace() -> Vec<u8> {
-    let boot = BootState {
-        rip: 0x10_0000,
-        rax: 0,
-        rbx: 0,
-        rsp: 0,
-        rflags: 2,
-        cr0: 0x8000_0011,
-        mode: CodeMode::Bits32,
-        ram_bytes: 64 << 20,
-    };
-    let meta = Metadata { workload: "monitor-area".into(), recorder: "test".into(), ..Metadata::default() };
-    let mut w = TraceWriter::new(Cursor::new(Vec::new()), meta, boot, &[]).unwrap();
+    let mut w = writer("monitor-area", CodeMode::Bits32, 0x10_0000);
     let bytes = vec![0x8e, 0xd8, 0xa1, 0x00, 0x10, 0xc0, 0xff, 0xf4];
     let k = w.add_block(&Block { address: 0x10_0000, mode: CodeMode::Bits32, tag: 0, instructions: 3, bytes }).unwrap();
     let two_level = Context { cpl: 0, interrupts_enabled: false, paging: PagingMode::TwoLevel, cr3: 0x1000 };
