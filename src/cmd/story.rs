@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use virtlab_engines::{engine, Engine, EngineError, GuestWidth, Metrics, Options, PreparedTrace, Profile};
-use virtlab_traces::TraceView;
+use virtlab_engines::{engine, EngineError, GuestWidth, Metrics, Options, PreparedTrace, Profile};
 
 /// Show, for every engine and both guest widths, whether the strategy runs the guest, where it puts the guest
 /// kernel and what guards its monitor, and what one iteration of the same workload costs.
@@ -94,16 +93,13 @@ fn record(args: &Args, width: GuestWidth, iterations: u64) -> anyhow::Result<Vec
     super::record::record_catalog_trace(&args.workload, &params)
 }
 
-fn replay(bytes: &[u8], engine: &dyn Engine, profile: &Profile, options: &Options) -> anyhow::Result<Metrics> {
-    let view = TraceView::open(bytes)?;
-    let trace = PreparedTrace::new(view)?;
-    Ok(engine.replay(&trace, profile, options)?)
-}
-
 fn rows_for(args: &Args, width: GuestWidth, profile: &Profile, progress: &ProgressBar) -> anyhow::Result<Vec<Row>> {
     let (low, high) = (args.iterations[0], args.iterations[1]);
     progress.set_message(format!("recording {} ({})", args.workload, width.arch()));
-    let traces = [record(args, width, low)?, record(args, width, high)?];
+    let bytes = [record(args, width, low)?, record(args, width, high)?];
+    // Checked and decoded once; every engine replays the same prepared traces.
+    let name = |n: u64| format!("{} {} at {n} iterations", args.workload, width.arch());
+    let traces = [super::replay::prepare(&bytes[0], &name(low))?, super::replay::prepare(&bytes[1], &name(high))?];
     let mut lmsle = Options::default();
     lmsle.set("bt.lmsle", "true")?;
     let mut rows = Vec::new();
@@ -114,7 +110,8 @@ fn rows_for(args: &Args, width: GuestWidth, profile: &Profile, progress: &Progre
         }
         for (label, options) in variants {
             progress.set_message(format!("{} on {}", engine.name(), width.arch()));
-            let run = |bytes: &[u8]| replay(bytes, engine.as_ref(), profile, &options);
+            let run =
+                |trace: &PreparedTrace| -> anyhow::Result<Metrics> { Ok(engine.replay(trace, profile, &options)?) };
             let outcome = match (run(&traces[0]), run(&traces[1])) {
                 (Ok(a), Ok(b)) => Ok(PerIteration::between(&a, &b, high - low)),
                 (Err(error), _) | (_, Err(error)) => match error.downcast_ref::<EngineError>() {
