@@ -16,7 +16,7 @@ use virtlab_engines::profile::BUILT_IN;
 use virtlab_engines::{engine, ExitReason, Hypercall, Options, PreparedTrace, Profile};
 use virtlab_machine::{Machine, MachineConfig, NullObserver, RunLimits};
 use virtlab_reports::gate::{Budgets, Vocabulary};
-use virtlab_traces::format::{ChunkHeader, ChunkKind, Codec, CHUNK_HEADER_LEN, PREAMBLE_LEN};
+use virtlab_traces::format::{join_stored, split_chunks, RawChunk};
 use virtlab_traces::synth::SplitMix64;
 use virtlab_traces::{check, Metadata, TraceView};
 
@@ -45,53 +45,8 @@ impl Rng {
     }
 }
 
-/// One chunk with its payload decompressed.
-#[derive(Clone)]
-struct Chunk {
-    kind: u8,
-    items: u32,
-    raw: Vec<u8>,
-}
-
-/// A trace's preamble and chunks, payloads raw.
-fn split(trace: &[u8]) -> (Vec<u8>, Vec<Chunk>) {
-    let mut chunks = Vec::new();
-    let mut at = PREAMBLE_LEN;
-    let mut scratch = Vec::new();
-    while at < trace.len() {
-        let header_bytes: &[u8; CHUNK_HEADER_LEN] = trace[at..at + CHUNK_HEADER_LEN].try_into().unwrap();
-        let header = ChunkHeader::decode(header_bytes, at as u64).unwrap();
-        let start = at + CHUNK_HEADER_LEN;
-        let stored = &trace[start..start + header.stored_len as usize];
-        let raw = header.raw_payload(stored, &mut scratch, at as u64).unwrap().to_vec();
-        chunks.push(Chunk { kind: header.kind.code(), items: header.items, raw });
-        at = start + header.stored_len as usize;
-    }
-    (trace[..PREAMBLE_LEN].to_vec(), chunks)
-}
-
-/// Writes the chunks back, every one stored, with lengths and checksums that match its (mutated) payload.
-fn join(preamble: &[u8], chunks: &[Chunk]) -> Vec<u8> {
-    let mut out = preamble.to_vec();
-    for chunk in chunks {
-        let kind = ChunkKind::from_code(chunk.kind).unwrap_or(ChunkKind::Optional(0x80));
-        let len = chunk.raw.len() as u32;
-        let header = ChunkHeader {
-            kind,
-            codec: Codec::Stored,
-            items: chunk.items,
-            raw_len: len,
-            stored_len: len,
-            payload_crc: crc32fast::hash(&chunk.raw),
-        };
-        out.extend_from_slice(&header.encode());
-        out.extend_from_slice(&chunk.raw);
-    }
-    out
-}
-
 /// Damages one chunk (or the chunk sequence) and says how.
-fn mutate(rng: &mut Rng, chunks: &mut Vec<Chunk>) -> String {
+fn mutate(rng: &mut Rng, chunks: &mut Vec<RawChunk>) -> String {
     let index = rng.below(chunks.len());
     let count = chunks.len();
     let chunk = &mut chunks[index];
@@ -200,9 +155,9 @@ fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
     ];
     for (seed_index, (workload, params)) in seeds.into_iter().enumerate() {
         let trace = record(workload, params);
-        let (preamble, chunks) = split(&trace);
+        let (preamble, chunks) = split_chunks(&trace).unwrap();
         // The harness itself round-trips: every chunk rewritten stored is still a valid trace.
-        assert_eq!(read_every_way(&join(&preamble, &chunks)), Ok(()), "{workload}: re-stored trace rejected");
+        assert_eq!(read_every_way(&join_stored(&preamble, &chunks)), Ok(()), "{workload}: re-stored trace rejected");
         let mut rng = Rng(SplitMix64(0x5EED_0000 + seed_index as u64));
         for number in 0..count {
             let mut damaged = chunks.clone();
@@ -210,7 +165,7 @@ fn mutated_real_traces_never_panic_a_reader_the_checker_or_an_engine() {
             if rng.below(4) == 0 && !damaged.is_empty() {
                 what = format!("{what}; {}", mutate(&mut rng, &mut damaged));
             }
-            let bytes = join(&preamble, &damaged);
+            let bytes = join_stored(&preamble, &damaged);
             let outcome = catch_unwind(AssertUnwindSafe(|| {
                 let verdict = read_every_way(&bytes);
                 if verdict.is_ok() {

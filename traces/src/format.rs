@@ -117,12 +117,7 @@ impl ChunkHeader {
         let mut out = [0u8; CHUNK_HEADER_LEN];
         out[0] = self.kind.code();
         out[1] = self.codec.code();
-        out[4..8].copy_from_slice(&self.items.to_le_bytes());
-        out[8..12].copy_from_slice(&self.raw_len.to_le_bytes());
-        out[12..16].copy_from_slice(&self.stored_len.to_le_bytes());
-        out[16..20].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let header_crc = crc32fast::hash(&out[..20]);
-        out[20..24].copy_from_slice(&header_crc.to_le_bytes());
+        set_lengths(&mut out, self.items, self.raw_len, self.stored_len, self.payload_crc);
         out
     }
 
@@ -308,4 +303,93 @@ pub fn parse_preamble(bytes: &[u8]) -> Result<Version, TraceError> {
         });
     }
     Ok(Version { major, minor })
+}
+
+/// One chunk of a trace with its payload in raw form: what tools that damage traces on purpose (the mutation
+/// tests, the fuzz targets) take apart and put back together. `kind` is the code as stored, so that a damaged
+/// kind survives the round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawChunk {
+    pub kind: u8,
+    pub items: u32,
+    pub raw: Vec<u8>,
+}
+
+/// A valid trace's preamble and chunks, every payload decompressed.
+pub fn split_chunks(trace: &[u8]) -> Result<([u8; PREAMBLE_LEN], Vec<RawChunk>), TraceError> {
+    parse_preamble(trace)?;
+    let mut preamble = [0u8; PREAMBLE_LEN];
+    preamble.copy_from_slice(&trace[..PREAMBLE_LEN]);
+    let mut chunks = Vec::new();
+    let mut scratch = Vec::new();
+    let mut at = PREAMBLE_LEN;
+    while at < trace.len() {
+        let offset = at as u64;
+        let truncated = |what, needed: usize| TraceError::Truncated {
+            what,
+            offset,
+            needed: needed as u64,
+            available: (trace.len() - at) as u64,
+        };
+        let header_bytes =
+            trace[at..].first_chunk::<CHUNK_HEADER_LEN>().ok_or(truncated("chunk header", CHUNK_HEADER_LEN))?;
+        let header = ChunkHeader::decode(header_bytes, offset)?;
+        let start = at + CHUNK_HEADER_LEN;
+        let stored = trace
+            .get(start..start + header.stored_len as usize)
+            .ok_or(truncated("chunk payload", CHUNK_HEADER_LEN + header.stored_len as usize))?;
+        header.verify_payload(stored, offset)?;
+        let raw = header.raw_payload(stored, &mut scratch, offset)?.to_vec();
+        chunks.push(RawChunk { kind: header.kind.code(), items: header.items, raw });
+        at = start + stored.len();
+    }
+    Ok((preamble, chunks))
+}
+
+/// Writes a chunk header's item count, lengths and payload checksum, then its own checksum; the kind, codec and
+/// reserved bytes stay as they are.
+fn set_lengths(header: &mut [u8], items: u32, raw_len: u32, stored_len: u32, payload_crc: u32) {
+    header[4..8].copy_from_slice(&items.to_le_bytes());
+    header[8..12].copy_from_slice(&raw_len.to_le_bytes());
+    header[12..16].copy_from_slice(&stored_len.to_le_bytes());
+    header[16..20].copy_from_slice(&payload_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&header[..20]);
+    header[20..24].copy_from_slice(&header_crc.to_le_bytes());
+}
+
+/// The chunks written back after `preamble`, every one stored, with lengths and both checksums matching its
+/// payload, whatever was done to it: damage reaches the decoders instead of stopping at a checksum.
+pub fn join_stored(preamble: &[u8], chunks: &[RawChunk]) -> Vec<u8> {
+    let mut out = preamble.to_vec();
+    for chunk in chunks {
+        let mut header = [0u8; CHUNK_HEADER_LEN];
+        header[0] = chunk.kind;
+        header[1] = Codec::Stored.code();
+        let len = chunk.raw.len() as u32;
+        set_lengths(&mut header, chunk.items, len, len, crc32fast::hash(&chunk.raw));
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&chunk.raw);
+    }
+    out
+}
+
+/// Any bytes, with every chunk header's lengths and checksums made to match what follows it: a fuzzer's
+/// mutations of a stored trace then reach the decoders, where the checksums would stop nearly all of them.
+/// Kind, codec, item count and the reserved field are kept as they are (they are what the decoders judge); a
+/// stored length that runs past the end is cut to the bytes there are; a stored chunk's raw length is set to its
+/// stored length; bytes too few for a header are kept.
+pub fn reseal(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let mut at = PREAMBLE_LEN;
+    while at + CHUNK_HEADER_LEN <= out.len() {
+        let start = at + CHUNK_HEADER_LEN;
+        let field = |from: usize| u32::from_le_bytes([out[from], out[from + 1], out[from + 2], out[from + 3]]);
+        let (items, raw_len) = (field(at + 4), field(at + 8));
+        let stored_len = (field(at + 12) as usize).min(out.len() - start) as u32;
+        let raw_len = if out[at + 1] == Codec::Stored.code() { stored_len } else { raw_len };
+        let payload_crc = crc32fast::hash(&out[start..start + stored_len as usize]);
+        set_lengths(&mut out[at..start], items, raw_len, stored_len, payload_crc);
+        at = start + stored_len as usize;
+    }
+    out
 }

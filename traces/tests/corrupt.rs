@@ -307,3 +307,37 @@ fn chunk_header_checksums_are_plain_crc32() {
         assert_eq!(u32::from_le_bytes(header[20..24].try_into().unwrap()), crc32(&header[..20]));
     }
 }
+
+#[test]
+fn a_trace_taken_apart_and_stored_reads_back_the_same_events() {
+    let trace = small_trace();
+    let (preamble, chunks) = format::split_chunks(&trace).unwrap();
+    let kinds: Vec<u8> = chunks.iter().map(|c| c.kind).collect();
+    assert_eq!(kinds.first(), Some(&ChunkKind::Header.code()));
+    assert_eq!(kinds.last(), Some(&ChunkKind::Footer.code()));
+    let stored = format::join_stored(&preamble, &chunks);
+    let view = TraceView::open(&stored).unwrap();
+    assert!(view.chunks().iter().all(|c| c.header.codec == Codec::Stored));
+    assert_eq!(read_all(&stored).unwrap(), read_all(&trace).unwrap());
+    assert_eq!(format::reseal(&stored), stored, "a valid stored trace is already sealed");
+}
+
+#[test]
+fn resealing_lets_damage_past_the_checksums_to_the_decoders() {
+    let (preamble, chunks) = format::split_chunks(&small_trace()).unwrap();
+    let stored = format::join_stored(&preamble, &chunks);
+    let footer = TraceView::open(&stored).unwrap().chunks().last().unwrap().offset as usize;
+    // The footer's first payload byte, then a stored length far past the end of the file.
+    let mut damaged = stored.clone();
+    damaged[footer + CHUNK_HEADER_LEN] ^= 0xFF;
+    assert!(matches!(read_error(&damaged), TraceError::ChunkPayloadChecksum { .. }));
+    let err = read_error(&format::reseal(&damaged));
+    assert!(!matches!(err, TraceError::ChunkPayloadChecksum { .. } | TraceError::ChunkHeaderChecksum { .. }), "{err}");
+
+    let mut cut = stored.clone();
+    cut[footer + 12..footer + 16].copy_from_slice(&u32::MAX.to_le_bytes());
+    let resealed = format::reseal(&cut);
+    let header = ChunkHeader::decode(resealed[footer..].first_chunk().unwrap(), footer as u64).unwrap();
+    assert_eq!(header.stored_len as usize, stored.len() - footer - CHUNK_HEADER_LEN, "cut to the bytes there are");
+    assert_eq!(resealed, stored);
+}
