@@ -8,6 +8,7 @@ mod bench_qemu;
 mod bench_trace;
 mod bench_wait;
 mod catalog_traces;
+mod fuzz_corpus;
 mod gate;
 mod ratios;
 mod scale;
@@ -52,6 +53,9 @@ enum Task {
     /// and the same work done in this process, as ratios measured in one run, with a correctness column. Prints a
     /// Markdown table for BENCHMARKS.md.
     BenchWait(bench_wait::Args),
+    /// Write the seed corpus of the cargo-fuzz targets (fuzz/README.md): recorded traces with every chunk stored,
+    /// the built-in profiles, catalog guest images; into fuzz/corpus/<target>/ unless --out says otherwise.
+    FuzzCorpus(fuzz_corpus::Args),
     /// The lab gates itself: record the catalog at small iteration counts (traces cached under
     /// target/virtlab-gate/traces) and check `budgets/catalog.toml` with `virtlab gate`, using the binary
     /// `cargo test --workspace` builds. Exits with the gate's status (6 over budget, 7 malformed budgets);
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Task::BenchQemu(args) => bench_qemu::run(&args),
         Task::BenchTrace(args) => bench_trace::run(&args),
         Task::BenchWait(args) => bench_wait::run(&args),
+        Task::FuzzCorpus(args) => fuzz_corpus::run(&args),
         Task::Gate(args) => gate::run(&args),
         Task::Ratios(args) => ratios::run(&args),
         Task::SynthTrace(args) => synth_trace::run(&args),
