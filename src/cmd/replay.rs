@@ -75,7 +75,9 @@ pub struct Args {
     /// backend and measured, and gives null for what it does not observe).
     #[arg(long)]
     json: bool,
-    /// Worker threads (default: one per core). Results do not depend on it.
+    /// Worker threads (default: one per core). Results do not depend on it. The invariant checker (`virtlab
+    /// check`'s rules) runs on them too, a chunk of events ahead of the engines: an engine replays only what it has
+    /// passed, and an invalid trace gives no results.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// How many guest addresses to list under top_sites.
@@ -156,14 +158,26 @@ pub fn check_and_prepare<'a>(view: TraceView<'a>, name: &str) -> anyhow::Result<
     Ok((trace, report))
 }
 
+/// Prepares a trace held in memory for the engines before the checker has read its events: the caller checks it
+/// as the engines replay it ([`virtlab_engines::check_and_replay_many`]). A block the engines cannot decode is
+/// refused here, by the checker's rule when the checker has one for it.
+fn prepare_before_checking<'a>(bytes: &'a [u8], name: &str) -> anyhow::Result<PreparedTrace<'a>> {
+    PreparedTrace::new(open_view(bytes, name)?).or_else(|error| {
+        check_and_prepare(open_view(bytes, name)?, name)?;
+        Err(anyhow::Error::new(error).context(format!("{name}: a block does not decode")))
+    })
+}
+
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let setup = setup(&args.engine, &args.profile, &args.settings)?;
     let bytes = super::read_file(&args.trace)?;
     let name = args.trace.display().to_string();
     let progress = super::spinner(&format!("replaying {name}"));
-    let trace = prepare(&bytes, &name)?;
+    let trace = prepare_before_checking(&bytes, &name)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.unwrap_or(0)).build()?;
-    let results = pool.install(|| virtlab_engines::replay_many(&trace, &setup.engines, &setup.profile, &setup.options));
+    let (results, _) = pool
+        .install(|| virtlab_engines::check_and_replay_many(&trace, &setup.engines, &setup.profile, &setup.options))
+        .with_context(|| format!("{name} is not a valid trace"))?;
     progress.finish_and_clear();
     let metadata = trace.view.metadata();
     let mut refused = false;

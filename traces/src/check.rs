@@ -152,22 +152,58 @@ pub fn check_with_progress(input: impl Read, mut progress: impl FnMut(u64)) -> R
 /// already refused what its opening reads (the container, every chunk but the events, the footer), so a trace
 /// broken in several places can report another first problem than the streaming checker does.
 ///
-/// One decoding pass over the events, on the view a replay goes on to use: `virtlab replay` and `virtlab sweep`
-/// check this way, so that nothing decodes a trace twice before replaying it.
+/// One decoding pass over the events, on the view a replay goes on to use, so that nothing decodes a trace twice
+/// before replaying it. [`ViewChecker`] makes the same pass a chunk at a time.
 pub fn check_view(view: &TraceView<'_>) -> Result<CheckReport, CheckError> {
-    check_image(view.image(), view.header())?;
-    let mut pass = Pass::default();
-    let mut scratch = DecodeScratch::default();
-    for index in 0..view.event_chunk_count() {
-        let (info, blocks_defined) = view.event_chunk(index);
-        pass.define_blocks(view.blocks(), blocks_defined)?;
-        let mut rules = pass.rules(info.offset);
-        let checked = view.visit_chunk(index, &mut scratch, &mut rules);
-        pass.state = rules.state;
-        checked?;
+    ViewChecker::new(view)?.finish()
+}
+
+/// [`check_view`] one events chunk at a time, so that a consumer can go on with each chunk as soon as it has
+/// passed: `virtlab replay` replays a chunk while the checker reads the next (`virtlab_engines::
+/// check_and_replay_many`). Every chunk passing is not the verdict: [`ViewChecker::finish`] still recounts the
+/// totals. After an error the checker has nothing more to say; drop it.
+pub struct ViewChecker<'v, 'a> {
+    view: &'v TraceView<'a>,
+    pass: Pass,
+    scratch: DecodeScratch,
+    next_chunk: usize,
+}
+
+impl<'v, 'a> ViewChecker<'v, 'a> {
+    /// Checks what comes before the events (the image).
+    pub fn new(view: &'v TraceView<'a>) -> Result<ViewChecker<'v, 'a>, CheckError> {
+        check_image(view.image(), view.header())?;
+        Ok(ViewChecker { view, pass: Pass::default(), scratch: DecodeScratch::default(), next_chunk: 0 })
     }
-    pass.define_blocks(view.blocks(), view.blocks().len())?;
-    pass.finish(view.header(), view.footer(), view.chunks().len(), view.file_len())
+
+    /// Events chunks checked so far: the first `chunks_checked()` chunks obey every per-event rule.
+    pub fn chunks_checked(&self) -> usize {
+        self.next_chunk
+    }
+
+    /// Checks the next events chunk (and the blocks defined before it); false once there is none left.
+    pub fn check_next_chunk(&mut self) -> Result<bool, CheckError> {
+        let index = self.next_chunk;
+        if index == self.view.event_chunk_count() {
+            return Ok(false);
+        }
+        let (info, blocks_defined) = self.view.event_chunk(index);
+        self.pass.define_blocks(self.view.blocks(), blocks_defined)?;
+        let mut rules = self.pass.rules(info.offset);
+        let checked = self.view.visit_chunk(index, &mut self.scratch, &mut rules);
+        self.pass.state = rules.state;
+        checked?;
+        self.next_chunk += 1;
+        Ok(true)
+    }
+
+    /// Checks the chunks not yet checked, the blocks no event named, and the totals: the verdict.
+    pub fn finish(mut self) -> Result<CheckReport, CheckError> {
+        while self.check_next_chunk()? {}
+        let view = self.view;
+        self.pass.define_blocks(view.blocks(), view.blocks().len())?;
+        self.pass.finish(view.header(), view.footer(), view.chunks().len(), view.file_len())
+    }
 }
 
 fn violation(rule: Rule, site: Site, message: String) -> CheckError {

@@ -1,10 +1,11 @@
 //! `cargo xtask bench-wait`: what a user waits for. The release `virtlab` binary's own commands (`record`,
-//! `check`, `replay --engine X` for each modelled engine, `replay` of all seven, `sweep`), timed from start to
-//! exit as a user runs them on large catalog traces, each beside what it cannot do without: reading the file, and
-//! the work itself done in this process on the same bytes (decoding every event for `check`; the engine's own
-//! replay, on one thread, for `replay --engine X`; the seven engines on the command's threads for the others).
-//! The ratio of the two is the overhead a user waits for beyond reading the trace and replaying it: process
-//! start, opening, checking and preparing the trace, printing. Everything in one run, best of `--repeat` each.
+//! `check`, `replay --engine X` for each modelled engine, as a user runs it and held to one thread, `replay` of all
+//! seven, `sweep`), timed from start to exit as a user runs them on large catalog traces, each beside what it
+//! cannot do without: reading the file, and the work itself done in this process on the same bytes (decoding every
+//! event for `check`; the engine's own replay, on one thread, for `replay --engine X`; the seven engines on the
+//! command's threads for the others). The ratio of the two is the overhead a user waits for beyond reading the
+//! trace and replaying it: process start, opening, checking and preparing the trace, printing. Everything in one
+//! run, best of `--repeat` each.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,26 +145,23 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
         for engine in &engines {
             let (own, _) = fastest(args.repeat, || Ok(one.install(|| engine.replay(&trace, &profile, &options))?))?;
-            let command = strings(&[
-                "replay",
-                &file,
-                "--engine",
-                engine.name(),
-                "--set",
-                "bt.lmsle=true",
-                "--threads",
-                "1",
-                "--json",
-            ]);
-            let (wall, stdout) = timed(args.repeat, &virtlab, &out, &command)?;
-            let counted = replay_counted(&stdout, 1, instructions)?;
-            row(
-                &format!("virtlab replay {file} --engine {} --threads 1", engine.name()),
-                wall,
-                &format!("{} replaying, 1 thread", engine.name()),
-                own,
-                if counted { "yes (every instruction counted)" } else { "NO" },
-            );
+            // As a user runs it (one thread per core: the checker reads ahead of the engine on another) and
+            // held to one thread (the checker and the engine take turns).
+            for threads in [None, Some("1")] {
+                let mut command =
+                    strings(&["replay", &file, "--engine", engine.name(), "--set", "bt.lmsle=true", "--json"]);
+                command.extend(threads.map(|n| ["--threads".to_string(), n.to_string()]).into_iter().flatten());
+                let (wall, stdout) = timed(args.repeat, &virtlab, &out, &command)?;
+                let counted = replay_counted(&stdout, 1, instructions)?;
+                let shown = threads.map(|n| format!(" --threads {n}")).unwrap_or_default();
+                row(
+                    &format!("virtlab replay {file} --engine {}{shown}", engine.name()),
+                    wall,
+                    &format!("{} replaying, 1 thread", engine.name()),
+                    own,
+                    if counted { "yes (every instruction counted)" } else { "NO" },
+                );
+            }
         }
 
         let (own, _) = fastest(args.repeat, || {

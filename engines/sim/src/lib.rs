@@ -35,7 +35,10 @@ pub use profile::{Profile, ProfileError, Provenance};
 pub use protection::{Guard, GuestWidth, KernelPlacement, Protection};
 pub use trace::PreparedTrace;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+use virtlab_traces::{CheckError, CheckReport, ViewChecker};
 
 type Outcome = Result<Metrics, EngineError>;
 
@@ -44,22 +47,90 @@ type Outcome = Result<Metrics, EngineError>;
 /// a chunk moves on to the engine that has waited longest. The engines advance round-robin across the threads and
 /// the threads finish within about one chunk of each other, even when seven engines do not divide evenly between
 /// two threads. Results come back in the order of `engines` and do not depend on the number of threads.
+///
+/// The trace must have passed the invariant checker; [`check_and_replay_many`] is for one that has not.
 pub fn replay_many(
     trace: &PreparedTrace,
     engines: &[Box<dyn Engine>],
     profile: &Profile,
     options: &Options,
 ) -> Vec<Outcome> {
-    let chunks = trace.view.event_chunk_count();
+    let slots: Vec<Mutex<Option<Outcome>>> = engines.iter().map(|_| Mutex::new(None)).collect();
+    rayon::scope_fifo(|scope| spawn_engines(scope, trace, engines, profile, options, &slots, None));
+    collect(slots)
+}
+
+/// [`replay_many`] on a trace the invariant checker has not yet passed. The checker goes through the events chunks
+/// as one more chain of tasks in the same pool, ahead of the engines: an engine replays a chunk only once the checker
+/// has passed it, so no engine sees an event the checker has not accepted, and on two threads or more the checking
+/// overlaps the replays instead of coming before them. On one thread the checker and the engines take turns chunk
+/// by chunk, which costs what checking first costs. The engines' results come back only for a trace the checker
+/// accepts whole, its recounted totals included; otherwise the checker's error, and no engine goes past the chunk
+/// where it was found.
+pub fn check_and_replay_many(
+    trace: &PreparedTrace,
+    engines: &[Box<dyn Engine>],
+    profile: &Profile,
+    options: &Options,
+) -> Result<(Vec<Outcome>, CheckReport), CheckError> {
+    let checker = ViewChecker::new(&trace.view)?;
+    let gate = CheckGate { checked: AtomicUsize::new(0), failed: AtomicBool::new(false) };
+    let verdict = Mutex::new(None);
     let slots: Vec<Mutex<Option<Outcome>>> = engines.iter().map(|_| Mutex::new(None)).collect();
     rayon::scope_fifo(|scope| {
-        for (engine, slot) in engines.iter().zip(&slots) {
-            scope.spawn_fifo(move |scope| match engine.start(trace, profile, options) {
-                Ok(run) => step(scope, run, 0, chunks, slot),
-                Err(error) => deliver(slot, Err(error)),
-            });
-        }
+        let (gate, verdict) = (&gate, &verdict);
+        scope.spawn_fifo(move |scope| check_step(scope, checker, gate, verdict));
+        spawn_engines(scope, trace, engines, profile, options, &slots, Some(gate));
     });
+    let report = verdict.into_inner().expect("no task panicked").expect("the checker delivered")?;
+    Ok((collect(slots), report))
+}
+
+/// How far the checker has come: engines wait for it.
+struct CheckGate {
+    /// Events chunks the checker has passed.
+    checked: AtomicUsize,
+    /// The checker found a violation: the engines stop.
+    failed: AtomicBool,
+}
+
+fn check_step<'s>(
+    scope: &rayon::ScopeFifo<'s>,
+    mut checker: ViewChecker<'s, '_>,
+    gate: &'s CheckGate,
+    verdict: &'s Mutex<Option<Result<CheckReport, CheckError>>>,
+) {
+    let outcome = match checker.check_next_chunk() {
+        Ok(true) => {
+            gate.checked.store(checker.chunks_checked(), Ordering::Release);
+            return scope.spawn_fifo(move |scope| check_step(scope, checker, gate, verdict));
+        }
+        Ok(false) => checker.finish(),
+        Err(error) => Err(error),
+    };
+    gate.failed.store(outcome.is_err(), Ordering::Release);
+    *verdict.lock().expect("no task panicked") = Some(outcome);
+}
+
+fn spawn_engines<'s>(
+    scope: &rayon::ScopeFifo<'s>,
+    trace: &'s PreparedTrace,
+    engines: &'s [Box<dyn Engine>],
+    profile: &'s Profile,
+    options: &'s Options,
+    slots: &'s [Mutex<Option<Outcome>>],
+    gate: Option<&'s CheckGate>,
+) {
+    let chunks = trace.view.event_chunk_count();
+    for (engine, slot) in engines.iter().zip(slots) {
+        scope.spawn_fifo(move |scope| match engine.start(trace, profile, options) {
+            Ok(run) => step(scope, run, 0, chunks, slot, gate),
+            Err(error) => deliver(slot, Err(error)),
+        });
+    }
+}
+
+fn collect(slots: Vec<Mutex<Option<Outcome>>>) -> Vec<Outcome> {
     slots
         .into_iter()
         .map(|slot| slot.into_inner().expect("no task panicked").expect("every engine delivered"))
@@ -76,12 +147,24 @@ fn step<'s>(
     chunk: usize,
     chunks: usize,
     slot: &'s Mutex<Option<Outcome>>,
+    gate: Option<&'s CheckGate>,
 ) {
     if chunk == chunks {
         return deliver(slot, run.finish());
     }
+    if let Some(checker) = gate {
+        if checker.failed.load(Ordering::Acquire) {
+            return;
+        }
+        if checker.checked.load(Ordering::Acquire) <= chunk {
+            // Ahead of the checker: run some other pending task (the checker's next chunk, wherever it waits) and
+            // come back later, at the back of the queue. On one thread the checker's task is ahead in the queue.
+            let _ = rayon::yield_now();
+            return scope.spawn_fifo(move |scope| step(scope, run, chunk, chunks, slot, gate));
+        }
+    }
     match run.feed(chunk) {
-        Ok(()) => scope.spawn_fifo(move |scope| step(scope, run, chunk + 1, chunks, slot)),
+        Ok(()) => scope.spawn_fifo(move |scope| step(scope, run, chunk + 1, chunks, slot, gate)),
         Err(error) => deliver(slot, Err(error)),
     }
 }
