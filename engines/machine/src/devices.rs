@@ -384,24 +384,25 @@ impl Devices {
 
     /// IN of `bytes` (1, 2 or 4) from `port`. Ports with no device read as all ones, like QEMU.
     pub fn port_in(&mut self, port: u16, bytes: u32, now: u64) -> u32 {
-        let all_ones = (crate::alu::mask(bytes)) as u32;
-        if bytes != 1 {
-            // Every modelled device is byte-wide; wider accesses are split as an ISA bus would.
-            let mut value = 0u32;
-            for i in 0..bytes {
-                value |= self.port_in(port.wrapping_add(i as u16), 1, now) << (8 * i);
-            }
-            return value;
+        // Every modelled device is byte-wide; wider accesses are split as an ISA bus would.
+        let mut value = 0u32;
+        for i in 0..bytes {
+            value |= u32::from(self.byte_in(port.wrapping_add(i as u16), now)) << (8 * i);
         }
+        value
+    }
+
+    #[inline]
+    fn byte_in(&mut self, port: u16, now: u64) -> u8 {
         match port {
-            PIC_MASTER_COMMAND => self.pic.master.read_command() as u32,
-            PIC_MASTER_DATA => self.pic.master.mask as u32,
-            PIC_SLAVE_COMMAND => self.pic.slave.read_command() as u32,
-            PIC_SLAVE_DATA => self.pic.slave.mask as u32,
-            PIT_CHANNEL0..=PIT_CHANNEL2 => self.pit.read_data((port - PIT_CHANNEL0) as usize, now) as u32,
-            COM1_BASE..=COM1_LAST => self.serial.read(port - COM1_BASE) as u32,
+            PIC_MASTER_COMMAND => self.pic.master.read_command(),
+            PIC_MASTER_DATA => self.pic.master.mask,
+            PIC_SLAVE_COMMAND => self.pic.slave.read_command(),
+            PIC_SLAVE_DATA => self.pic.slave.mask,
+            PIT_CHANNEL0..=PIT_CHANNEL2 => self.pit.read_data((port - PIT_CHANNEL0) as usize, now),
+            COM1_BASE..=COM1_LAST => self.serial.read(port - COM1_BASE),
             DEBUG_EXIT_PORT => 0,
-            _ => all_ones,
+            _ => 0xFF,
         }
     }
 
@@ -410,14 +411,18 @@ impl Devices {
             self.exit_request.get_or_insert(value & crate::alu::mask(bytes) as u32);
             return;
         }
-        if bytes != 1 {
-            for i in 0..bytes {
-                self.port_out(port.wrapping_add(i as u16), 1, value >> (8 * i), now);
-            }
-            return;
+        // Split into bytes as `port_in` does, in a loop: a recursive call per byte cost more than the devices.
+        for i in 0..bytes {
+            self.byte_out(port.wrapping_add(i as u16), (value >> (8 * i)) as u8, now);
         }
-        let byte = value as u8;
+    }
+
+    #[inline]
+    fn byte_out(&mut self, port: u16, byte: u8, now: u64) {
         match port {
+            DEBUG_EXIT_PORT => {
+                self.exit_request.get_or_insert(u32::from(byte));
+            }
             PIC_MASTER_COMMAND => self.pic.master.write_command(byte),
             PIC_MASTER_DATA => self.pic.master.write_data(byte),
             PIC_SLAVE_COMMAND => self.pic.slave.write_command(byte),
