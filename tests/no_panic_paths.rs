@@ -8,6 +8,7 @@ const PARSERS: &[&str] = &[
     "engines/sim/src/profile.rs",
     "engines/kvm/src/stats.rs",
     "reports/src/table.rs",
+    "reports/src/parquet_bounds.rs",
     "reports/src/csv.rs",
     "reports/src/gate/budgets.rs",
     "reports/src/gate/check.rs",

@@ -13,6 +13,7 @@ mod error;
 pub mod flatten;
 pub mod gate;
 mod index;
+mod parquet_bounds;
 mod report;
 pub mod table;
 

@@ -338,6 +338,11 @@ fn read_parquet(path: &Path, expected_rows: u64, expected_digest: Option<&str>) 
             ));
         }
     }
+    // Polars sizes its buffers from the file's numbers, and a failed allocation aborts the process: numbers no
+    // file of this size and row count needs are refused first.
+    crate::parquet_bounds::check(&bytes, expected_rows).map_err(|problem| {
+        Error::invalid(path, format!("damaged: {problem}"), "the file `virtlab sweep` wrote (run the sweep again)")
+    })?;
     // Polars' Parquet decoder asserts on some damaged files (a dictionary page whose length disagrees with its
     // header, for one) instead of returning an error: a damaged results file must be an error naming it.
     let reader = ParquetReader::new(std::io::Cursor::new(bytes));

@@ -338,3 +338,14 @@ fn markdown_gives_the_same_tables_on_the_terminal() {
     assert!(md.contains("| cpuid | bt | sandybridge-2011 | bt: no thanks |"));
     assert!(!md.contains(".png") && !md.contains("Generated"));
 }
+
+#[test]
+fn a_page_count_that_would_make_polars_allocate_without_bound_is_refused_by_name() {
+    // A sweep's directory damaged by tests/mutations.rs (a long run's mutation 19,495: bit 0 of byte 541 of
+    // sites.parquet flipped, the manifest's digest re-sealed to match): a data page header whose value count reads
+    // -247. Handed to polars 0.55, it asked for 2,305,843,009,213,693,896 bytes and the process aborted.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/crafted-page-count");
+    let error = table::read_results(&dir).unwrap_err().to_string();
+    assert!(error.contains("sites.parquet: damaged"), "{error}");
+    assert!(error.contains("the page header at byte 533's field 5.1 holds -247"), "{error}");
+}
