@@ -203,14 +203,15 @@ fn bad_results_are_refused_by_file_and_leave_no_report() {
         error.contains("results.parquet: its BLAKE3 digest is ") && error.contains("where manifest.json says"),
         "{error}"
     );
-    // Results written before the manifest recorded digests are read without them: polars sees the damage.
+    // Results written before the manifest recorded digests are read without them: the file's structure is checked
+    // before polars reads it.
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let mut manifest = manifest.as_object().unwrap().clone();
     assert!(manifest.remove("blake3").is_some(), "the manifest records the digests");
     std::fs::write(dir.join("manifest.json"), serde_json::Value::Object(manifest).to_string()).unwrap();
     let error = report_error(&dir, &out);
-    assert!(error.contains("results.parquet: not a readable Parquet file"), "{error}");
+    assert!(error.contains("results.parquet: damaged: not a Parquet file (no PAR1 at both ends)"), "{error}");
 
     written_sweep(&dir);
     let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
