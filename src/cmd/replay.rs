@@ -162,10 +162,11 @@ pub fn check_and_prepare<'a>(view: TraceView<'a>, name: &str) -> anyhow::Result<
 /// as the engines replay it ([`virtlab_engines::check_and_replay_many`]). A block the engines cannot decode is
 /// refused here, by the checker's rule when the checker has one for it.
 fn prepare_before_checking<'a>(bytes: &'a [u8], name: &str) -> anyhow::Result<PreparedTrace<'a>> {
-    PreparedTrace::new(open_view(bytes, name)?).or_else(|error| {
-        check_and_prepare(open_view(bytes, name)?, name)?;
-        Err(anyhow::Error::new(error).context(format!("{name}: a block does not decode")))
-    })
+    match PreparedTrace::new(open_view(bytes, name)?) {
+        Ok(trace) => Ok(trace),
+        // Checking first names the block's problem by the checker's rule, where it has one.
+        Err(_) => Ok(check_and_prepare(open_view(bytes, name)?, name)?.0),
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
