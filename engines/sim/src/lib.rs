@@ -159,7 +159,10 @@ fn step<'s>(
         if checker.checked.load(Ordering::Acquire) <= chunk {
             // Ahead of the checker: run some other pending task (the checker's next chunk, wherever it waits) and
             // come back later, at the back of the queue. On one thread the checker's task is ahead in the queue.
-            let _ = rayon::yield_now();
+            // With nothing pending (the checker is running on another thread), give the core away rather than spin.
+            if let Some(rayon::Yield::Idle) = rayon::yield_now() {
+                std::thread::yield_now();
+            }
             return scope.spawn_fifo(move |scope| step(scope, run, chunk, chunks, slot, gate));
         }
     }
