@@ -76,8 +76,9 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Worker threads (default: one per core). Results do not depend on it. The invariant checker (`virtlab
-    /// check`'s rules) runs on them too, a chunk of events ahead of the engines: an engine replays only what it has
-    /// passed, and an invalid trace gives no results.
+    /// check`'s rules) runs on them too, a chunk of events ahead of the engines (with one thread, in the same
+    /// decoding pass as the first engine): an engine replays only what it has passed, and an invalid trace gives no
+    /// results.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// How many guest addresses to list under top_sites.

@@ -183,16 +183,25 @@ impl<'v, 'a> ViewChecker<'v, 'a> {
 
     /// Checks the next events chunk (and the blocks defined before it); false once there is none left.
     pub fn check_next_chunk(&mut self) -> Result<bool, CheckError> {
+        self.check_next_chunk_into(&mut Unconsumed)
+    }
+
+    /// [`ViewChecker::check_next_chunk`], handing `consumer` every event of the chunk once it has passed the
+    /// rules, in order, from the same decoding pass: a consumer fused with the checker this way never sees an event
+    /// the rules refused, and the chunk is decoded once for both. When the chunk fails, `consumer` has seen the
+    /// events before the one that broke a rule; whatever it made of them must be dropped with the error.
+    #[inline]
+    pub fn check_next_chunk_into(&mut self, consumer: &mut impl CheckedEvents) -> Result<bool, CheckError> {
         let index = self.next_chunk;
         if index == self.view.event_chunk_count() {
             return Ok(false);
         }
         let (info, blocks_defined) = self.view.event_chunk(index);
         self.pass.define_blocks(self.view.blocks(), blocks_defined)?;
-        let mut rules = self.pass.rules(info.offset);
-        let checked = self.view.visit_chunk(index, &mut self.scratch, &mut rules);
-        self.pass.state = rules.state;
-        checked?;
+        let mut checked = Checked { rules: self.pass.rules(info.offset), consumer };
+        let outcome = self.view.visit_chunk(index, &mut self.scratch, &mut checked);
+        self.pass.state = checked.rules.state;
+        outcome?;
         self.next_chunk += 1;
         Ok(true)
     }
@@ -484,6 +493,52 @@ impl Visit for ChunkRules<'_> {
             }
         }
         self.count(event.kind());
+        Ok(())
+    }
+}
+
+/// What takes the events of a trace from the checker's own pass ([`ViewChecker::check_next_chunk_into`]), each
+/// once it has passed the rules.
+pub trait CheckedEvents {
+    /// A full execution of block `id` named by the chunk's block dictionary: the bulk of every trace, apart so
+    /// that the loop's common path stays short. Inline it.
+    fn block(&mut self, id: BlockId);
+    /// Any other event, full block executions named the long way included. Keep large work out of line: it
+    /// shares the loop with the rules, whose state should stay in registers.
+    fn event(&mut self, event: Event);
+}
+
+/// The checker alone.
+struct Unconsumed;
+
+impl CheckedEvents for Unconsumed {
+    #[inline(always)]
+    fn block(&mut self, _: BlockId) {}
+    #[inline(always)]
+    fn event(&mut self, _: Event) {}
+}
+
+/// The rules over one events chunk, then the consumer of each event that passed them.
+struct Checked<'p, 'c, C> {
+    rules: ChunkRules<'p>,
+    consumer: &'c mut C,
+}
+
+impl<C: CheckedEvents> Visit for Checked<'_, '_, C> {
+    type Error = CheckError;
+    const BLOCKS_APART: bool = true;
+
+    #[inline(always)]
+    fn block(&mut self, id: BlockId) -> Result<(), CheckError> {
+        self.rules.block(id)?;
+        self.consumer.block(id);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn event(&mut self, event: Event) -> Result<(), CheckError> {
+        self.rules.event(event)?;
+        self.consumer.event(event);
         Ok(())
     }
 }

@@ -52,7 +52,8 @@ mod writer;
 
 pub use blocks::BlockTable;
 pub use check::{
-    check, check_view, check_with_progress, CheckError, CheckReport, Rule, Site, ViewChecker, Violation, RULES_REVISION,
+    check, check_view, check_with_progress, CheckError, CheckReport, CheckedEvents, Rule, Site, ViewChecker, Violation,
+    RULES_REVISION,
 };
 pub use codec::{BlockShape, Header};
 pub use error::{TraceError, WriteError};

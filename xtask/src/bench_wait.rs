@@ -146,7 +146,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         for engine in &engines {
             let (own, _) = fastest(args.repeat, || Ok(one.install(|| engine.replay(&trace, &profile, &options))?))?;
             // As a user runs it (one thread per core: the checker reads ahead of the engine on another) and
-            // held to one thread (the checker and the engine take turns).
+            // held to one thread (the checker fused with the engine: one decoding pass).
             for threads in [None, Some("1")] {
                 let mut command =
                     strings(&["replay", &file, "--engine", engine.name(), "--set", "bt.lmsle=true", "--json"]);

@@ -1,6 +1,6 @@
 //! The engine interface, the engine options and the registry of engines.
 
-use virtlab_traces::TraceError;
+use virtlab_traces::{CheckError, TraceError, ViewChecker};
 
 use crate::metrics::Metrics;
 use crate::profile::Profile;
@@ -46,6 +46,10 @@ pub trait Engine: Send + Sync {
 pub trait Run: Send {
     /// Replay events chunk `chunk`; chunks must come in order, each once.
     fn feed(&mut self, chunk: usize) -> Result<(), EngineError>;
+    /// Replay the events chunk `checker` checks next, in the checker's own decoding pass: each event once it has
+    /// passed the rules ([`ViewChecker::check_next_chunk_into`]). The chunk must be the one this run would
+    /// be fed next. False once there are no chunks left; after an error the run must be dropped.
+    fn feed_checked(&mut self, checker: &mut ViewChecker) -> Result<bool, CheckError>;
     /// The results, after the last chunk.
     fn finish(self: Box<Self>) -> Result<Metrics, EngineError>;
 }

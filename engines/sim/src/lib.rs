@@ -60,13 +60,15 @@ pub fn replay_many(
     collect(slots)
 }
 
-/// [`replay_many`] on a trace the invariant checker has not yet passed. The checker goes through the events chunks
-/// as one more chain of tasks in the same pool, ahead of the engines: an engine replays a chunk only once the checker
-/// has passed it, so no engine sees an event the checker has not accepted, and on two threads or more the checking
-/// overlaps the replays instead of coming before them. On one thread the checker and the engines take turns chunk
-/// by chunk, which costs what checking first costs. The engines' results come back only for a trace the checker
-/// accepts whole, its recounted totals included; otherwise the checker's error, and no engine goes past the chunk
-/// where it was found.
+/// [`replay_many`] on a trace the invariant checker has not yet passed. No engine sees an event the checker has not
+/// accepted, and the engines' results come back only for a trace the checker accepts whole, its recounted totals
+/// included; otherwise the checker's error, and no engine goes past the chunk where it was found.
+///
+/// On two threads or more the checker goes through the events chunks as one more chain of tasks in the same pool,
+/// ahead of the engines: an engine replays a chunk only once the checker has passed it, so the checking overlaps
+/// the replays instead of coming before them. On one thread there is nothing to overlap with, so the checker is
+/// fused with the first engine that starts: one decoding pass over each chunk runs the rules on every event and
+/// hands it on to that engine (the other engines, if any, follow chunk by chunk).
 pub fn check_and_replay_many(
     trace: &PreparedTrace,
     engines: &[Box<dyn Engine>],
@@ -74,6 +76,9 @@ pub fn check_and_replay_many(
     options: &Options,
 ) -> Result<(Vec<Outcome>, CheckReport), CheckError> {
     let checker = ViewChecker::new(&trace.view)?;
+    if rayon::current_num_threads() == 1 {
+        return check_fused(checker, trace, engines, profile, options);
+    }
     let gate = CheckGate { checked: AtomicUsize::new(0), failed: AtomicBool::new(false) };
     let verdict = Mutex::new(None);
     let slots: Vec<Mutex<Option<Outcome>>> = engines.iter().map(|_| Mutex::new(None)).collect();
@@ -84,6 +89,41 @@ pub fn check_and_replay_many(
     });
     let report = verdict.into_inner().expect("no task panicked").expect("the checker delivered")?;
     Ok((collect(slots), report))
+}
+
+/// [`check_and_replay_many`] on one thread: the checker's pass carries the first engine that started.
+fn check_fused(
+    mut checker: ViewChecker,
+    trace: &PreparedTrace,
+    engines: &[Box<dyn Engine>],
+    profile: &Profile,
+    options: &Options,
+) -> Result<(Vec<Outcome>, CheckReport), CheckError> {
+    let mut runs: Vec<Result<Box<dyn Run>, EngineError>> =
+        engines.iter().map(|engine| engine.start(trace, profile, options)).collect();
+    let carrier = runs.iter().position(Result::is_ok);
+    loop {
+        let chunk = checker.chunks_checked();
+        let more = match carrier.and_then(|index| runs[index].as_mut().ok()) {
+            Some(run) => run.feed_checked(&mut checker)?,
+            None => checker.check_next_chunk()?,
+        };
+        if !more {
+            break;
+        }
+        for (index, slot) in runs.iter_mut().enumerate() {
+            if Some(index) == carrier {
+                continue;
+            }
+            if let Ok(run) = slot {
+                if let Err(error) = run.feed(chunk) {
+                    *slot = Err(error);
+                }
+            }
+        }
+    }
+    let report = checker.finish()?;
+    Ok((runs.into_iter().map(|run| run.and_then(|run| run.finish())).collect(), report))
 }
 
 /// How far the checker has come: engines wait for it.

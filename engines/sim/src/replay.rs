@@ -3,7 +3,7 @@
 //! the engine's strategy table, and carries out the disposition: the mechanism's charges from the profile
 //! ([`crate::mechanism`]) and the actions on the monitor's state.
 
-use virtlab_traces::{Context, DecodeScratch, Event, PagingMode};
+use virtlab_traces::{BlockId, CheckError, CheckedEvents, Context, DecodeScratch, Event, PagingMode, ViewChecker};
 
 use crate::classify::RepString;
 use crate::engine::{EngineError, Run};
@@ -167,22 +167,67 @@ impl<'t, 'a> Session<'t, 'a> {
     }
 }
 
+impl<'t, 'a> Session<'t, 'a> {
+    /// What the session does with each event, and the decoder's buffers for the chunks it decodes itself.
+    #[inline(always)]
+    fn consumer(&mut self) -> (Consumer<'_, 't, 'a>, &mut DecodeScratch) {
+        let Session { replay, table, plans, monitor, kernel_code, scratch } = self;
+        (Consumer { r: replay, table, plans, monitor, kernel_code }, scratch)
+    }
+}
+
+/// A session's state as its event loop takes it apart: whichever loop decodes the events (the session's own, or
+/// the checker's) calls into this.
+struct Consumer<'s, 't, 'a> {
+    r: &'s mut Replay<'t, 'a>,
+    table: &'s Table,
+    plans: &'s mut Plans,
+    monitor: &'s mut Monitor,
+    kernel_code: &'s mut Option<Box<dyn KernelCode + 't>>,
+}
+
+impl Consumer<'_, '_, '_> {
+    #[inline(always)]
+    fn full_block(&mut self, block: usize) {
+        let executed = self.r.trace.facts[block].instructions;
+        block_execution(self.r, self.plans, self.monitor, self.kernel_code, block, executed, true);
+    }
+
+    #[inline(always)]
+    fn take(&mut self, event: Event) {
+        match event {
+            Event::Block(id) => self.full_block(id.index()),
+            Event::PartialBlock { block, executed } => {
+                block_execution(self.r, self.plans, self.monitor, self.kernel_code, block.index(), executed, false)
+            }
+            other => event_of(self.r, self.table, self.monitor, self.kernel_code, &other),
+        }
+    }
+}
+
+impl CheckedEvents for Consumer<'_, '_, '_> {
+    #[inline(always)]
+    fn block(&mut self, id: BlockId) {
+        self.full_block(id.index());
+    }
+
+    // Out of line: the loop it shares with the checker's rules keeps their state in registers.
+    #[inline(never)]
+    fn event(&mut self, event: Event) {
+        self.take(event);
+    }
+}
+
 impl Run for Session<'_, '_> {
     fn feed(&mut self, chunk: usize) -> Result<(), EngineError> {
-        let Session { replay: r, table, plans, monitor, kernel_code, scratch } = self;
-        let trace = r.trace;
-        trace.view.for_each_event_in_chunk(chunk, scratch, |event| match event {
-            Event::Block(id) => {
-                let block = id.index();
-                let executed = r.trace.facts[block].instructions;
-                block_execution(r, plans, monitor, kernel_code, block, executed, true);
-            }
-            Event::PartialBlock { block, executed } => {
-                block_execution(r, plans, monitor, kernel_code, block.index(), executed, false)
-            }
-            other => event_of(r, table, monitor, kernel_code, &other),
-        })?;
+        let view = &self.replay.trace.view;
+        let (mut consumer, scratch) = self.consumer();
+        view.for_each_event_in_chunk(chunk, scratch, move |event| consumer.take(event))?;
         Ok(())
+    }
+
+    fn feed_checked(&mut self, checker: &mut ViewChecker) -> Result<bool, CheckError> {
+        checker.check_next_chunk_into(&mut self.consumer().0)
     }
 
     fn finish(mut self: Box<Self>) -> Result<Metrics, EngineError> {

@@ -86,3 +86,37 @@ fn a_trace_whose_totals_do_not_add_up_gives_the_checkers_error() {
         assert_eq!(checked(&bytes, threads).unwrap_err().to_string(), expected, "{threads} threads");
     }
 }
+
+/// On one thread the checker runs fused with the first engine that starts. When that is not the first engine (bt
+/// refuses a 64-bit guest without `bt.lmsle`), the next one carries it, and the refusal still comes back in its
+/// place; with no engine started at all, the checker runs alone.
+#[test]
+fn an_engine_that_cannot_start_leaves_the_checking_to_the_next() {
+    let bytes = trace_bytes();
+    let trace = PreparedTrace::new(TraceView::open(&bytes).unwrap()).unwrap();
+    let profile = Profile::load("p4-2006").unwrap();
+    let by_name = |names: &[&str]| -> Vec<_> { names.iter().map(|n| engine::by_name(n).unwrap()).collect() };
+    let engines = by_name(&["bt", "hw-ept", "native"]);
+    let options = Options::default();
+    let outcomes = |threads: usize| {
+        let (outcomes, report) =
+            pool(threads).install(|| check_and_replay_many(&trace, &engines, &profile, &options)).unwrap();
+        assert_eq!(report, check_view(&trace.view).unwrap());
+        outcomes
+    };
+    let (fused, pipelined) = (outcomes(1), outcomes(2));
+    let refusal =
+        |outcome: &Result<Metrics, virtlab_engines::EngineError>| outcome.as_ref().map(|_| ()).unwrap_err().to_string();
+    assert_eq!(refusal(&fused[0]), virtlab_engines::NEEDS_LMSLE);
+    assert_eq!(refusal(&pipelined[0]), virtlab_engines::NEEDS_LMSLE);
+    for (one, two) in fused[1..].iter().zip(&pipelined[1..]) {
+        let (one, two) = (one.as_ref().unwrap(), two.as_ref().unwrap());
+        assert_eq!(one, two);
+        assert_eq!(one.instructions(), trace.view.footer().totals.instructions);
+    }
+
+    let none = by_name(&["bt"]);
+    let (outcomes, report) = pool(1).install(|| check_and_replay_many(&trace, &none, &profile, &options)).unwrap();
+    assert_eq!(report, check_view(&trace.view).unwrap());
+    assert_eq!(refusal(&outcomes[0]), virtlab_engines::NEEDS_LMSLE);
+}
