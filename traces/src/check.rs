@@ -231,9 +231,8 @@ struct BlockRules {
 /// have counted, and the state that changes with every event.
 #[derive(Default)]
 struct Pass {
-    /// Every block checked so far, by id; `shapes` repeats their shapes.
+    /// Every block checked so far, by id (`counts.blocks` has the same ids).
     blocks: Vec<BlockRules>,
-    shapes: Vec<BlockShape>,
     counts: Counts,
     state: RuleState,
 }
@@ -242,8 +241,8 @@ struct Pass {
 /// block's count in the current mode; the instructions it retired are multiplied out once, by [`Counts::totals`].
 #[derive(Default)]
 struct Counts {
-    /// Full executions of block `id` in kernel mode at `2 * id`, in user mode at `2 * id + 1`.
-    runs: Vec<u64>,
+    /// Every block checked so far, by id, with its full executions.
+    blocks: Vec<BlockCount>,
     /// Events of every kind but full block executions.
     others: [u64; EventKind::COUNT],
     /// Instructions retired by partial block executions: [kernel, user].
@@ -253,6 +252,14 @@ struct Counts {
     moved: [u64; 2],
     /// Paging modes the contexts showed, and code modes of partial executions.
     modes: GuestModes,
+}
+
+/// What a full block execution reads and writes of its block, side by side: one bounds check and one cache line.
+#[derive(Clone, Copy)]
+struct BlockCount {
+    shape: BlockShape,
+    /// Full executions: [in kernel mode, in user mode].
+    runs: [u64; 2],
 }
 
 /// What changes with every event. `Copy` and small: each chunk's loop works on a local copy, stored back after
@@ -294,8 +301,7 @@ impl Pass {
         for (id, block) in table.iter().take(defined).skip(self.blocks.len()) {
             let rep_sites = check_block_decodes(id, block)?;
             self.blocks.push(BlockRules { address: block.address, rep_sites });
-            self.shapes.push(table.shapes()[id.index()]);
-            self.counts.runs.extend([0; 2]);
+            self.counts.blocks.push(BlockCount { shape: table.shapes()[id.index()], runs: [0; 2] });
         }
         Ok(())
     }
@@ -304,13 +310,7 @@ impl Pass {
     /// the chunk is done. The copy is a local of the decoding loop, which the compiler keeps in registers; the
     /// state itself, behind `&mut self`, would be reloaded and stored for every event.
     fn rules(&mut self, chunk_offset: u64) -> ChunkRules<'_> {
-        ChunkRules {
-            state: self.state,
-            blocks: &self.blocks,
-            shapes: &self.shapes,
-            counts: &mut self.counts,
-            chunk_offset,
-        }
+        ChunkRules { state: self.state, blocks: &self.blocks, counts: &mut self.counts, chunk_offset }
     }
 
     fn finish(
@@ -320,7 +320,7 @@ impl Pass {
         chunks: usize,
         file_bytes: u64,
     ) -> Result<CheckReport, CheckError> {
-        let (totals, modes) = self.counts.totals(&self.shapes);
+        let (totals, modes) = self.counts.totals();
         check_totals(&totals, modes, header, footer)?;
         Ok(CheckReport {
             events: totals.events_total(),
@@ -334,12 +334,12 @@ impl Pass {
 
 impl Counts {
     /// The totals the events add up to, and the guest modes they show.
-    fn totals(&self, shapes: &[BlockShape]) -> (Totals, GuestModes) {
-        let mut totals = Totals { events: self.others, blocks: shapes.len() as u64, ..Totals::default() };
+    fn totals(&self) -> (Totals, GuestModes) {
+        let mut totals = Totals { events: self.others, blocks: self.blocks.len() as u64, ..Totals::default() };
         let mut modes = self.modes;
         let mut by_mode = self.partial;
-        for (runs, shape) in self.runs.chunks(2).zip(shapes) {
-            for (sum, &count) in by_mode.iter_mut().zip(runs) {
+        for &BlockCount { shape, runs } in &self.blocks {
+            for (sum, count) in by_mode.iter_mut().zip(runs) {
                 *sum += count * u64::from(shape.instructions);
             }
             let executions = runs[0] + runs[1];
@@ -360,7 +360,6 @@ impl Counts {
 struct ChunkRules<'p> {
     state: RuleState,
     blocks: &'p [BlockRules],
-    shapes: &'p [BlockShape],
     counts: &'p mut Counts,
     chunk_offset: u64,
 }
@@ -381,12 +380,18 @@ impl ChunkRules<'_> {
         if self.state.runnable & mode_bit(shape.mode) == 0 {
             return Err(self.cannot_run(id));
         }
+        self.started(id, retired);
+        Ok(())
+    }
+
+    /// The state a block execution that obeyed the rules leaves.
+    #[inline(always)]
+    fn started(&mut self, id: BlockId, retired: u32) {
         let state = &mut self.state;
         state.in_block = true;
         state.current = id;
         state.retired = retired;
         state.last_at = 0;
-        Ok(())
     }
 
     /// Why block `id` cannot run now: nothing can before the initial context, 64-bit code only in long mode.
@@ -446,9 +451,13 @@ impl Visit for ChunkRules<'_> {
 
     #[inline(always)]
     fn block(&mut self, id: BlockId) -> Result<(), CheckError> {
-        let shape = self.shapes[id.index()];
-        self.execution(id, shape, shape.instructions)?;
-        self.counts.runs[2 * id.index() + usize::from(self.state.user)] += 1;
+        let block = &mut self.counts.blocks[id.index()];
+        let shape = block.shape;
+        if self.state.runnable & mode_bit(shape.mode) == 0 {
+            return Err(self.cannot_run(id));
+        }
+        block.runs[usize::from(self.state.user)] += 1;
+        self.started(id, shape.instructions);
         Ok(())
     }
 
@@ -464,7 +473,7 @@ impl Visit for ChunkRules<'_> {
         match event {
             Event::Block(id) => return self.block(id),
             Event::PartialBlock { block, executed } => {
-                let shape = self.shapes[block.index()];
+                let shape = self.counts.blocks[block.index()].shape;
                 self.execution(block, shape, executed)?;
                 self.counts.others[EventKind::PartialBlock.index()] += 1;
                 self.counts.partial[usize::from(self.state.user)] += u64::from(executed);
@@ -547,7 +556,7 @@ impl<C: CheckedEvents> Visit for Checked<'_, '_, C> {
 #[cold]
 #[inline(never)]
 fn event_violation((rule, message): (Rule, String), counted: &Counts, chunk_offset: u64) -> CheckError {
-    let index = counted.runs.iter().sum::<u64>() + counted.others.iter().sum::<u64>();
+    let index = counted.blocks.iter().map(|b| b.runs[0] + b.runs[1]).sum::<u64>() + counted.others.iter().sum::<u64>();
     violation(rule, Site::Event { index, chunk_offset }, message)
 }
 

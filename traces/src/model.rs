@@ -431,6 +431,7 @@ impl Event {
     }
 
     /// Where in the current block this event happened; `None` for block executions.
+    #[inline]
     pub fn at(&self) -> Option<u32> {
         match *self {
             Event::Block(_) | Event::PartialBlock { .. } => None,
