@@ -259,6 +259,7 @@ impl Monitor {
     }
 
     /// The processor's own cost of what an event records.
+    #[inline(always)]
     fn native(&mut self, r: &mut Replay, event: &Event) {
         let (cause, primitive) = match *event {
             Event::Syscall { .. } => (CycleCause::NativeTransitions, P::Syscall),

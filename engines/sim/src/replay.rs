@@ -193,15 +193,23 @@ impl Consumer<'_, '_, '_> {
         block_execution(self.r, self.plans, self.monitor, self.kernel_code, block, executed, true);
     }
 
+    /// One event. `OTHERS_INLINE` false keeps everything but block executions behind one call, for the loop that
+    /// inlines this; true inlines them too, for a caller that is itself out of line.
     #[inline(always)]
-    fn take(&mut self, event: Event) {
+    fn take<const OTHERS_INLINE: bool>(&mut self, event: Event) {
         match event {
             Event::Block(id) => self.full_block(id.index()),
             Event::PartialBlock { block, executed } => {
                 block_execution(self.r, self.plans, self.monitor, self.kernel_code, block.index(), executed, false)
             }
-            other => event_of(self.r, self.table, self.monitor, self.kernel_code, &other),
+            other if OTHERS_INLINE => event_of(self.r, self.table, self.monitor, self.kernel_code, &other),
+            other => self.not_a_block(&other),
         }
+    }
+
+    #[inline(never)]
+    fn not_a_block(&mut self, event: &Event) {
+        event_of(self.r, self.table, self.monitor, self.kernel_code, event);
     }
 }
 
@@ -211,10 +219,10 @@ impl CheckedEvents for Consumer<'_, '_, '_> {
         self.full_block(id.index());
     }
 
-    // Out of line: the loop it shares with the checker's rules keeps their state in registers.
+    // Out of line, as one call: the loop it shares with the checker's rules keeps their state in registers.
     #[inline(never)]
     fn event(&mut self, event: Event) {
-        self.take(event);
+        self.take::<true>(event);
     }
 }
 
@@ -222,7 +230,7 @@ impl Run for Session<'_, '_> {
     fn feed(&mut self, chunk: usize) -> Result<(), EngineError> {
         let view = &self.replay.trace.view;
         let (mut consumer, scratch) = self.consumer();
-        view.for_each_event_in_chunk(chunk, scratch, move |event| consumer.take(event))?;
+        view.for_each_event_in_chunk(chunk, scratch, move |event| consumer.take::<false>(event))?;
         Ok(())
     }
 
@@ -265,8 +273,8 @@ fn block_execution(
     }
 }
 
-// Out of line: the block path, which runs for most events, stays a tight loop.
-#[inline(never)]
+// Inlined into the one call out of the event loop (`Consumer::not_a_block`, `CheckedEvents::event`).
+#[inline(always)]
 fn event_of(
     r: &mut Replay,
     table: &Table,

@@ -191,6 +191,7 @@ impl Subject {
 
     /// The subject of an event, given the context before it; `None` for block executions and for context
     /// changes that do not switch between user and kernel mode.
+    #[inline(always)]
     pub fn of_event(event: &Event, user_before: bool) -> Option<Subject> {
         Some(match *event {
             Event::Block(_) | Event::PartialBlock { .. } => return None,
