@@ -106,6 +106,8 @@ impl Monitor {
         }
     }
 
+    // Inlined into the one call out of the event loop for every event but a block execution.
+    #[inline(always)]
     pub fn apply(
         &mut self,
         r: &mut Replay,
