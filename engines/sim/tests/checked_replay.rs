@@ -1,6 +1,7 @@
-//! `check_and_replay_many`: the checker going through the chunks ahead of the engines gives the engines' results
-//! and the checker's report exactly as checking first and replaying after, on any number of threads; and a trace
-//! the checker refuses, in its last chunk or in its totals, gives the checker's error, not results.
+//! `check_and_replay_many`: the checker going through the chunks ahead of the engines (two threads or more) or fused
+//! with one of them (one thread) gives the engines' results and the checker's report exactly as checking first and
+//! replaying after, on any number of threads; and a trace the checker refuses, in its last chunk or in its totals,
+//! gives the checker's error, not results.
 
 use std::io::Cursor;
 
