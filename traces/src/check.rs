@@ -254,7 +254,7 @@ struct Counts {
     modes: GuestModes,
 }
 
-/// What a full block execution reads and writes of its block, side by side: one bounds check and one cache line.
+/// What a full block execution reads and writes of its block, side by side: one bounds check, one place in memory.
 #[derive(Clone, Copy)]
 struct BlockCount {
     shape: BlockShape,
