@@ -432,19 +432,6 @@ impl BlockNames for [u32] {
     }
 }
 
-/// The writer's staging encoding: local index = global id, for the blocks defined so far.
-pub(crate) struct IdentityNames(pub usize);
-
-impl BlockNames for IdentityNames {
-    fn global(&self, local: u64) -> Option<BlockId> {
-        (local < self.0 as u64).then_some(BlockId(local as u32))
-    }
-
-    fn len(&self) -> usize {
-        self.0
-    }
-}
-
 pub(crate) fn encode_dictionary(out: &mut Vec<u8>, globals: &[u32]) {
     put_varint(out, globals.len() as u64);
     for &id in globals {
@@ -593,6 +580,21 @@ fn encode_block_execution(out: &mut Vec<u8>, event: &Event, local: impl Fn(Block
             put_varint(out, executed.into());
         }
         _ => {}
+    }
+}
+
+/// Bytes [`put_varint`] writes for `value`.
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes `encode_block_execution` writes for an execution of the block named by `index`: in full, or cut short
+/// after `executed` instructions.
+pub(crate) fn block_execution_len(index: u32, executed: Option<u32>) -> usize {
+    match executed {
+        None if index < u32::from(SHORT_BLOCK_HEADS) => 1,
+        None => 1 + varint_len(u64::from(index - u32::from(SHORT_BLOCK_HEADS))),
+        Some(executed) => 1 + varint_len(index.into()) + varint_len(executed.into()),
     }
 }
 
@@ -940,6 +942,24 @@ mod tests {
         let mut out = Vec::new();
         put_varint(&mut out, value);
         out
+    }
+
+    #[test]
+    fn a_block_execution_takes_the_bytes_the_writer_counts_for_it() {
+        let boundaries = [0, 1, 0x7f, 0x80, 0xdf, 0xe0, 0xe1, 0x3fff, 0x4000, 0x40df, 0x40e0, u32::MAX];
+        for index in boundaries {
+            for executed in [None, Some(0), Some(1), Some(0x7f), Some(0x80), Some(4095), Some(u32::MAX)] {
+                let event = match executed {
+                    None => Event::Block(BlockId(index)),
+                    Some(executed) => Event::PartialBlock { block: BlockId(index), executed },
+                };
+                let mut out = Vec::new();
+                encode_event(&mut out, &event, |id| id.0);
+                assert_eq!(block_execution_len(index, executed), out.len(), "{event:?}");
+            }
+        }
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(u64::MAX), 10);
     }
 
     #[test]

@@ -24,9 +24,12 @@ pub struct TraceWriter<W: Write + Seek> {
     shapes: Vec<BlockShape>,
     pending_blocks: Vec<u8>,
     pending_block_count: u32,
-    /// Events of the chunk being built, staged with global block ids (see `flush_events`).
-    pending_events: Vec<u8>,
-    pending_event_count: u32,
+    /// Events of the chunk being built, in order (see `flush_events`), and the bytes they take staged with global
+    /// block ids: what decides when the chunk is full.
+    staged: Vec<Staged>,
+    /// How many instructions each partial block execution of `staged` retired, in order.
+    staged_partials: Vec<u32>,
+    staged_bytes: usize,
     /// Executions per block in the pending chunk, by global id; `chunk_blocks` lists the non-zero ones.
     chunk_counts: Vec<u32>,
     chunk_blocks: Vec<u32>,
@@ -78,8 +81,9 @@ impl<W: Write + Seek> TraceWriter<W> {
             shapes: Vec::new(),
             pending_blocks: Vec::new(),
             pending_block_count: 0,
-            pending_events: Vec::new(),
-            pending_event_count: 0,
+            staged: Vec::new(),
+            staged_partials: Vec::new(),
+            staged_bytes: 0,
             chunk_counts: Vec::new(),
             chunk_blocks: Vec::new(),
             repeats: Repeats::default(),
@@ -154,6 +158,8 @@ impl<W: Write + Seek> TraceWriter<W> {
             Event::Block(id) => {
                 self.check_block(id)?;
                 self.count_execution(id);
+                self.staged.push(Staged::Block(id.0));
+                self.staged_bytes += codec::block_execution_len(id.0, None);
             }
             Event::PartialBlock { block, executed } => {
                 self.check_block(block)?;
@@ -162,18 +168,21 @@ impl<W: Write + Seek> TraceWriter<W> {
                     return Err(WriteError::PartialTooLong { id: block.0, executed, instructions });
                 }
                 self.count_execution(block);
+                self.staged.push(Staged::Partial(block.0));
+                self.staged_partials.push(executed);
+                self.staged_bytes += codec::block_execution_len(block.0, Some(executed));
             }
             _ => {
                 if let Some(reason) = event_problem(event) {
                     return Err(WriteError::InvalidEvent { kind: event.kind().name(), reason });
                 }
-                self.repeats.count(event);
+                let (number, bytes) = self.repeats.count(event);
+                self.staged.push(Staged::Other(number));
+                self.staged_bytes += bytes;
             }
         }
-        codec::encode_event(&mut self.pending_events, event, |id| id.0);
-        self.pending_event_count += 1;
         self.tally.observe(event, &self.shapes);
-        if self.pending_events.len() >= TARGET_CHUNK_BYTES {
+        if self.staged_bytes >= TARGET_CHUNK_BYTES {
             self.flush_events()?;
         }
         Ok(())
@@ -208,10 +217,10 @@ impl<W: Write + Seek> TraceWriter<W> {
     /// Writes pending events, after the blocks they may name. The chunk's block dictionary lists the blocks it
     /// executes, most executed first (ties by id), so the 224 hottest take one byte per execution; its event
     /// dictionary lists the other events it repeats, most repeated first, so that those take two bytes and
-    /// decode by one lookup. The staged events are re-encoded with those local indices.
+    /// decode by one lookup. The staged events are encoded with those local indices.
     fn flush_events(&mut self) -> Result<(), WriteError> {
         self.flush_blocks()?;
-        if self.pending_event_count == 0 {
+        if self.staged.is_empty() {
             return Ok(());
         }
         let counts = &self.chunk_counts;
@@ -223,20 +232,25 @@ impl<W: Write + Seek> TraceWriter<W> {
         for (local, &id) in self.chunk_blocks.iter().enumerate() {
             self.chunk_counts[id as usize] = local as u32;
         }
-        let staged_names = codec::IdentityNames(self.shapes.len());
-        let mut staged = codec::PayloadReader::new(&self.pending_events);
-        let mut others = self.repeats.sequence.iter();
-        for _ in 0..self.pending_event_count {
-            let event = codec::decode_event(&mut staged, &staged_names, &[], &self.shapes)
-                .expect("the writer decodes what it staged itself");
-            if matches!(event, Event::Block(_) | Event::PartialBlock { .. }) {
-                codec::encode_event(&mut self.chunk_payload, &event, |id| self.chunk_counts[id.index()]);
-                continue;
-            }
-            let distinct = *others.next().expect("every other event was counted");
-            match self.repeats.slot[distinct as usize] {
-                Some(index) => self.chunk_payload.extend_from_slice(&[codec::REPEAT_HEAD, index]),
-                None => codec::encode_event(&mut self.chunk_payload, &event, |_| unreachable!("names no block")),
+        let local = |id: BlockId| self.chunk_counts[id.index()];
+        let mut partials = self.staged_partials.iter();
+        for &staged in &self.staged {
+            match staged {
+                Staged::Block(id) => {
+                    codec::encode_event(&mut self.chunk_payload, &Event::Block(BlockId(id)), local);
+                }
+                Staged::Partial(id) => {
+                    let executed = *partials.next().expect("every partial execution's count was staged");
+                    let event = Event::PartialBlock { block: BlockId(id), executed };
+                    codec::encode_event(&mut self.chunk_payload, &event, local);
+                }
+                Staged::Other(number) => match self.repeats.slot[number as usize] {
+                    Some(index) => self.chunk_payload.extend_from_slice(&[codec::REPEAT_HEAD, index]),
+                    None => {
+                        let event = &self.repeats.distinct[number as usize].event;
+                        codec::encode_event(&mut self.chunk_payload, event, |_| unreachable!("names no block"));
+                    }
+                },
             }
         }
         if self.chunk_payload.len() > MAX_CHUNK_BYTES as usize {
@@ -247,15 +261,16 @@ impl<W: Write + Seek> TraceWriter<W> {
             });
         }
         let payload = std::mem::take(&mut self.chunk_payload);
-        self.write_chunk(ChunkKind::Events, self.pending_event_count, &payload)?;
+        self.write_chunk(ChunkKind::Events, self.staged.len() as u32, &payload)?;
         self.chunk_payload = payload;
         for &id in &self.chunk_blocks {
             self.chunk_counts[id as usize] = 0;
         }
         self.chunk_blocks.clear();
         self.repeats.clear();
-        self.pending_events.clear();
-        self.pending_event_count = 0;
+        self.staged.clear();
+        self.staged_partials.clear();
+        self.staged_bytes = 0;
         Ok(())
     }
 
@@ -293,48 +308,67 @@ impl<W: Write + Seek> TraceWriter<W> {
     }
 }
 
+/// One event of the chunk being built: a block execution by the block's global id, or another event by its
+/// number in [`Repeats`].
+#[derive(Clone, Copy)]
+enum Staged {
+    Block(u32),
+    /// A block execution cut short; how many instructions it retired is kept in order beside.
+    Partial(u32),
+    Other(u32),
+}
+
 /// The events other than block executions of the chunk being built, each distinct one numbered by its first
 /// appearance, to choose the chunk's event dictionary from.
 #[derive(Default)]
 struct Repeats {
     numbers: FastMap<Event, u32>,
-    /// Each distinct event, with its count.
-    distinct: Vec<(Event, u32)>,
-    /// The number of each event in the order they came.
-    sequence: Vec<u32>,
+    distinct: Vec<Distinct>,
     /// After [`Repeats::choose`], each distinct event's index in the dictionary, if it has one.
     slot: Vec<Option<u8>>,
+    /// Scratch for measuring an event's encoding.
+    encoded: Vec<u8>,
+}
+
+struct Distinct {
+    event: Event,
+    count: u32,
+    /// Bytes its encoding takes.
+    bytes: usize,
 }
 
 impl Repeats {
-    fn count(&mut self, event: &Event) {
+    /// Counts one more `event`: its number, and the bytes its encoding takes.
+    fn count(&mut self, event: &Event) -> (u32, usize) {
         let next = self.distinct.len() as u32;
         let number = *self.numbers.entry(*event).or_insert(next);
         if number == next {
-            self.distinct.push((*event, 0));
+            self.encoded.clear();
+            codec::encode_event(&mut self.encoded, event, |_| unreachable!("names no block"));
+            self.distinct.push(Distinct { event: *event, count: 0, bytes: self.encoded.len() });
         }
-        self.distinct[number as usize].1 += 1;
-        self.sequence.push(number);
+        let distinct = &mut self.distinct[number as usize];
+        distinct.count += 1;
+        (number, distinct.bytes)
     }
 
     /// The event dictionary: events that come more than once, most often first (ties by first appearance), as
     /// many as one-byte indices can name.
     fn choose(&mut self) -> Vec<Event> {
         let mut chosen: Vec<u32> =
-            (0..self.distinct.len() as u32).filter(|&n| self.distinct[n as usize].1 > 1).collect();
-        chosen.sort_unstable_by_key(|&n| (std::cmp::Reverse(self.distinct[n as usize].1), n));
+            (0..self.distinct.len() as u32).filter(|&n| self.distinct[n as usize].count > 1).collect();
+        chosen.sort_unstable_by_key(|&n| (std::cmp::Reverse(self.distinct[n as usize].count), n));
         chosen.truncate(codec::MAX_REPEATED_EVENTS);
         self.slot = vec![None; self.distinct.len()];
         for (index, &n) in chosen.iter().enumerate() {
             self.slot[n as usize] = Some(index as u8);
         }
-        chosen.iter().map(|&n| self.distinct[n as usize].0).collect()
+        chosen.iter().map(|&n| self.distinct[n as usize].event).collect()
     }
 
     fn clear(&mut self) {
         self.numbers.clear();
         self.distinct.clear();
-        self.sequence.clear();
         self.slot.clear();
     }
 }

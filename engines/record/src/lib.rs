@@ -21,13 +21,45 @@ use virtlab_traces::{
 /// short, so the events inside it wait in a small buffer until then.
 pub struct TraceRecorder<'w, W: Write + Seek> {
     writer: &'w mut TraceWriter<W>,
-    /// Trace ids of the machine's blocks, keyed by the machine's id and where the block was fetched.
-    ids: FastMap<(u64, u64, u64), BlockId>,
+    ids: BlockIds,
     current: Option<CurrentBlock>,
     /// Events of the current block execution, in order.
     inside: Vec<Event>,
     /// The first write error: observer callbacks cannot fail, so it is reported when recording ends.
     error: Option<WriteError>,
+}
+
+/// Trace ids of the machine's blocks, by the machine's id and where the block ran (its address, and the address
+/// space of a user block). The machine numbers blocks from 0 as it decodes them, so a block's first place is
+/// found by index, with no hashing per execution; the same machine block run elsewhere (code shared by two
+/// processes) is another trace block, kept in `elsewhere`.
+#[derive(Default)]
+struct BlockIds {
+    first: Vec<Option<(u64, u64, BlockId)>>,
+    elsewhere: FastMap<(u64, u64, u64), BlockId>,
+}
+
+impl BlockIds {
+    #[inline]
+    fn get(&self, machine_id: u64, address: u64, space: u64) -> Option<BlockId> {
+        match usize::try_from(machine_id).ok().and_then(|index| self.first.get(index)) {
+            Some(&Some((a, s, id))) if a == address && s == space => Some(id),
+            _ => self.elsewhere.get(&(machine_id, address, space)).copied(),
+        }
+    }
+
+    fn insert(&mut self, machine_id: u64, address: u64, space: u64, id: BlockId) {
+        let index = usize::try_from(machine_id).unwrap_or(usize::MAX);
+        // Only the next index or a free one below it: ids from elsewhere than the machine's dense numbering
+        // cannot make the table grow without bound.
+        if index == self.first.len() {
+            self.first.push(Some((address, space, id)));
+        } else if let Some(slot @ None) = self.first.get_mut(index) {
+            *slot = Some((address, space, id));
+        } else {
+            self.elsewhere.insert((machine_id, address, space), id);
+        }
+    }
 }
 
 struct CurrentBlock {
@@ -38,7 +70,7 @@ struct CurrentBlock {
 
 impl<'w, W: Write + Seek> TraceRecorder<'w, W> {
     pub fn new(writer: &'w mut TraceWriter<W>) -> Self {
-        TraceRecorder { writer, ids: FastMap::default(), current: None, inside: Vec::new(), error: None }
+        TraceRecorder { writer, ids: BlockIds::default(), current: None, inside: Vec::new(), error: None }
     }
 
     fn keep(&mut self, result: Result<(), WriteError>) {
@@ -56,10 +88,13 @@ impl<'w, W: Write + Seek> TraceRecorder<'w, W> {
         };
         let result = self.writer.push(&execution);
         self.keep(result);
-        for event in std::mem::take(&mut self.inside) {
-            let result = self.writer.push(&event);
-            self.keep(result);
+        // Drained in place: the buffer keeps its allocation for the next block.
+        for event in &self.inside {
+            if let Err(error) = self.writer.push(event) {
+                self.error.get_or_insert(error);
+            }
         }
+        self.inside.clear();
     }
 
     fn record(&mut self, event: Event) {
@@ -119,9 +154,8 @@ fn page_size(bytes: u64) -> PageSize {
 impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
     fn block(&mut self, block: &BlockExecution<'_>) {
         self.close_block();
-        let key = (block.id, block.address, block.address_space);
-        let id = match self.ids.get(&key) {
-            Some(&id) => id,
+        let id = match self.ids.get(block.id, block.address, block.address_space) {
+            Some(id) => id,
             None => {
                 let definition = Block {
                     address: block.address,
@@ -132,7 +166,7 @@ impl<W: Write + Seek> ExecutionObserver for TraceRecorder<'_, W> {
                 };
                 match self.writer.add_block(&definition) {
                     Ok(id) => {
-                        self.ids.insert(key, id);
+                        self.ids.insert(block.id, block.address, block.address_space, id);
                         id
                     }
                     Err(error) => {
