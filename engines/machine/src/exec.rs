@@ -763,7 +763,7 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         Ok(())
     }
 
-    fn adjust_rsp(&mut self, amount: u64) {
+    pub(crate) fn adjust_rsp(&mut self, amount: u64) {
         let stack_mask = self.stack_mask();
         let rsp = self.cpu.gpr[RSP];
         self.cpu.gpr[RSP] = (rsp & !stack_mask) | (rsp.wrapping_add(amount) & stack_mask);

@@ -2,7 +2,7 @@
 //! chosen once when a block is decoded so the hot path skips operand-kind dispatch. Every other
 //! instruction takes the general path in `exec.rs`; both give identical results.
 
-use iced_x86::{FlowControl, Instruction, Mnemonic as M, OpKind, Register};
+use iced_x86::{Code, FlowControl, Instruction, Mnemonic as M, OpKind, Register};
 
 use crate::alu::{self, mask};
 use crate::cpu::rflags::STATUS;
@@ -123,6 +123,30 @@ pub(crate) enum FastForm {
     Jmp {
         target: u64,
     },
+    /// PUSH r64 in 64-bit mode, PUSH r32 in 32-bit mode: `bytes` is the operand size.
+    Push {
+        source: u8,
+        bytes: u8,
+    },
+    /// POP r64 in 64-bit mode, POP r32 in 32-bit mode.
+    Pop {
+        destination: u8,
+        bytes: u8,
+    },
+    /// Near CALL rel32, pushing a return address of `bytes`.
+    CallNear {
+        target: u64,
+        bytes: u8,
+    },
+    /// Near RET without an immediate, popping a return address of `bytes`.
+    Ret {
+        bytes: u8,
+    },
+    /// LEA r64, m with a 64-bit address (64-bit base or index register, or RIP).
+    Lea {
+        destination: u8,
+        memory: MemoryOperand,
+    },
 }
 
 /// GPR index and width of a register usable by the fast forms (no AH..BH, which live in bits 8..15).
@@ -226,9 +250,36 @@ fn classify_memory(instruction: &Instruction, mnemonic: M) -> FastForm {
     }
 }
 
+/// The stack instructions of kernel entry paths and function calls, and LEA: most of what a system-call-heavy
+/// guest runs besides the forms above.
+fn classify_stack(instruction: &Instruction, mode: CodeMode) -> Option<FastForm> {
+    let bytes = match mode {
+        CodeMode::Bits64 => 8,
+        CodeMode::Bits32 => 4,
+        CodeMode::Bits16 => return None,
+    };
+    let register =
+        || plain_gpr(instruction.op0_register()).filter(|&(_, width)| width == bytes).map(|(index, _)| index);
+    Some(match (instruction.code(), bytes) {
+        (Code::Push_r64, 8) | (Code::Push_r32, 4) => FastForm::Push { source: register()?, bytes },
+        (Code::Pop_r64, 8) | (Code::Pop_r32, 4) => FastForm::Pop { destination: register()?, bytes },
+        (Code::Call_rel32_64, 8) | (Code::Call_rel32_32, 4) => {
+            FastForm::CallNear { target: instruction.near_branch_target(), bytes }
+        }
+        (Code::Retnq, 8) | (Code::Retnd, 4) => FastForm::Ret { bytes },
+        (Code::Lea_r64_m, 8) if instruction.memory_base().size() == 8 || instruction.memory_index().size() == 8 => {
+            FastForm::Lea { destination: register()?, memory: memory_operand(instruction)? }
+        }
+        _ => return None,
+    })
+}
+
 /// Picks the fast form of an instruction decoded in `mode`, or `General`.
 pub(crate) fn classify(instruction: &Instruction, mode: CodeMode) -> FastForm {
     let mnemonic = instruction.mnemonic();
+    if let Some(form) = classify_stack(instruction, mode) {
+        return form;
+    }
     if mode == CodeMode::Bits64
         && (instruction.op0_kind() == OpKind::Memory || instruction.op1_kind() == OpKind::Memory)
     {
@@ -339,8 +390,9 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         };
     }
 
+    /// Displacement + base + (index << scale), wrapping: LEA's result, and the address a memory form accesses.
     #[inline(always)]
-    fn fast_linear(&self, memory: &MemoryOperand, bytes: u8) -> Result<u64, Fault> {
+    fn fast_effective_address(&self, memory: &MemoryOperand) -> u64 {
         let gpr = &self.cpu.gpr;
         let mut address = memory.displacement;
         if memory.base != NO_REGISTER {
@@ -349,6 +401,12 @@ impl<O: ExecutionObserver> Interp<'_, O> {
         if memory.index != NO_REGISTER {
             address = address.wrapping_add(gpr[memory.index as usize] << memory.scale_shift);
         }
+        address
+    }
+
+    #[inline(always)]
+    fn fast_linear(&self, memory: &MemoryOperand, bytes: u8) -> Result<u64, Fault> {
+        let address = self.fast_effective_address(memory);
         if !is_canonical(address) || !is_canonical(address.wrapping_add(bytes as u64 - 1)) {
             let vector = if memory.stack { crate::interrupts::SS } else { crate::interrupts::GP };
             return Err(Fault::Exception { vector, error_code: Some(0), address: None });
@@ -372,6 +430,29 @@ impl<O: ExecutionObserver> Interp<'_, O> {
     #[inline(always)]
     pub(crate) fn execute_fast(&mut self, form: FastForm) -> Result<(), Fault> {
         match form {
+            // The stack forms do what the general path does for the same instruction, minus its operand decoding.
+            FastForm::Push { source, bytes } => {
+                let value = self.cpu.gpr[source as usize] & mask(bytes as u32);
+                self.push(value, bytes as u32)?;
+            }
+            FastForm::Pop { destination, bytes } => {
+                let value = self.peek_stack(0, bytes as u32)?;
+                self.adjust_rsp(bytes as u64);
+                self.cpu.gpr[destination as usize] = value;
+            }
+            FastForm::CallNear { target, bytes } => {
+                let return_address = self.cpu.rip;
+                self.push(return_address, bytes as u32)?;
+                self.jump_near(target)?;
+            }
+            FastForm::Ret { bytes } => {
+                let target = self.peek_stack(0, bytes as u32)?;
+                self.jump_near(target)?;
+                self.adjust_rsp(bytes as u64);
+            }
+            FastForm::Lea { destination, memory } => {
+                self.cpu.gpr[destination as usize] = self.fast_effective_address(&memory);
+            }
             FastForm::MovLoad { destination, bytes, memory } => {
                 let linear = self.fast_linear(&memory, bytes)?;
                 let user = self.cpu.cpl == 3;

@@ -160,3 +160,110 @@ fn fast_forms_and_general_path_agree() {
         }
     }
 }
+
+/// Runs the same stack and LEA sequence twice: with the instructions that have fast forms (PUSH r64, POP r64,
+/// CALL rel32, RET, LEA r64) and with general-path equivalents (PUSH and POP through memory, CALL through
+/// memory, RET 0, LEA with an FS override, which LEA ignores). The call and the LEAs come first, padded with NOPs
+/// so that both versions put every instruction at the same address. Returns every GPR and the stack's slots.
+fn run_stack_sequence(fast: bool) -> (Vec<u64>, Vec<u64>) {
+    const SCRATCH: u64 = DATA + 0x800;
+    let call_through_memory = assemble(CODE, |a| a.call(qword_ptr(SCRATCH)).unwrap()).len();
+    let registers = [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15];
+    let (machine, result) = run_code(|a| {
+        let nops = |a: &mut CodeAssembler, count: usize| (0..count).for_each(|_| a.nop().unwrap());
+        // A call and a return, then LEA with a base, an index and a scale wrapping past 2^64, and with RIP.
+        let mut function = a.create_label();
+        let mut after = a.create_label();
+        a.lea(rax, ptr(function)).unwrap();
+        a.mov(qword_ptr(SCRATCH), rax).unwrap();
+        if fast {
+            nops(a, call_through_memory - 5);
+            a.call(function).unwrap();
+        } else {
+            a.call(qword_ptr(SCRATCH)).unwrap();
+        }
+        a.jmp(after).unwrap();
+        a.set_label(&mut function).unwrap();
+        a.mov(rbx, rsp).unwrap();
+        a.mov(rcx, qword_ptr(rsp)).unwrap();
+        if fast {
+            nops(a, 2);
+            a.ret().unwrap();
+        } else {
+            a.ret_1(0).unwrap();
+        }
+        a.set_label(&mut after).unwrap();
+        a.mov(rdx, 0xFFFF_FFFF_FFFF_FFF0u64).unwrap();
+        a.mov(rsi, 0x30u64).unwrap();
+        if fast {
+            nops(a, 1);
+            a.lea(rdi, qword_ptr(rdx + rsi * 8 + 0x7f)).unwrap();
+            nops(a, 1);
+            a.lea(r8, ptr(after)).unwrap();
+        } else {
+            a.lea(rdi, qword_ptr(rdx + rsi * 8 + 0x7f).fs()).unwrap();
+            a.lea(r8, ptr(after).fs()).unwrap();
+        }
+        a.mov(qword_ptr(SCRATCH + 8), rbx).unwrap();
+        a.mov(qword_ptr(SCRATCH + 16), rcx).unwrap();
+        a.mov(qword_ptr(SCRATCH + 24), rdi).unwrap();
+        a.mov(qword_ptr(SCRATCH + 32), r8).unwrap();
+        a.mov(qword_ptr(SCRATCH + 40), rsp).unwrap();
+        for (index, &register) in registers.iter().enumerate() {
+            if register != rsp {
+                a.mov(register, 0x1111_0000_0000_0000u64.wrapping_mul(index as u64 + 1) | index as u64).unwrap();
+            }
+        }
+        // Every register pushed, the stack pointer included (PUSH RSP stores its value before the push).
+        for &register in &registers {
+            a.mov(qword_ptr(SCRATCH), register).unwrap();
+            if fast {
+                a.push(register).unwrap();
+            } else {
+                a.push(qword_ptr(SCRATCH)).unwrap();
+            }
+        }
+        // Popped in another order, so that each register takes another's value; RSP is popped last.
+        for &register in registers.iter().rev().filter(|&&r| r != rsp).take(14).chain([&rsp]) {
+            if fast {
+                a.pop(register).unwrap();
+                a.mov(qword_ptr(SCRATCH), register).unwrap();
+            } else {
+                a.pop(qword_ptr(SCRATCH)).unwrap();
+                a.mov(register, qword_ptr(SCRATCH)).unwrap();
+            }
+        }
+        exit(a, 0);
+    });
+    result.unwrap();
+    let mut values = machine.cpu().gpr.to_vec();
+    values.extend((1..6).map(|slot| read_u64(&machine, SCRATCH + 8 * slot)));
+    let stack = (1..=17).map(|slot| read_u64(&machine, STACK_TOP - 8 * slot)).collect();
+    (values, stack)
+}
+
+#[test]
+fn stack_forms_and_general_path_agree() {
+    let (fast, fast_stack) = run_stack_sequence(true);
+    let (general, general_stack) = run_stack_sequence(false);
+    assert_eq!(fast_stack, general_stack);
+    assert_eq!(fast, general);
+    // The values themselves. Inside the function RSP was one slot down and the return address was there; after
+    // the return RSP was back at the top.
+    let (rbx_in_function, return_address, wrapped, rip_relative, rsp_after_return) =
+        (fast[16], fast[17], fast[18], fast[19], fast[20]);
+    assert_eq!(rbx_in_function, STACK_TOP - 8);
+    assert!(return_address > CODE && return_address < rip_relative, "{return_address:#x}");
+    assert_eq!(wrapped, 0xFFFF_FFFF_FFFF_FFF0u64.wrapping_add(0x30 * 8 + 0x7f));
+    assert_eq!(rsp_after_return, STACK_TOP);
+    // The pushes: the fifth slot holds RSP as it was before its own push (four slots down).
+    assert_eq!(fast_stack[4], STACK_TOP - 8 * 4);
+    assert_eq!(fast_stack[0], 0x1111_0000_0000_0000, "RAX, pushed first");
+    // 14 pops took the top 14 slots (R15's down to RDX's); the 15th, POP RSP, loaded RCX's value into RSP.
+    assert_eq!(fast[4], 0x2222_0000_0000_0001);
+    assert_eq!(
+        fast[15],
+        0x1111_0000_0000_0000u64.wrapping_mul(16) | 15,
+        "R15 popped first, so it got R15's value back"
+    );
+}
