@@ -1,13 +1,15 @@
 //! The streaming writer recorders use: bounded memory (one chunk of events and one of new blocks), deterministic
 //! bytes (the same calls give the same file).
 
+use std::collections::hash_map::Entry;
 use std::fs::File;
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use crate::codec::{self, BlockShape, Header};
 use crate::error::WriteError;
-use crate::fasthash::FastMap;
+use crate::fasthash::{FastHasher, FastMap};
 use crate::format::{self, ChunkKind, Codec, MAX_CHUNK_BYTES, MAX_STRING_BYTES, PREAMBLE_LEN, TARGET_CHUNK_BYTES};
 use crate::model::{Block, BlockId, BootState, Ending, Event, Footer, GuestModes, Metadata, Segment};
 use crate::tally::Tally;
@@ -322,7 +324,12 @@ enum Staged {
 /// appearance, to choose the chunk's event dictionary from.
 #[derive(Default)]
 struct Repeats {
-    numbers: FastMap<Event, u32>,
+    /// Each distinct event's number by the event's hash. An entry is a quarter of an event's size, so a chunk of
+    /// a hundred thousand distinct events (a port written with a new value each time) keeps its table small;
+    /// storing into a table of whole events was most of such a recording's time.
+    by_hash: FastMap<u64, u32>,
+    /// The events whose hash an earlier distinct event already had.
+    collided: FastMap<Event, u32>,
     distinct: Vec<Distinct>,
     /// After [`Repeats::choose`], each distinct event's index in the dictionary, if it has one.
     slot: Vec<Option<u8>>,
@@ -341,7 +348,11 @@ impl Repeats {
     /// Counts one more `event`: its number, and the bytes its encoding takes.
     fn count(&mut self, event: &Event) -> (u32, usize) {
         let next = self.distinct.len() as u32;
-        let number = *self.numbers.entry(*event).or_insert(next);
+        let number = match self.by_hash.entry(BuildHasherDefault::<FastHasher>::default().hash_one(event)) {
+            Entry::Vacant(slot) => *slot.insert(next),
+            Entry::Occupied(slot) if self.distinct[*slot.get() as usize].event == *event => *slot.get(),
+            Entry::Occupied(_) => *self.collided.entry(*event).or_insert(next),
+        };
         if number == next {
             self.encoded.clear();
             codec::encode_event(&mut self.encoded, event, |_| unreachable!("names no block"));
@@ -367,7 +378,8 @@ impl Repeats {
     }
 
     fn clear(&mut self) {
-        self.numbers.clear();
+        self.by_hash.clear();
+        self.collided.clear();
         self.distinct.clear();
         self.slot.clear();
     }
@@ -423,5 +435,26 @@ impl TraceFile {
         let file = self.writer.finish(ending)?.into_inner().map_err(|e| e.into_error())?;
         self.pending.commit(file)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_whose_hash_another_took_still_gets_its_own_number() {
+        let (first, second) = (Event::Syscall { at: 0 }, Event::Sysret { at: 1 });
+        let mut repeats = Repeats::default();
+        assert_eq!(repeats.count(&first).0, 0);
+        // As if `second` hashed to `first`'s value.
+        let second_hash = BuildHasherDefault::<FastHasher>::default().hash_one(second);
+        repeats.by_hash.insert(second_hash, 0);
+        assert_eq!(repeats.count(&second).0, 1);
+        assert_eq!(repeats.count(&second).0, 1);
+        assert_eq!(repeats.count(&first).0, 0);
+        let counts: Vec<(Event, u32)> = repeats.distinct.iter().map(|d| (d.event, d.count)).collect();
+        assert_eq!(counts, [(first, 2), (second, 2)]);
+        assert_eq!(repeats.choose(), [first, second]);
     }
 }
