@@ -325,8 +325,8 @@ enum Staged {
 #[derive(Default)]
 struct Repeats {
     /// Each distinct event's number by the event's hash. An entry is a quarter of an event's size, so a chunk of
-    /// a hundred thousand distinct events (a port written with a new value each time) keeps its table small;
-    /// storing into a table of whole events was most of such a recording's time.
+    /// a hundred thousand distinct events (a port written with a new value each time) keeps its table small; the
+    /// accesses to a table of whole events took about a quarter of such a recording's time.
     by_hash: FastMap<u64, u32>,
     /// The events whose hash an earlier distinct event already had.
     collided: FastMap<Event, u32>,
