@@ -1,10 +1,11 @@
 //! `virtlab`: the lab's command-line tool. One subcommand per job; see `virtlab --help`.
 
 mod cmd;
+mod help;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 
 const EXIT_CODES: &str = "\
 Exit status:
@@ -24,7 +25,7 @@ Exit status:
   and 125 (the guest could not run): see their --help. `calibrate` exits 1 when KVM is
   not usable here or a run failed.";
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "virtlab",
     version,
@@ -68,7 +69,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = help::reflowed(Cli::command(), help::width()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Workloads(args) => cmd::workloads::run(&args),
         Command::Run(args) => cmd::run::run(&args),
