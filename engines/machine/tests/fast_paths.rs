@@ -267,3 +267,113 @@ fn stack_forms_and_general_path_agree() {
         "R15 popped first, so it got R15's value back"
     );
 }
+
+const IMMEDIATES: [i32; 7] = [0, 1, 0x7F, 0x80, -1, 0x7FFF, i32::MIN];
+
+/// Emits `mnemonic [RDI], immediate` (or `inc`/`dec [RDI]`) at the given width, behind an FS override when
+/// `with_fs` (FS base 0 here: the same address, through the general path only).
+fn emit_memory_immediate(a: &mut CodeAssembler, mnemonic: &str, bytes: u32, with_fs: bool, immediate: i32) {
+    let memory = memory_operand(bytes, with_fs);
+    macro_rules! emit {
+        ($method:ident) => {
+            a.$method(memory, immediate).unwrap()
+        };
+    }
+    match mnemonic {
+        "add" => emit!(add),
+        "or" => emit!(or),
+        "adc" => emit!(adc),
+        "sbb" => emit!(sbb),
+        "and" => emit!(and),
+        "sub" => emit!(sub),
+        "xor" => emit!(xor),
+        "cmp" => emit!(cmp),
+        "test" => emit!(test),
+        "mov" => emit!(mov),
+        "inc" => a.inc(memory).unwrap(),
+        _ => a.dec(memory).unwrap(),
+    }
+}
+
+/// Every width, memory value, immediate and carry of one mnemonic with a memory destination, run once as a fast
+/// form and once through the general path; returns (the memory's quadword, status flags) per case for each.
+fn run_memory_immediate(mnemonic: &str) -> [Vec<(u64, u64)>; 2] {
+    const RESULTS: u64 = DATA + 0x1000;
+    let mut cases = Vec::new();
+    for bytes in [1u32, 2, 4, 8] {
+        // The immediates an instruction of this width encodes (a byte or a word is not sign-extended from 32 bits).
+        let fits = |immediate: i32| match bytes {
+            1 => (-0x80..=0xFF).contains(&immediate),
+            2 => (-0x8000..=0xFFFF).contains(&immediate),
+            _ => true,
+        };
+        for &memory_value in &INPUTS {
+            for &immediate in IMMEDIATES.iter().filter(|&&immediate| fits(immediate)) {
+                for carry in [false, true] {
+                    cases.push((bytes, memory_value, immediate, carry));
+                }
+            }
+        }
+    }
+    let (machine, result) = run_code(|a| {
+        a.mov(rdi, DATA).unwrap();
+        a.mov(rsi, RESULTS).unwrap();
+        for (slot, with_fs) in [false, true].into_iter().enumerate() {
+            for (case, &(bytes, memory_value, immediate, carry)) in cases.iter().enumerate() {
+                a.mov(rax, memory_value).unwrap();
+                a.mov(qword_ptr(rdi), rax).unwrap();
+                if carry {
+                    a.stc().unwrap();
+                } else {
+                    a.clc().unwrap();
+                }
+                emit_memory_immediate(a, mnemonic, bytes, with_fs, immediate);
+                a.pushfq().unwrap();
+                a.pop(rax).unwrap();
+                a.mov(rbx, qword_ptr(rdi)).unwrap();
+                let at = ((slot * cases.len() + case) * 16) as u64;
+                a.mov(qword_ptr(rsi + at), rbx).unwrap();
+                a.mov(qword_ptr(rsi + at + 8), rax).unwrap();
+            }
+        }
+        exit(a, 0);
+    });
+    result.unwrap();
+    [0, 1].map(|slot| {
+        (0..cases.len())
+            .map(|case| {
+                let at = RESULTS + ((slot * cases.len() + case) * 16) as u64;
+                (read_u64(&machine, at), status(read_u64(&machine, at + 8)))
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn memory_immediate_forms_and_general_path_agree() {
+    for mnemonic in ["add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test", "mov", "inc", "dec"] {
+        let [fast, general] = run_memory_immediate(mnemonic);
+        assert_eq!(fast.len(), INPUTS.len() * 2 * (5 + 6 + 7 + 7), "{mnemonic}");
+        assert_eq!(fast, general, "{mnemonic}");
+    }
+    // The values themselves, for the widths' first cases (memory 0, immediate 0, 1, 0x7F, 0x80, -1…, no carry).
+    const CF: u64 = 1;
+    const ZF: u64 = 0x40;
+    const SF: u64 = 0x80;
+    let [add, _] = run_memory_immediate("add");
+    let byte_cases: Vec<_> = add.iter().step_by(2).take(5).collect();
+    // A byte operation leaves the rest of the quadword; 0x80 as a byte is negative.
+    assert_eq!(byte_cases.iter().map(|(value, _)| *value).collect::<Vec<_>>(), [0, 1, 0x7F, 0x80, 0xFF]);
+    assert_eq!(byte_cases[0].1 & (ZF | SF), ZF);
+    assert_eq!(byte_cases[3].1 & (ZF | SF), SF);
+    // A quadword MOV sign-extends its 32-bit immediate (memory 0, immediate i32::MIN, no carry).
+    let quadword_first = INPUTS.len() * 2 * (5 + 6 + 7);
+    let [mov, _] = run_memory_immediate("mov");
+    let min = mov[..].iter().skip(quadword_first).step_by(2).nth(6).unwrap();
+    assert_eq!(min.0, 0xFFFF_FFFF_8000_0000);
+    let [dec, _] = run_memory_immediate("dec");
+    // DEC of 0 at every width wraps to all ones at that width, keeping CF from STC.
+    let dec_carry = dec.iter().skip(1).step_by(2).next().unwrap();
+    assert_eq!(dec_carry.0, 0xFF);
+    assert_eq!(dec_carry.1 & (CF | SF), CF | SF);
+}
