@@ -30,6 +30,24 @@ fn memory_operand(bytes: u32, with_fs: bool) -> AsmMemoryOperand {
     }
 }
 
+/// `$emit!(method)` for the ALU operation `$mnemonic` names (ADD, OR, ADC, SBB, AND, SUB, XOR, CMP); `$other`
+/// for any other name.
+macro_rules! by_alu_mnemonic {
+    ($mnemonic:expr, $emit:ident, $other:expr) => {
+        match $mnemonic {
+            "add" => $emit!(add),
+            "or" => $emit!(or),
+            "adc" => $emit!(adc),
+            "sbb" => $emit!(sbb),
+            "and" => $emit!(and),
+            "sub" => $emit!(sub),
+            "xor" => $emit!(xor),
+            "cmp" => $emit!(cmp),
+            _ => $other,
+        }
+    };
+}
+
 /// Emits `mnemonic` with RBX-sized destination and RCX-sized source, or with [RDI] in place of
 /// the source (load) or the destination (store, the register operand then being RCX).
 fn emit(a: &mut CodeAssembler, mnemonic: &str, form: Form, bytes: u32) {
@@ -52,17 +70,7 @@ fn emit(a: &mut CodeAssembler, mnemonic: &str, form: Form, bytes: u32) {
             }
         }};
     }
-    match mnemonic {
-        "add" => emit!(add),
-        "or" => emit!(or),
-        "adc" => emit!(adc),
-        "sbb" => emit!(sbb),
-        "and" => emit!(and),
-        "sub" => emit!(sub),
-        "xor" => emit!(xor),
-        "cmp" => emit!(cmp),
-        _ => emit!(mov),
-    }
+    by_alu_mnemonic!(mnemonic, emit, emit!(mov))
 }
 
 const FORMS: [Form; 5] = [
@@ -279,20 +287,16 @@ fn emit_memory_immediate(a: &mut CodeAssembler, mnemonic: &str, bytes: u32, with
             a.$method(memory, immediate).unwrap()
         };
     }
-    match mnemonic {
-        "add" => emit!(add),
-        "or" => emit!(or),
-        "adc" => emit!(adc),
-        "sbb" => emit!(sbb),
-        "and" => emit!(and),
-        "sub" => emit!(sub),
-        "xor" => emit!(xor),
-        "cmp" => emit!(cmp),
-        "test" => emit!(test),
-        "mov" => emit!(mov),
-        "inc" => a.inc(memory).unwrap(),
-        _ => a.dec(memory).unwrap(),
-    }
+    by_alu_mnemonic!(
+        mnemonic,
+        emit,
+        match mnemonic {
+            "test" => emit!(test),
+            "mov" => emit!(mov),
+            "inc" => a.inc(memory).unwrap(),
+            _ => a.dec(memory).unwrap(),
+        }
+    )
 }
 
 /// Every width, memory value, immediate and carry of one mnemonic with a memory destination, run once as a fast
