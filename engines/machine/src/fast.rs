@@ -480,8 +480,8 @@ impl<O: ExecutionObserver> Interp<'_, O> {
     }
 
     /// `op` on the memory operand and the source `b` gives: the result written back unless the operation only
-    /// compares. The source is taken once the memory operand is read: held in a register across the access, it
-    /// cost `virtlab run` of `syscall` 2.3 M more instructions in 704 M (callgrind).
+    /// compares. The source is taken once the memory operand is read: taken before it, it cost `virtlab run` of
+    /// `syscall` 2.3 M more instructions in 704 M (callgrind).
     #[inline(always)]
     fn alu_to_memory(
         &mut self,

@@ -74,8 +74,8 @@ pub struct Machine {
     pub(crate) tlb: Tlb,
     pub(crate) blocks: BlockCache,
     pub(crate) devices: Devices,
-    /// (page, access kind, privilege) keys reported as touched in the current TLB epoch. An ordered set: the
-    /// standard hash set's SipHash of every new key was 5 % of recording `mmap` (callgrind).
+    /// (page, access kind, privilege) keys reported as touched in the current TLB epoch. An ordered set: as the
+    /// standard hash set (SipHash on every TLB miss), it made recording `mmap` 5 % dearer (callgrind).
     pub(crate) touched_pages: BTreeSet<u64>,
     /// The tables the last faulting page walk read, reported with its #PF.
     pub(crate) fault_walk: Option<crate::observer::PageWalk>,
